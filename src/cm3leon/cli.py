@@ -1,0 +1,55 @@
+"""`cm3leon` command line: one subcommand per pipeline stage.
+
+Each stage module exposes `register(subparsers)`, which adds its subcommand(s) with a
+`func(args) -> int | None` default; heavy imports happen inside the handlers so `--help`
+stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from cm3leon import __version__
+from cm3leon.errors import CM3LeonError, MissingDependencyError
+
+# Stage modules, in pipeline order. Each defines `register(subparsers)`.
+COMMAND_MODULES = (
+    "cm3leon.data.cli",
+    "cm3leon.tokenizers.cli",
+    "cm3leon.pipeline",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cm3leon",
+        description="CM3Leon: text<->image generation with one decoder-only transformer.",
+    )
+    parser.add_argument("--version", action="version", version=f"cm3leon {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except (CM3LeonError, FileNotFoundError, MissingDependencyError) as e:
+        if os.environ.get("CM3LEON_DEBUG"):
+            raise
+        print(f"cm3leon {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncm3leon {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
