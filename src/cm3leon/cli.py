@@ -18,6 +18,11 @@ from cm3leon.errors import CM3LeonError, MissingDependencyError
 COMMAND_MODULES = (
     "cm3leon.data.cli",
     "cm3leon.tokenizers.cli",
+    "cm3leon.retrieval.cli",
+    "cm3leon.train.cli",
+    "cm3leon.convert.cli",
+    "cm3leon.decode.cli",
+    "cm3leon.eval.cli",
     "cm3leon.pipeline",
 )
 

@@ -1,0 +1,111 @@
+"""The decoder's configuration and its named presets.
+
+Defaults follow CM3Leon (Yu et al. 2023, arXiv:2309.02591, Sec. 3 "Model"): an OPT-like
+pre-LN decoder with no biases, no dropout, LayerNorm without learnable parameters, learned
+absolute positions, truncated-normal init and a 4096-token context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from cm3leon.errors import CM3LeonError
+
+# Activations the decoder supports; names match `transformers.activations.ACT2FN`, so an
+# exported checkpoint runs the same function under `OPTForCausalLM`.
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+
+# Paper vocabulary: 56,320 text BPE tokens + 8,192 VQ codes + our 20 specials
+# (<pad> <eos> <break> <eoss> and 16 sentinels, see tokenizers/vocab.py).
+PAPER_VOCAB_SIZE = 56_320 + 8_192 + 20
+
+# Presets looked up by exact name. `tiny` is for tests, `demo` / `demo-small` for the CPU
+# demo (DESIGN.md: a ~3M-parameter decoder trains at ~17k tokens/s on a laptop CPU);
+# `350m` / `760m` / `7b` are the paper's sizes (Sec. 3, Table 1: layers / d_model /
+# head dim 24/1024/64, 24/1536/96, 32/4096/128). Presets without `vocab_size` need it passed.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=4, d_model=32, max_seq_len=128),
+    "demo-small": dict(n_layer=4, n_head=3, d_model=192, max_seq_len=512),
+    "demo": dict(n_layer=4, n_head=4, d_model=256, max_seq_len=512),
+    "350m": dict(vocab_size=PAPER_VOCAB_SIZE, n_layer=24, n_head=16, d_model=1024),
+    "760m": dict(vocab_size=PAPER_VOCAB_SIZE, n_layer=24, n_head=16, d_model=1536),
+    "7b": dict(vocab_size=PAPER_VOCAB_SIZE, n_layer=32, n_head=32, d_model=4096),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of `CM3LeonTransformer`; every paper choice is a field."""
+
+    vocab_size: int  # unified vocabulary size (Vocab.size); the embedding table is padded up
+    n_layer: int = 24  # 350M model: 24 layers (paper Table 1)
+    n_head: int = 16  # 350M model: head dim 64 = 1024 / 16
+    d_model: int = 1024  # 350M model width
+    d_ff: int | None = None  # MLP width; None -> 4 * d_model, as in OPT
+    max_seq_len: int = 4096  # context length (paper Sec. 3: 4096 tokens)
+    activation: str = "relu"  # the paper follows OPT, whose MLP uses ReLU
+    tie_embeddings: bool = True  # output head shares the token embedding, as in OPT
+    init_std: float = 0.006  # truncated normal std, cut at +-3 std (paper Sec. 3)
+    pos_init_std: float = 0.0002  # learned positions start near 0 (paper Sec. 3)
+    norm_eps: float = 1e-5  # LayerNorm epsilon; OPT (and so HF export) uses 1e-5
+    # Embedding rows are padded to a multiple of this for efficient matmuls and sharding.
+    # The padded rows are never seen: `forward` slices logits to `vocab_size` columns.
+    pad_vocab_to_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CM3LeonError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            raise CM3LeonError(f"ModelConfig.d_ff must be a positive integer or null, got {self.d_ff!r}")
+        if self.d_model % self.n_head:
+            raise CM3LeonError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise CM3LeonError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("init_std", "pos_init_std", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise CM3LeonError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The preset called exactly `name` (see PRESETS), with fields overridden."""
+        if name not in PRESETS:
+            raise CM3LeonError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        values = {**PRESETS[name], **overrides}
+        if "vocab_size" not in values:
+            raise CM3LeonError(f"model preset {name!r} needs vocab_size= (the unified Vocab.size)")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict (e.g. config.json); unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CM3LeonError(f"model config: unknown field(s) {unknown}; known: {sorted(known)}")
+        if "vocab_size" not in d:
+            raise CM3LeonError("model config: missing field 'vocab_size'")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return replace(self, **changes)

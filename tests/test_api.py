@@ -1,0 +1,225 @@
+"""`CM3Leon` API and `cm3leon generate` on a tiny random model directory."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cm3leon.api import REQUIRED_FILES, CM3Leon, prepare_image
+from cm3leon.cli import main
+from cm3leon.errors import CM3LeonError
+from cm3leon.model.config import ModelConfig
+from cm3leon.model.transformer import CM3LeonTransformer
+from cm3leon.tokenizers.image import VQModel, get_preset
+from cm3leon.tokenizers.text import TextTokenizer
+from cm3leon.tokenizers.vocab import Vocab
+
+SENTENCES = [
+    "a red circle on a white background",
+    "a blue square in the top left corner",
+    "two green triangles next to a yellow circle",
+    "Question: what colour is the circle? Answer: red.",
+    "Edit first image following the instruction make it blue",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    tok = TextTokenizer.train(SENTENCES, vocab_size=300, min_frequency=1)
+    tok.save(d / "text_tokenizer")
+    vq = VQModel(get_preset("tiny"))
+    vq.save_pretrained(d / "image_tokenizer")
+    vocab = Vocab(text_vocab_size=tok.vocab_size, image_vocab_size=vq.config.codebook_size)
+    vocab.save(d)
+    model = CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=vocab.size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def m(model_dir):
+    return CM3Leon.from_pretrained(model_dir)
+
+
+@pytest.fixture()
+def picture():
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8))
+
+
+def test_from_pretrained_loads_every_part(m):
+    assert m.tokens_per_image == 16 and m.resolution == 16
+    assert m.retriever is None and m.retrieval is None
+    assert "CM3Leon(" in repr(m)
+
+
+@pytest.mark.parametrize("method", ["topp", "cfg", "cdk", "best_of_n"])
+def test_text_to_image_returns_pil_images_of_the_tokenizer_resolution(m, method):
+    img = m.text_to_image("a red circle", method=method, seed=0, num_candidates=2)
+    assert isinstance(img, Image.Image) and img.size == (16, 16) and img.mode == "RGB"
+    imgs = m.text_to_image("a red circle", n=2, method=method, seed=0, num_candidates=2)
+    assert isinstance(imgs, list) and len(imgs) == 2 and all(isinstance(i, Image.Image) for i in imgs)
+
+
+def test_same_seed_same_image_and_samples_carry_their_settings(m):
+    a = m.sample_images("a blue square", n=2, method="cfg", cfg_scale=2.0, seed=5)
+    b = m.sample_images("a blue square", n=2, method="cfg", cfg_scale=2.0, seed=5)
+    assert [s.codes for s in a] == [s.codes for s in b] and len(a[0].codes) == 16
+    assert a[0].settings["guidance"] == {"method": "cfg", "cfg_scale": 2.0}
+    assert a[0].seed == 5 and a[0].index == 0
+
+
+def test_best_of_n_keeps_every_candidate_half_cfg_half_cdk_ranked_by_score(m):
+    samples = m.sample_images("a red circle", n=4, method="best_of_n", num_candidates=4, seed=1)
+    assert sorted(s.method for s in samples) == ["cdk", "cdk", "cfg", "cfg"]
+    scores = [s.score for s in samples]
+    assert scores == sorted(scores, reverse=True) and all(s.scorer == "likelihood" for s in samples)
+    assert all(np.isfinite(scores))
+
+
+def test_text_tasks_return_strings(m, picture):
+    caption = m.image_to_text(picture, max_new_tokens=6)
+    answer = m.answer(picture, "what colour is the circle?", max_new_tokens=6)
+    assert isinstance(caption, str) and isinstance(answer, str)
+
+
+def test_edit_and_infill_return_images_and_infill_keeps_codes_outside_the_span(m, picture, monkeypatch):
+    assert isinstance(m.edit(picture, "make it blue", seed=0), Image.Image)
+    original = m.encode_image(picture)
+    seen = []
+    real = m.decode_images
+    monkeypatch.setattr(m, "decode_images", lambda codes: seen.extend(codes) or real(codes))
+    out = m.infill_image(picture, (0.0, 0.0, 0.5, 0.5), seed=0)  # top-left 2x2 cells of 4x4
+    assert isinstance(out, Image.Image)
+    new = seen[0]
+    keep = [i for i in range(16) if not (i // 4 < 2 and i % 4 < 2)]
+    assert [new[i] for i in keep] == [original[i] for i in keep]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "1"])
+def test_images_of_any_mode_and_size_are_converted(m, mode):
+    im = Image.new("RGB", (53, 31), (200, 30, 30)).convert(mode)
+    p = prepare_image(im, 16)
+    assert p.mode == "RGB" and p.size == (16, 16)
+    assert len(m.encode_image(im)) == 16
+    assert len(m.encode_image(np.zeros((7, 9, 3), dtype=np.uint8))) == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(cfg_scale=-1.0), "cfg_scale"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(method="cdk", cdk_alpha=3.0), "cdk_alpha"),
+        (dict(method="cdk", cdk_k=0), "cdk_k"),
+        (dict(method="beam"), "method"),
+        (dict(n=0), "n must"),
+    ],
+)
+def test_bad_decoding_arguments_name_the_argument(m, kwargs, name):
+    with pytest.raises(CM3LeonError, match=name):
+        m.text_to_image("a red circle", **kwargs)
+
+
+def test_bad_task_inputs_give_clear_errors(m, picture):
+    with pytest.raises(CM3LeonError, match="prompt is empty"):
+        m.text_to_image("")
+    with pytest.raises(CM3LeonError, match="image_guidance"):
+        m.edit(picture, "make it blue", image_guidance=-1.0)
+    with pytest.raises(CM3LeonError, match="not found"):
+        m.image_to_text("/nonexistent/picture.png")
+    with pytest.raises(CM3LeonError, match="expected|PIL"):
+        m.image_to_text(42)
+    with pytest.raises(CM3LeonError, match="max_seq_len"):
+        m.image_to_text(picture, max_new_tokens=500)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert isinstance(m.text_to_image("a red circle " * 60, seed=0), Image.Image)
+
+
+@pytest.mark.parametrize("rel", [r for r, _ in REQUIRED_FILES])
+def test_model_dir_missing_a_part_names_the_file(model_dir, tmp_path, rel):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    (d / rel).unlink()
+    with pytest.raises(CM3LeonError, match=rel.replace(".", r"\.")):
+        CM3Leon.from_pretrained(d)
+
+
+def test_cli_writes_pngs_and_samples_jsonl(model_dir, tmp_path, picture, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "image", "--model", str(model_dir), "--prompt", "a red circle",
+               "--prompt", "a blue square", "--n", "2", "--method", "cfg", "--out", str(out), "--seed", "3"])
+    assert rc == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["0000_0.png", "0000_1.png", "0001_0.png", "0001_1.png"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["prompt"] == "a red circle" and rows[2]["seed"] == 4
+    assert rows[0]["settings"]["guidance"]["cfg_scale"] == 3.0 and rows[0]["file"] == "0000_0.png"
+    assert Image.open(out / "0001_1.png").size == (16, 16)
+    img_path = tmp_path / "in.png"
+    picture.save(img_path)
+    assert main(["generate", "caption", "--model", str(model_dir), "--image", str(img_path), "--out", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "edit", "--model", str(model_dir), "--image", str(img_path),
+                 "--instruction", "make it blue", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["image"] * 4 + ["caption", "edit"]
+    assert (out / "0002_0.png").is_file()  # later runs never overwrite earlier images
+
+
+def test_cli_reports_a_bad_model_dir_without_a_traceback(tmp_path, capsys):
+    rc = main(["generate", "image", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path)])
+    assert rc == 2 and "model directory not found" in capsys.readouterr().err
+
+
+class _FakeRetrieval:
+    """Stands in for `cm3leon.retrieval.policy.Retrieval` (same call, same document dicts)."""
+
+    def __init__(self, text):
+        self.text, self.calls = text, []
+
+    def retrieve_for_prompt(self, text=None, image=None, k=2):
+        self.calls.append((text, k))
+        docs = [{"key": "d0", "text": self.text, "code_index": 0, "image_codes": list(range(16)), "score": 0.8},
+                {"key": "d1", "text": self.text, "code_index": 1, "image_codes": None, "score": 0.7}]
+        return docs[:k]
+
+
+class _FakeScorer:
+    def clip_score(self, images, texts):
+        # Deterministic score: brightness of the image, so the ranking is checkable.
+        return torch.tensor([float(np.asarray(im).mean()) for im in images])
+
+
+def test_retrieved_documents_go_into_both_streams_and_clip_score_reranks(m, monkeypatch):
+    fake = _FakeRetrieval("a blue square")
+    monkeypatch.setattr(m, "retrieval", fake)
+    monkeypatch.setattr(m, "retriever", _FakeScorer())
+    seen = []
+    import cm3leon.api as api
+
+    real = api.generate
+
+    def spy(model, prompts, constraint, **kw):
+        seen.append((prompts, kw.get("guidance_prompts")))
+        return real(model, prompts, constraint, **kw)
+
+    monkeypatch.setattr(api, "generate", spy)
+    samples = m.sample_images("a red circle", n=4, method="best_of_n", num_candidates=4, seed=0)
+    doc = m.prompts.document(api.Document(m.text_tokenizer.encode("a blue square"), list(range(16))))
+    cond, uncond = seen[0][0][0], seen[0][1][0][0]
+    assert cond[1:1 + len(doc)] == doc and uncond[1:1 + len(doc)] == doc  # retrieved docs kept in uncond
+    assert uncond[1 + len(doc):] == [m.vocab.mask_id(0), m.vocab.break_id]
+    assert samples[0].retrieved == ["d0"]  # the document without image codes is skipped
+    assert [s.scorer for s in samples] == ["clip"] * 4
+    bright = [float(np.asarray(s.image).mean()) for s in samples]
+    assert bright == sorted(bright, reverse=True)
