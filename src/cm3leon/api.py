@@ -209,6 +209,18 @@ class CM3Leon:
         return self.image_tokenizer.encode(x).reshape(-1).tolist()
 
     @torch.no_grad()
+    def encode_images(self, images: Sequence, batch_size: int = 64) -> list[list[int]]:
+        """`encode_image` for many images, `batch_size` at a time."""
+        from cm3leon.tokenizers.image import images_to_tensor
+
+        out: list[list[int]] = []
+        images = [prepare_image(im, self.resolution) for im in images]
+        for i in range(0, len(images), batch_size):
+            x = images_to_tensor(images[i : i + batch_size]).to(self.device)
+            out += self.image_tokenizer.encode(x).reshape(x.shape[0], -1).tolist()
+        return out
+
+    @torch.no_grad()
     def decode_images(self, codes: Sequence[Sequence[int]]) -> list:
         """Raster-order VQ codes -> PIL images."""
         from cm3leon.tokenizers.image import tensor_to_images
@@ -251,21 +263,11 @@ class CM3Leon:
         cdk_sampler = SamplerSettings(temperature)
         cfg = Guidance("cfg", cfg_scale=cfg_scale)
         cdk = Guidance("cdk", cdk_alpha=cdk_alpha, cdk_k=cdk_k)
-        docs = self._retrieve(text=prompt, k=num_retrieved) if isinstance(prompt, str) and prompt.strip() else []
-        tp = self.prompts.text_to_image(prompt, [d for _, d in docs])
-        keys = [k for k, _ in docs]
+        tp, keys = self._text_to_image_prompt(prompt, num_retrieved)
 
-        def draw(count: int, guidance: Guidance | None, sampler: SamplerSettings, name: str, s: int) -> list[ImageSample]:
-            streams = None
-            if guidance is not None:
-                streams = [[p] * count for p in tp.guidance_streams(guidance.method)]
-            constraint = ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image)
-            res = generate(self.model, [tp.cond] * count, constraint, sampler=sampler, guidance=guidance,
-                           guidance_prompts=streams, seed=s)
-            codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
-            images = self.decode_images(codes)
-            return [ImageSample(im, c, prompt, name, s, i, res.settings, truncated_tokens=tp.truncated_tokens,
-                                retrieved=keys) for i, (im, c) in enumerate(zip(images, codes))]
+        def draw(count: int, guidance: Guidance | None, sampler: SamplerSettings, name: str,
+                 s: int) -> list[ImageSample]:
+            return self._draw_images([(prompt, tp, keys)] * count, guidance, sampler, name, s)
 
         if method == "topp":
             return draw(n, None, topp, "topp", seed)
@@ -280,6 +282,71 @@ class CM3Leon:
         if n_cdk:
             samples += draw(n_cdk, cdk, cdk_sampler, "cdk", seed + 1)
         return self.rerank(prompt, samples)[:n]
+
+    def _text_to_image_prompt(self, prompt: str, num_retrieved: int) -> tuple[TaskPrompt, list[str]]:
+        """The text->image prompt (with retrieved documents when the model has an index) and
+        the keys of those documents."""
+        docs = self._retrieve(text=prompt, k=num_retrieved) if isinstance(prompt, str) and prompt.strip() else []
+        return self.prompts.text_to_image(prompt, [d for _, d in docs]), [k for k, _ in docs]
+
+    def _draw_images(self, rows: Sequence[tuple[str, TaskPrompt, list[str]]], guidance: Guidance | None,
+                     sampler: SamplerSettings, name: str, seed: int) -> list[ImageSample]:
+        """One image per row (prompt, its TaskPrompt, retrieved keys), all rows in one batch."""
+        streams = None
+        if guidance is not None:
+            per_row = [tp.guidance_streams(guidance.method) for _, tp, _ in rows]
+            streams = [[r[j] for r in per_row] for j in range(len(per_row[0]))]
+        constraint = ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image)
+        res = generate(self.model, [tp.cond for _, tp, _ in rows], constraint, sampler=sampler, guidance=guidance,
+                       guidance_prompts=streams, seed=seed)
+        codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
+        images = self.decode_images(codes)
+        return [ImageSample(im, c, p, name, seed, i, res.settings, truncated_tokens=tp.truncated_tokens,
+                            retrieved=keys) for i, (im, c, (p, tp, keys)) in enumerate(zip(images, codes, rows))]
+
+    def sample_images_batch(
+        self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
+        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
+        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None,
+    ) -> list[ImageSample]:
+        """One image per prompt, every prompt in one batch (options as `sample_images`).
+
+        For "best_of_n", `num_candidates` per prompt are drawn (all prompts' TopP+CFG
+        candidates in one batch, then all CD-K ones) and each prompt keeps its best. A batch
+        draws different random numbers than one-prompt calls, so images differ from
+        `sample_images` with the same seed (each is reproducible on its own)."""
+        if method not in IMAGE_METHODS:
+            raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise CM3LeonError("prompts must be a list of strings")
+        if not prompts:
+            return []
+        seed = _new_seed(seed)
+        topp = SamplerSettings(temperature, top_k, top_p)
+        cdk_sampler = SamplerSettings(temperature)
+        cfg = Guidance("cfg", cfg_scale=cfg_scale)
+        cdk = Guidance("cdk", cdk_alpha=cdk_alpha, cdk_k=cdk_k)
+        rows = [(p, *self._text_to_image_prompt(p, num_retrieved)) for p in prompts]
+        if method == "topp":
+            return self._draw_images(rows, None, topp, "topp", seed)
+        if method == "cfg":
+            return self._draw_images(rows, cfg, topp, "cfg", seed)
+        if method == "cdk":
+            return self._draw_images(rows, cdk, cdk_sampler, "cdk", seed)
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise CM3LeonError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
+        n_cfg, n_cdk = split_methods(num_candidates)
+        cands = self._draw_images([r for r in rows for _ in range(n_cfg)], cfg, topp, "cfg", seed)
+        by_prompt = [cands[i * n_cfg:(i + 1) * n_cfg] for i in range(len(rows))]
+        if n_cdk:
+            more = self._draw_images([r for r in rows for _ in range(n_cdk)], cdk, cdk_sampler, "cdk", seed + 1)
+            for i in range(len(rows)):
+                by_prompt[i] += more[i * n_cdk:(i + 1) * n_cdk]
+        return [self.rerank(p, s)[0] for p, s in zip(prompts, by_prompt)]
+
+    def text_to_image_batch(self, prompts: Sequence[str], **kwargs) -> list:
+        """One PIL image per prompt, generated in one batch (options: `sample_images_batch`)."""
+        return [s.image for s in self.sample_images_batch(prompts, **kwargs)]
 
     def rerank(self, prompt: str, samples: list[ImageSample]) -> list[ImageSample]:
         """Score every sample (CLIP score with a retriever, else the model's likelihood of the
@@ -307,11 +374,15 @@ class CM3Leon:
     # --- image -> text ---------------------------------------------------------------------
     def _write_text(self, tp: TaskPrompt, max_new_tokens: int, temperature: float, top_p, top_k,
                     seed: int | None) -> str:
+        return self._write_texts([tp], max_new_tokens, temperature, top_p, top_k, seed)[0]
+
+    def _write_texts(self, tps: Sequence[TaskPrompt], max_new_tokens: int, temperature: float, top_p, top_k,
+                     seed: int | None) -> list[str]:
         res = generate(
-            self.model, [tp.cond], TextConstraint(self.vocab, self.model.config.vocab_size),
+            self.model, [tp.cond for tp in tps], TextConstraint(self.vocab, self.model.config.vocab_size),
             max_new_tokens=max_new_tokens, sampler=SamplerSettings(temperature, top_k, top_p), seed=_new_seed(seed),
         )
-        return self.text_tokenizer.decode(self.vocab.ids_to_text_ids(res.tokens[0]).tolist()).strip()
+        return [self.text_tokenizer.decode(self.vocab.ids_to_text_ids(t).tolist()).strip() for t in res.tokens]
 
     @staticmethod
     def _check_max_new(max_new_tokens) -> None:
@@ -340,6 +411,25 @@ class CM3Leon:
         text = self._write_text(tp, max_new_tokens, temperature, top_p, top_k, seed)
         return text[:-1].rstrip() if text.endswith(".") else text
 
+    def image_to_text_batch(self, images: Sequence, max_new_tokens: int = 32, temperature: float = 0.0,
+                            top_p: float | None = None, top_k: int | None = None,
+                            seed: int | None = None) -> list[str]:
+        """`image_to_text` for many images in one batch (no retrieved documents)."""
+        self._check_max_new(max_new_tokens)
+        tps = [self.prompts.caption(c, max_new_tokens) for c in self.encode_images(images)]
+        return self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed) if tps else []
+
+    def answer_batch(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 16,
+                     temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+                     seed: int | None = None) -> list[str]:
+        """`answer` for many (image, question) pairs in one batch."""
+        self._check_max_new(max_new_tokens)
+        if len(images) != len(questions):
+            raise CM3LeonError(f"answer_batch: {len(images)} images but {len(questions)} questions")
+        tps = [self.prompts.vqa(c, q, max_new_tokens) for c, q in zip(self.encode_images(images), questions)]
+        texts = self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed) if tps else []
+        return [t[:-1].rstrip() if t.endswith(".") else t for t in texts]
+
     # --- image -> image --------------------------------------------------------------------
     def edit(self, image, instruction: str, image_guidance: float = 1.5, text_guidance: float = 7.5,
              temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
@@ -367,6 +457,25 @@ class CM3Leon:
         codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
         return [ImageSample(im, c, instruction, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)
                 for i, (im, c) in enumerate(zip(self.decode_images(codes), codes))]
+
+    def edit_batch(self, images: Sequence, instructions: Sequence[str], image_guidance: float = 1.5,
+                   text_guidance: float = 7.5, temperature: float = 1.0, top_p: float | None = 0.9,
+                   top_k: int | None = None, seed: int | None = None) -> list:
+        """`edit` for many (image, instruction) pairs in one batch -> PIL images."""
+        if len(images) != len(instructions):
+            raise CM3LeonError(f"edit_batch: {len(images)} images but {len(instructions)} instructions")
+        if not images:
+            return []
+        guidance = Guidance("edit", image_scale=image_guidance, text_scale=text_guidance)
+        tps = [self.prompts.edit(c, ins) for c, ins in zip(self.encode_images(images), instructions)]
+        per_row = [tp.guidance_streams("edit") for tp in tps]
+        res = generate(
+            self.model, [tp.cond for tp in tps],
+            ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image),
+            sampler=SamplerSettings(temperature, top_k, top_p), guidance=guidance,
+            guidance_prompts=[[r[j] for r in per_row] for j in range(len(per_row[0]))], seed=_new_seed(seed),
+        )
+        return self.decode_images([self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens])
 
     def infill_image(self, image, box: Sequence[float], prompt: str | None = None, temperature: float = 1.0,
                      top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None):

@@ -1,7 +1,9 @@
-"""`cm3leon eval fd | captions | vqa`: score files of generated outputs against references.
+"""`cm3leon eval model | sweep | fd | captions | vqa`.
 
-These commands read predictions from disk, so they score any system's outputs (ours or
-another model's), e.g. COCO caption results against the COCO annotation file."""
+`model` generates with a model directory on a dataset split and scores it (see
+`cm3leon.eval.evaluate`); `sweep` compares decoding settings (`cm3leon.eval.sweep`).
+`fd`, `captions` and `vqa` read predictions from disk, so they score any system's outputs
+(ours or another model's), e.g. COCO caption results against the COCO annotation file."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ _ID_KEYS = ("id", "image_id", "question_id", "image", "key")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate outputs: Fréchet distance, CIDEr-D/BLEU-4, VQA accuracy")
+    p = sub.add_parser("eval", help="evaluate a model on a dataset (model, sweep) or score output files "
+                                   "(fd, captions, vqa)")
     esub = p.add_subparsers(dest="eval_command", metavar="METRIC")
     esub.required = True
 
@@ -53,6 +56,50 @@ def register(sub) -> None:
                    help="leave references unnormalised, exactly as the official code does")
     v.add_argument("--out", default=None, help="also write the result as JSON here")
     v.set_defaults(func=_vqa)
+
+    def model_args(q, default_num: int) -> None:
+        q.add_argument("--model", required=True, help="model directory (as `CM3Leon.from_pretrained` loads)")
+        q.add_argument("--data", required=True,
+                       help="dataset: a folder with captions.jsonl (shapes: also annotations.jsonl, vqa.jsonl, "
+                            "edits.jsonl), .tar shards, or a COCO captions JSON")
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--split", default="test", help="train | val | test | all (default test)")
+        q.add_argument("--num", type=int, default=default_num,
+                       help="prompts / images / questions per task (default %(default)s; 0 = the whole split)")
+        q.add_argument("--images", default=None, help="COCO: the image folder (default: found next to the JSON)")
+        q.add_argument("--fid-features", default="retriever",
+                       help="FD feature space: 'retriever' (the model's retriever/ or --clip-retriever: FD-CLIP / "
+                            "FD-retriever; default), 'retriever:DIR', 'inception:WEIGHTS.pth' (standard FID), "
+                            "'pixelstats' (smoke test)")
+        q.add_argument("--clip-retriever", default=None,
+                       help="retriever directory that scores images (CLIP score, FD), e.g. one made with "
+                            "`cm3leon retriever clip` from local CLIP weights (default: the model's own)")
+        q.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+        q.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        q.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+        q.add_argument("--temperature", type=float, default=1.0, help="text->image sampling temperature (default 1)")
+        q.add_argument("--top-p", type=float, default=0.9, help="text->image nucleus mass (default 0.9)")
+
+    from cm3leon.eval.evaluate import METRICS
+
+    m = esub.add_parser("model", help="generate with a model on a dataset split and score it "
+                                      "(shapes accuracy, FD, CLIP score, CIDEr-D, VQA, editing)")
+    model_args(m, 200)
+    m.add_argument("--metrics", default=",".join(METRICS),
+                   help=f"comma-separated, any of {', '.join(METRICS)} (default all)")
+    m.add_argument("--method", default="cfg", choices=["topp", "cfg", "cdk", "best_of_n"],
+                   help="text->image decoding (default cfg)")
+    m.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    m.add_argument("--num-candidates", type=int, default=8, help="best_of_n: candidates per prompt (default 8)")
+    m.set_defaults(func=_model)
+
+    w = esub.add_parser("sweep", help="compare decoding: TopP, TopP+CFG over scales, CD-K, best-of-N "
+                                      "(the paper's Figure 4 on your data)")
+    model_args(w, 100)
+    w.add_argument("--cfg-scales", default="1,2,3,5,7", help="CFG scales α (default 1,2,3,5,7)")
+    w.add_argument("--best-of", default="1,2,4,8", help="best-of-N candidate counts (default 1,2,4,8)")
+    w.add_argument("--best-of-cfg-scale", type=float, default=3.0, help="CFG scale of best-of-N's TopP+CFG half")
+    w.set_defaults(func=_sweep)
 
 
 # ---- file readers -------------------------------------------------------------------------
@@ -204,3 +251,42 @@ def _vqa(args) -> int:
     res = vqa_score([preds[k] for k in keys], [refs[k] for k in keys], not args.official_refs)
     res.pop("per_question")
     return _emit(res, args.out)
+
+
+def _num_and_split(args) -> tuple[int | None, str | None]:
+    if args.num < 0:
+        raise CM3LeonError(f"--num must be >= 0 (0 = the whole split), got {args.num}")
+    return (args.num or None), (None if args.split == "all" else args.split)
+
+
+def _model(args) -> int:
+    from cm3leon.eval.evaluate import evaluate_model, headline_rows
+    from cm3leon.eval.report import markdown_table
+
+    num, split = _num_and_split(args)
+    decoding = {"method": args.method, "cfg_scale": args.cfg_scale, "temperature": args.temperature,
+                "top_p": args.top_p}
+    if args.method == "best_of_n":
+        decoding["num_candidates"] = args.num_candidates
+    res = evaluate_model(args.model, args.data, args.out, metrics=args.metrics, split=split, num_prompts=num,
+                         decoding=decoding, seed=args.seed, batch_size=args.batch_size,
+                         fid_features=args.fid_features, clip_retriever=args.clip_retriever, images=args.images,
+                         device=args.device)
+    print(markdown_table(headline_rows(res["metrics"]), ["metric", "value", "n", "note"]))
+    print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md, samples.jsonl and grid_*.png")
+    return 0
+
+
+def _sweep(args) -> int:
+    from cm3leon.eval.report import markdown_table
+    from cm3leon.eval.sweep import sweep_decoding
+
+    num, split = _num_and_split(args)
+    res = sweep_decoding(args.model, args.data, args.out, cfg_scales=args.cfg_scales, best_of=args.best_of,
+                         num_prompts=num, seed=args.seed, split=split, batch_size=args.batch_size,
+                         temperature=args.temperature, top_p=args.top_p, best_of_cfg_scale=args.best_of_cfg_scale,
+                         fid_features=args.fid_features, clip_retriever=args.clip_retriever, images=args.images,
+                         device=args.device)
+    print(markdown_table(res["rows"], ["setting", *res["metrics"], "seconds"]))
+    print(f"wrote {Path(args.out) / 'sweep.json'}, sweep.md and {len(res['plots'])} plot(s)")
+    return 0
