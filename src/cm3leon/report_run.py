@@ -1,0 +1,777 @@
+"""`cm3leon report`: one self-contained `report.html` for a pipeline run folder.
+
+    cm3leon report --run runs/demo            # writes runs/demo/report.html
+
+It reads what the stages wrote (see `cm3leon.pipeline`): metrics files, sample grids, training
+logs, code shards and neighbours, and lays them out as ten sections: summary with the quality
+bar, text->image samples per decoding method, captions and VQA, edits, the image tokenizer,
+retrieval, training curves, the decoding sweep, ablations and stage timings. A stage folder
+that is missing (the run stopped early) gives a plain "not run" note in its section. Every
+picture is embedded (`cm3leon.eval.report.build_report`): the file opens offline on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cm3leon.errors import CM3LeonError
+from cm3leon.eval.report import Grid, Image, Section, Table, Text, build_report
+
+SECTION_TITLES = (
+    "Summary",
+    "Text → image",
+    "Captions and VQA",
+    "Image editing",
+    "Image tokenizer",
+    "Retrieval",
+    "Training",
+    "Decoding sweep",
+    "Ablations",
+    "Stage timings",
+)
+# Decoding methods of the generate stage, in the order the paper introduces them (Sec. 3).
+METHOD_NAMES = {"topp": "TopP", "cfg": "TopP + CFG", "cdk": "CD-K", "best_of_n": "best-of-N (re-ranked)"}
+GRID_IMAGES = 16  # images per decoding method shown
+RETRIEVAL_EXAMPLES = 4  # query records shown with their retrieved documents
+SAMPLE_ROWS = 8  # caption / VQA sample rows shown as text
+
+
+@dataclass
+class QualityBar:
+    """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data."""
+
+    text_to_image_cfg: float = 0.80  # single-object prompts with colour and shape right, TopP+CFG
+    captions: float = 0.80  # captions naming the right colour and shape
+    vqa: float = 0.70  # VQAv2 accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the run folder
+
+
+class RunFolder:
+    """Read access to a run folder: JSON / JSONL files by relative path (None when absent)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def json(self, *parts: str) -> Any:
+        from cm3leon.utils.io import read_json
+
+        p = self.path(*parts)
+        if not p.is_file():
+            return None
+        try:
+            return read_json(p)
+        except ValueError as e:
+            raise CM3LeonError(str(e)) from None
+
+    def jsonl(self, *parts: str) -> list[dict] | None:
+        from cm3leon.utils.logging import read_metrics
+
+        p = self.path(*parts)
+        return read_metrics(p) if p.is_file() else None
+
+    def find(self, stage: str, name: str) -> Path | None:
+        """`stage/name`, or `stage/<sub>/name` one level down (e.g. a model/ subfolder)."""
+        d = self.path(stage)
+        if (d / name).exists():
+            return d / name
+        if d.is_dir():
+            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+                if (sub / name).exists():
+                    return sub / name
+        return None
+
+    def done(self, stage: str) -> dict | None:
+        """The stage's `.done` marker ({"stage", "seconds", "result"}), None if unfinished."""
+        from cm3leon.pipeline import DONE
+
+        marker = self.json(stage, DONE)
+        return marker if isinstance(marker, dict) else None
+
+    def missing_note(self, stage: str, what: str = "") -> Text | None:
+        """A plain note when the stage did not run or did not finish; None when it finished."""
+        d = self.path(stage)
+        what = f" ({what})" if what else ""
+        if not d.is_dir():
+            return Text(f"Not run: {d} does not exist: the run stopped before the {stage} stage{what}.")
+        if stage in _stage_names() and self.done(stage) is None:
+            return Text(f"The {stage} stage did not finish ({d} has no .done marker): what it left is shown "
+                        "where readable.")
+        return None
+
+    def eval_dir(self, which: str) -> Path | None:
+        """eval/<which>/ (which: "sft" or "pretrain") when it holds metrics.json."""
+        d = self.path("eval", which)
+        return d if (d / "metrics.json").is_file() else None
+
+    def final_eval_dir(self) -> Path | None:
+        """The evaluation of the final model: eval/sft, else eval/ itself, else eval/pretrain."""
+        for d in (self.path("eval", "sft"), self.path("eval"), self.path("eval", "pretrain")):
+            if (d / "metrics.json").is_file():
+                return d
+        return None
+
+
+def _stage_names() -> list[str]:
+    from cm3leon.pipeline import STAGES
+
+    return [s.name for s in STAGES]
+
+
+def _eval_metrics(d: Path | None) -> dict:
+    from cm3leon.utils.io import read_json
+
+    if d is None:
+        return {}
+    m = read_json(d / "metrics.json", "evaluation metrics").get("metrics", {})
+    return m if isinstance(m, dict) else {}
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _secs(v: Any) -> str:
+    v = _num(v)
+    if v is None:
+        return "—"
+    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
+
+
+def _rel(run: RunFolder, p: Path) -> str:
+    try:
+        return str(p.relative_to(run.root))
+    except ValueError:
+        return str(p)
+
+
+def _preset(pipe: dict) -> str:
+    name = str(pipe.get("preset", "?"))
+    return f"{name} (quick)" if pipe.get("quick") and name != "quick" else name
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality bar
+
+
+def _single_object_cfg(run: RunFolder) -> tuple[float | None, int | None, str]:
+    """Share of prompts drawn with colour and shape right by TopP + CFG, single-object prompts
+    where the figures say so; from generate/summary.json, else the final evaluation."""
+    summary = run.json("generate", "summary.json")
+    cfg = ((summary or {}).get("methods") or {}).get("cfg")
+    if isinstance(cfg, dict):
+        one = (cfg.get("by_num_objects") or {}).get("1")
+        if isinstance(one, dict):
+            v = _num(one.get("accuracy_both", one.get("both")))
+            if v is not None:
+                return v, one.get("n"), "generate/summary.json: cfg, single-object prompts"
+        v = _num(cfg.get("accuracy_both"))
+        if v is not None:
+            return v, cfg.get("n"), "generate/summary.json: cfg accuracy_both"
+    d = run.final_eval_dir()
+    if d is not None:
+        from cm3leon.utils.io import read_json
+
+        report = read_json(d / "metrics.json")
+        shapes = report.get("metrics", {}).get("shapes", {})
+        if (report.get("decoding") or {}).get("method") == "cfg" and "both" in shapes:
+            where = _rel(run, d / "metrics.json")
+            one = (shapes.get("by_num_objects") or {}).get("1")
+            if isinstance(one, dict) and _num(one.get("both")) is not None:
+                return float(one["both"]), one.get("n"), f"{where}: shapes, single-object prompts"
+            return _num(shapes["both"]), shapes.get("n"), f"{where}: shapes both"
+    return None, None, "no text->image figures with CFG (generate / eval not run)"
+
+
+def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[dict]:
+    """The quality bar judged on a run folder: one row per criterion {"criterion", "figure",
+    "bar", "n", "met" (True / False / None when not measured), "verdict", "source"}."""
+    bar = bar or QualityBar()
+    run = RunFolder(run_dir)
+    rows = []
+
+    def add(criterion: str, value: float | None, threshold: float, n: Any, source: str) -> None:
+        met = None if value is None else bool(value >= threshold)
+        rows.append({"criterion": criterion, "figure": _pct(value), "bar": f"≥ {100 * threshold:.0f}%", "n": n,
+                     "met": met, "verdict": {None: "not measured", True: "met", False: "NOT met"}[met],
+                     "value": value, "source": source})
+
+    v, n, src = _single_object_cfg(run)
+    add("single-object prompts right with CFG (colour and shape)", v, bar.text_to_image_cfg, n, src)
+    d = run.final_eval_dir()
+    m = _eval_metrics(d)
+    where = _rel(run, d / "metrics.json") if d is not None else "eval not run"
+    caps = (m.get("cider") or {}).get("shapes") or {}
+    add("captions naming the right colour and shape", _num(caps.get("correct")), bar.captions, caps.get("n"),
+        f"{where}: cider.shapes.correct" if caps else f"{where}: no caption figures")
+    vqa = m.get("vqa") or {}
+    acc = _num(vqa.get("vqa_accuracy"))
+    add("VQA accuracy", None if acc is None else acc / 100.0, bar.vqa, vqa.get("n"),  # VQAv2 accuracy is in percent
+        f"{where}: vqa.vqa_accuracy" if acc is not None else f"{where}: no VQA figures")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _summary(run: RunFolder, bar: QualityBar) -> list:
+    from cm3leon.eval.evaluate import headline_rows
+
+    blocks: list = []
+    pipe = run.json("pipeline.json")
+    lines = [f"Run folder: {run.root.resolve()}."]
+    if isinstance(pipe, dict):
+        lines.append(f"Preset {_preset(pipe)}; "
+                     f"pipeline time {_secs(pipe.get('seconds'))}.")
+    else:
+        lines.append("No pipeline.json: the pipeline has not finished a pass over this folder yet; "
+                     "stage times below come from the stages' .done markers.")
+    ds = run.json("data", "dataset.json")
+    if ds is None and isinstance(pipe, dict) and pipe.get("data"):
+        p = Path(pipe["data"]) / "dataset.json"
+        ds = RunFolder(p.parent).json("dataset.json") if p.is_file() else None
+    data_path = (pipe or {}).get("data") or (str(run.path("data")) if run.path("data").is_dir() else None)
+    if isinstance(ds, dict):
+        splits = ds.get("splits") or {}
+        lines.append(f"Data: {data_path}: {ds.get('name', 'dataset')}, {ds.get('num', '?')} images of "
+                     f"{ds.get('size', '?')} px, up to {ds.get('max_objects', '?')} object(s) per scene"
+                     + (f" (train {splits.get('train')}, val {splits.get('val')}, test {splits.get('test')})"
+                        if splits else "") + ".")
+    elif data_path:
+        lines.append(f"Data: {data_path}.")
+    tt = (run.done("text_tokenizer") or {}).get("result") or {}
+    if tt.get("vocab_size"):
+        lines.append(f"Text tokenizer: BPE vocabulary {tt['vocab_size']}, "
+                     f"{tt.get('tokens_per_caption', '?')} tokens per caption.")
+    times = _stage_rows(run)
+    ran = [r for r in times if r["status"] == "done"]
+    lines.append("Stages finished: " + (", ".join(f"{r['stage']} {r['time']}" if r["seconds"] is not None
+                                                  else r["stage"] for r in ran) or "none") + ".")
+    # the report stage is the one writing this file: it is not "unfinished"
+    stopped = next((r["stage"] for r in times if r["status"] != "done" and r["stage"] not in ("data", "report")),
+                   None)
+    if stopped:
+        lines.append(f"First stage not finished: {stopped}.")
+    blocks.append(Text("\n\n".join(lines)))
+
+    checks = quality_bar_checks(run.root, bar)
+    failed = [c for c in checks if c["met"] is False]
+    unmeasured = [c for c in checks if c["met"] is None]
+    if failed:
+        verdict = "Quality bar NOT met: " + "; ".join(f"{c['criterion']}: {c['figure']} (bar {c['bar']})"
+                                                       for c in failed) + "."
+    elif len(unmeasured) == len(checks):
+        verdict = "Quality bar not measured: no stage that produces its figures (generate, eval) has run."
+    elif unmeasured:
+        verdict = "Quality bar not fully measured: " + ", ".join(c["criterion"] for c in unmeasured) + \
+                  " has no figure in this run; every measured criterion is met."
+    else:
+        verdict = "Quality bar met on every criterion."
+    blocks.append(Text(verdict))
+    blocks.append(Table(checks, ["criterion", "figure", "bar", "verdict", "n", "source"], caption="Quality bar"))
+
+    after_dir = run.final_eval_dir()
+    if after_dir is not None:
+        try:
+            rows = headline_rows(_eval_metrics(after_dir))
+            before = {r["metric"]: r["value"] for r in headline_rows(_eval_metrics(run.eval_dir("pretrain")))}
+        except (KeyError, TypeError) as e:  # a metrics file of another version: keep the quality bar above
+            blocks.append(Text(f"Headline metrics unreadable in {_rel(run, after_dir / 'metrics.json')}: "
+                               f"{type(e).__name__}: {e}"))
+            return blocks
+        cols = ["metric", "value", "n", "note"]
+        if before and after_dir != run.eval_dir("pretrain"):
+            for r in rows:
+                r["before SFT"] = before.get(r["metric"])
+            cols = ["metric", "before SFT", "value", "n", "note"]
+        blocks.append(Table(rows, cols, caption=f"Headline metrics ({_rel(run, after_dir / 'metrics.json')})"))
+    else:
+        head = run.json("metrics.json")
+        if isinstance(head, dict) and _scalars(head):
+            blocks.append(Table([{"metric": k, "value": v} for k, v in _scalars(head).items()],
+                                caption="Headline metrics (metrics.json)"))
+        else:
+            blocks.append(Text("No headline metrics: the eval stage has not run."))
+    recorded = run.json("metrics.json")
+    if isinstance(recorded, dict) and isinstance(recorded.get("quality_bar"), (dict, list)):
+        qb = recorded["quality_bar"]
+        items = qb.items() if isinstance(qb, dict) else enumerate(qb)
+        rows = [{"item": str(k), **(_scalars(v) if isinstance(v, dict) else {"value": v})} for k, v in items]
+        if rows:
+            blocks.append(Table(rows, caption="Quality bar as recorded by the eval stage (metrics.json)"))
+    return blocks
+
+
+def _checker_ok(ch: Any) -> bool | None:
+    """Whether the checker found the prompt's colour and shape (the figure accuracy_both counts)."""
+    if not isinstance(ch, dict):
+        return None
+    if "both_ok" in ch:
+        return bool(ch["both_ok"])
+    if "colour_ok" in ch and "shape_ok" in ch:
+        return bool(ch["colour_ok"]) and bool(ch["shape_ok"])
+    if "all_ok" in ch:
+        return bool(ch["all_ok"])
+    return None
+
+
+def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
+    note = run.missing_note("generate", "samples with every decoding method")
+    if note is not None and not run.path("generate").is_dir():
+        return [note]
+    blocks: list = [note] if note else []
+    gen = run.path("generate")
+    summary = run.json("generate", "summary.json") or {}
+    methods = summary.get("methods") or {}
+    if methods:
+        rows = [{"method": METHOD_NAMES.get(m, m), **_scalars(v)} for m, v in methods.items() if isinstance(v, dict)]
+        blocks.append(Table(rows, caption="Prompt accuracy per decoding method (generate/summary.json; "
+                                          "accuracy_both: colour and shape right, by the shapes checker)"))
+    dirs = [p for p in gen.iterdir() if p.is_dir() and (p / "samples.jsonl").is_file()]
+    order = list(METHOD_NAMES)
+    dirs.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    if not dirs:
+        blocks.append(Text(f"No samples: {gen} has no <method>/samples.jsonl."))
+    for d in dirs:
+        rows = run.jsonl("generate", d.name, "samples.jsonl") or []
+        images, caps, marks, missing = [], [], [], 0
+        for r in rows:
+            if len(images) >= GRID_IMAGES:
+                break
+            f = r.get("file")
+            path = next((p for p in (d / str(f), gen / str(f), run.root / str(f)) if p.is_file()), None) if f else None
+            if path is None:
+                missing += 1
+                continue
+            images.append(path)
+            caps.append(str(r.get("prompt", "")))
+            marks.append(_checker_ok(r.get("checker")))
+        name = METHOD_NAMES.get(d.name, d.name)
+        stats = methods.get(d.name) if isinstance(methods.get(d.name), dict) else {}
+        acc, n = _num(stats.get("accuracy_both")), stats.get("n")
+        if acc is None:  # no summary: count the per-sample verdicts
+            judged = [_checker_ok(r.get("checker")) for r in rows]
+            judged = [j for j in judged if j is not None]
+            acc, n = (sum(judged) / len(judged), len(judged)) if judged else (None, None)
+        line = f"{name}: " + (f"{_pct(acc)} of {n} prompts drawn with the right colour and shape"
+                              if acc is not None else "no checker verdicts")
+        line += f"; showing {len(images)} of {len(rows)} samples (green frame: the checker found the prompt's " \
+                "colour and shape; red: it did not)."
+        if missing:
+            line += f" {missing} sample file(s) listed in samples.jsonl were not found."
+        blocks.append(Text(line))
+        if images:
+            blocks.append(Grid(images, captions=caps, marks=marks if any(m is not None for m in marks) else None,
+                               caption=f"{name} ({d.name}/)", ncol=8, cell_px=96))
+    return blocks
+
+
+def _before_after_rows(run: RunFolder, picks: list[tuple[str, Callable[[dict], Any]]]) -> list[dict]:
+    before, after = _eval_metrics(run.eval_dir("pretrain")), _eval_metrics(run.final_eval_dir())
+    rows = []
+    for name, get in picks:
+        row = {"metric": name, "after SFT": _safe_get(get, after)}
+        if before and run.final_eval_dir() != run.eval_dir("pretrain"):
+            row = {"metric": name, "before SFT": _safe_get(get, before), "after SFT": row["after SFT"]}
+        if any(v is not None for k, v in row.items() if k != "metric"):
+            rows.append(row)
+    return rows
+
+
+def _safe_get(get: Callable[[dict], Any], d: dict) -> Any:
+    try:
+        return _num(get(d))
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def _eval_images(run: RunFolder, name: str, caption: str) -> list:
+    """The sample grid `name` of the final evaluation and, when it exists, of the pretrained model."""
+    after, before = run.final_eval_dir(), run.eval_dir("pretrain")
+    if before is not None and after != before:
+        dirs = [(before, "before SFT (pretrained model)"), (after, "after SFT")]
+    else:
+        dirs = [(after, "final model")]
+    return [Image(d / name, caption=f"{caption}, {label} ({_rel(run, d / name)})")
+            for d, label in dirs if d is not None and (d / name).is_file()]
+
+
+def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
+    if run.final_eval_dir() is None:
+        note = run.missing_note("eval", "metrics")
+        return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
+    blocks: list = []
+    rows = _before_after_rows(run, [
+        ("captions naming the right objects", lambda m: m["cider"]["shapes"]["correct"]),
+        ("CIDEr-D", lambda m: m["cider"]["CIDEr-D"]),
+        ("BLEU-4", lambda m: m["cider"]["BLEU-4"]),
+        ("VQA accuracy (%)", lambda m: m["vqa"]["vqa_accuracy"]),
+    ])
+    if rows:
+        blocks.append(Table(rows, caption="Image -> text, before and after instruction tuning"))
+    m = _eval_metrics(run.final_eval_dir())
+    for key in ("cider", "vqa"):
+        if isinstance(m.get(key), dict) and "skipped" in m[key]:
+            blocks.append(Text(f"{key} skipped: {m[key]['skipped']}"))
+    blocks += _eval_images(run, "grid_captioning.png", "Captions written by the model (green: right colours "
+                                                       "and shapes)")
+    blocks += _eval_images(run, "grid_vqa.png", "VQA: question -> the model's answer (green: accepted)")
+    samples = run.jsonl(_rel(run, run.final_eval_dir()), "samples.jsonl") or []
+    caps = [{"caption": s.get("caption"), "reference": (s.get("references") or [None])[0],
+             "right": (s.get("verdict") or {}).get("all_ok")} for s in samples if s.get("task") == "captioning"]
+    if caps:
+        blocks.append(Table(caps[:SAMPLE_ROWS], caption="Captions against a reference"))
+    vqa = [{"question": s.get("question"), "answer": s.get("answer"), "references": ", ".join(
+        sorted(set(map(str, s.get("references") or [])))), "accuracy": s.get("accuracy")}
+           for s in samples if s.get("task") == "vqa"]
+    if vqa:
+        blocks.append(Table(vqa[:SAMPLE_ROWS], caption="VQA answers"))
+    if len(blocks) == 0:
+        blocks.append(Text("The evaluation wrote no caption or VQA results."))
+    return blocks
+
+
+def _edits(run: RunFolder, bar: QualityBar) -> list:
+    if run.final_eval_dir() is None:
+        note = run.missing_note("eval", "metrics")
+        return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
+    blocks: list = []
+    rows = _before_after_rows(run, [
+        ("edit done rate", lambda m: m["edit"]["done_rate"]),
+        ("do-nothing baseline", lambda m: m["edit"]["do_nothing_baseline"]),
+    ])
+    if rows:
+        blocks.append(Table(rows, caption="Edits the checker finds done (target scene reached)"))
+    edit = _eval_metrics(run.final_eval_dir()).get("edit") or {}
+    if "skipped" in edit:
+        blocks.append(Text(f"Editing skipped: {edit['skipped']}"))
+    blocks += _eval_images(run, "grid_edit.png", "Each row: source image, instruction -> edited image, target "
+                                                 "(green / red: the checker finds the edit done / not done)")
+    return blocks or [Text("The evaluation wrote no editing results.")]
+
+
+def _image_tokenizer(run: RunFolder, bar: QualityBar) -> list:
+    note = run.missing_note("image_tokenizer", "VQ image tokenizer")
+    if note is not None and not run.path("image_tokenizer").is_dir():
+        return [note]
+    blocks: list = [note] if note else []
+    m = run.json("image_tokenizer", "metrics.json")
+    if isinstance(m, dict):
+        keys = [("psnr_db", "PSNR (dB)"), ("val_l1", "L1 (pixels in [0, 1])"), ("codebook_usage", "codebook usage"),
+                ("codes_used", "codes used"), ("codebook_size", "codebook size"), ("perplexity", "code perplexity"),
+                ("tokens_per_image", "tokens per image"),
+                ("checker_recovered", "objects recovered exactly (shapes checker)"),
+                ("checker_recovered_colour_cell", "objects recovered by colour and cell"),
+                ("num_eval_images", "evaluation images"), ("eval_split", "evaluation split"), ("steps", "steps"),
+                ("train_time_s", "training time (s)"), ("parameters", "parameters")]
+        rows = [{"metric": label, "value": m[k]} for k, label in keys if k in m]
+        blocks.append(Table(rows, caption="VQ tokenizer on held-out images (image_tokenizer/metrics.json)"))
+    else:
+        blocks.append(Text("No image_tokenizer/metrics.json."))
+    rec = run.path("image_tokenizer", "reconstructions.png")
+    if rec.is_file():
+        blocks.append(Image(rec, caption="Held-out images (top row) over their VQ reconstructions (bottom row)"))
+    return blocks
+
+
+def _recall_rows(m: dict) -> list[dict]:
+    rows = []
+    for direction, prefix in (("text -> image", "text_to_image_recall@"), ("image -> text", "image_to_text_recall@")):
+        row = {"direction": direction}
+        for k, v in m.items():
+            if k.startswith(prefix):
+                row[f"recall@{k[len(prefix):]}"] = v
+        if len(row) > 1:
+            rows.append(row)
+    return rows
+
+
+def _retrieval_examples(run: RunFolder, num: int = RETRIEVAL_EXAMPLES) -> list:
+    """Query records with their retrieved documents, images decoded from their VQ codes."""
+    import numpy as np
+    import torch
+
+    from cm3leon.data.codes import SPLITS, CodeDataset
+    from cm3leon.tokenizers.image import VQModel, tensor_to_images
+
+    nb_path = next((p for p in (run.path("tokenize", "neighbors.npy"), run.path("retrieval", "neighbors.npy"))
+                    if p.is_file()), None)
+    if nb_path is None:
+        return [Text("No retrieval examples: tokenize/neighbors.npy does not exist.")]
+    codes_dir = nb_path.parent if (nb_path.parent / "meta.json").is_file() else run.path("tokenize")
+    ds = CodeDataset(codes_dir)
+    # the run's own tokenizer; else the one the codes record (a run folder assembled by hand)
+    candidates = [run.path("image_tokenizer")] + ([Path(ds.meta["image_tokenizer"])]
+                                                  if isinstance(ds.meta.get("image_tokenizer"), str) else [])
+    vq_dir = next((d for d in candidates if (d / "config.json").is_file()), None)
+    if vq_dir is None:
+        return [Text("No retrieval examples: no image tokenizer in image_tokenizer/ to draw the codes with.")]
+    neighbors = np.load(nb_path)
+    if neighbors.ndim != 2 or neighbors.shape[0] != int(ds.meta["num_records"]):
+        raise CM3LeonError(f"{nb_path}: shape {neighbors.shape}, expected [{ds.meta['num_records']}, k]")
+    k = neighbors.shape[1]
+    has_nb = (neighbors >= 0).any(axis=1)
+    queries: list[int] = []
+    for split in ("test", "val", *(s for s in SPLITS if s not in ("test", "val"))):
+        idx = CodeDataset(codes_dir, split=split).indices
+        idx = idx[has_nb[idx]]
+        if len(idx):  # evenly spread over the split, deterministic
+            queries = [int(idx[int(i * len(idx) / min(num, len(idx)))]) for i in range(min(num, len(idx)))]
+            break
+    if not queries:
+        return [Text(f"No retrieval examples: no record in {nb_path} has a retrieved document.")]
+    vq = VQModel.from_pretrained(vq_dir)
+    cells: list[tuple[int, str]] = []
+    for q in queries:
+        cells.append((q, "query: " + ds.get(q).text))
+        for j, d in enumerate(neighbors[q]):
+            d = int(d)
+            cells.append((d, f"retrieved {j + 1}: " + ds.get(d).text if d >= 0 else f"retrieved {j + 1}: (none)"))
+    real = [gi for gi, _ in cells if gi >= 0]
+    codes = torch.as_tensor(np.stack([ds.get(gi).image_codes for gi in real]))
+    decoded = iter(tensor_to_images(vq.decode(codes)))
+    from PIL import Image as PILImage
+
+    side = vq.config.resolution
+    blank = PILImage.new("RGB", (side, side), (240, 240, 240))
+    images = [next(decoded) if gi >= 0 else blank for gi, _ in cells]
+    return [Grid(images, captions=[c for _, c in cells], ncol=1 + k, cell_px=96,
+                 caption=f"Each row: a {ds.get(queries[0]).split} record (query, left) and the {k} documents "
+                         f"retrieved for it from the memory bank ({_rel(run, nb_path)}); images decoded from "
+                         "their VQ codes.")]
+
+
+def _retrieval(run: RunFolder, bar: QualityBar) -> list:
+    note = run.missing_note("retrieval", "bi-encoder, memory bank, neighbours")
+    if note is not None and not run.path("retrieval").is_dir():
+        return [note]
+    blocks: list = [note] if note else []
+    m = run.json("retrieval", "retriever", "metrics.json")
+    if m is None:
+        p = run.find("retrieval", "metrics.json")
+        m = run.json(_rel(run, p)) if p is not None else None
+    if isinstance(m, dict):
+        rows = _recall_rows(m)
+        if rows:
+            blocks.append(Table(rows, caption=f"Retriever recall on {m.get('num_pairs', '?')} held-out "
+                                              f"{m.get('eval_split', '')} pairs (retrieval/retriever/metrics.json)"))
+        extra = {k: m[k] for k in ("first_loss", "final_loss", "temperature", "steps", "train_seconds") if k in m}
+        if extra:
+            blocks.append(Table([extra], caption="Retriever training"))
+    else:
+        blocks.append(Text("No retriever metrics (retrieval/retriever/metrics.json)."))
+    nbj = run.json("tokenize", "neighbors.json")
+    if isinstance(nbj, dict):
+        blocks.append(Text(f"Neighbours: {nbj.get('rows_with_k', '?')} of {nbj.get('num_records', '?')} records have "
+                           f"all {nbj.get('k', '?')} retrieved documents; skipped candidates: "
+                           + ", ".join(f"{k} {v}" for k, v in (nbj.get("skipped") or {}).items()) + "."))
+    try:
+        blocks += _retrieval_examples(run)
+    except (CM3LeonError, OSError, ValueError, KeyError) as e:
+        blocks.append(Text(f"No retrieval examples: {e}"))
+    return blocks
+
+
+def _plot_png(fn: Callable[[Path], Any]) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "plot.png"
+        fn(p)
+        return p.read_bytes()
+
+
+def _training(run: RunFolder, bar: QualityBar) -> list:
+    from cm3leon.eval.report import plot_curves
+    from cm3leon.utils.logging import read_metrics
+
+    blocks: list = []
+    logs: dict[str, list[dict]] = {}
+    for stage in ("pretrain", "sft"):
+        note = run.missing_note(stage)
+        if note is not None:
+            blocks.append(note)
+        p = run.find(stage, "metrics.jsonl")
+        rows = read_metrics(p) if p is not None else []
+        if not rows:
+            if run.path(stage).is_dir():
+                blocks.append(Text(f"{stage}: no training log (metrics.jsonl)."))
+            continue
+        logs[stage] = rows
+        if any("loss" in r or "val_loss" in r for r in rows):
+            png = _plot_png(lambda out, rows=rows, stage=stage: plot_curves(
+                rows, ["loss", "val_loss"], out, title=f"{stage}: loss per token (train and validation)"))
+            blocks.append(Image(png, caption=f"{stage}: training and validation loss vs step "
+                                             f"({_rel(run, p)})", width=520))
+    tp = {s: r for s, r in logs.items() if any("tokens_per_s" in x for x in r)}
+    if tp:
+        blocks.append(Image(_plot_png(lambda out: plot_curves(tp, ["tokens_per_s"], out,
+                                                              title="training throughput (tokens / s)")),
+                            caption="Throughput vs step", width=520))
+    rows = []
+    for stage, name in (("pretrain", "train_summary.json"), ("sft", "train_summary.json"), ("sft", "sft_summary.json")):
+        p = run.find(stage, name)
+        s = run.json(_rel(run, p)) if p is not None else None
+        if not isinstance(s, dict):
+            continue
+        if name == "train_summary.json":
+            rows.append({"stage": stage, **{k: s.get(k) for k in (
+                "steps", "tokens_seen", "tokens_per_second", "train_seconds", "num_parameters", "final_train_loss",
+                "final_val_loss", "device")}})
+        else:
+            sft = s.get("sft", s)  # nested under "sft" or flat
+            keys = ("train_loss_before", "train_loss_after", "val_loss_before", "val_loss_after")
+            if any(k in sft for k in keys):
+                blocks.append(Table([{k: sft.get(k) for k in keys}],
+                                    caption="SFT loss on fixed batches, before and after instruction tuning "
+                                            f"({_rel(run, p)})"))
+    if rows:
+        blocks.insert(0, Table(rows, caption="Training runs"))
+    return blocks or [Text("Not run: neither pretrain/ nor sft/ exists.")]
+
+
+def _sweep(run: RunFolder, bar: QualityBar) -> list:
+    d = run.path("eval", "sweep")
+    s = run.json("eval", "sweep", "sweep.json")
+    if not isinstance(s, dict):
+        return [Text(f"Not run: no decoding sweep ({_rel(run, d / 'sweep.json')} does not exist).")]
+    blocks: list = []
+    rows = s.get("rows") or []
+    metrics = [m for m in s.get("metrics") or [] if isinstance(m, str)]
+    if rows:
+        cols = ["setting", *metrics, *(c for c in ("colour", "shape", "seconds") if c in rows[0])]
+        blocks.append(Table(rows, cols, caption=f"Decoding settings on the same {s.get('num_prompts', '?')} prompts "
+                                                f"and seeds (scorer: {s.get('scorer') or 'shapes checker'})"))
+    plots = [d / p for p in s.get("plots") or []] or sorted(d.glob("sweep_*_vs_*.png"))
+    blocks += [Image(p, caption=p.stem.replace("_", " "), width=520) for p in plots if p.is_file()]
+    for n in s.get("notes") or []:
+        blocks.append(Text(str(n)))
+    return blocks
+
+
+def _ablations(run: RunFolder, bar: QualityBar) -> list:
+    d = run.path("ablate")
+    if not d.is_dir():
+        return [Text(f"Not run: no ablations ({d} does not exist).")]
+    blocks: list = []
+    res = run.json("ablate", "results.json")
+    rows = res.get("rows") if isinstance(res, dict) else res
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        blocks.append(Table([_scalars(r) for r in rows], caption="Ablations (ablate/results.json)"))
+    elif (d / "results.md").is_file():
+        blocks.append(Text((d / "results.md").read_text(encoding="utf-8"), code=True))
+    blocks += [Image(p, caption=p.stem.replace("_", " "), width=520) for p in sorted(d.glob("*.png"))]
+    return blocks or [Text(f"{d} holds no results.json, results.md or plots.")]
+
+
+def _stage_rows(run: RunFolder) -> list[dict]:
+    from cm3leon.pipeline import DONE, STAGES
+
+    pipe = run.json("pipeline.json")
+    recorded = (pipe or {}).get("stages") or {}
+    rows = []
+    about = {"data": "dataset (built by `cm3leon demo`)", **{s.name: s.about for s in STAGES}}
+    for name in ["data", *(s.name for s in STAGES)]:
+        if name == "data" and not run.path("data", DONE).is_file():
+            continue  # `cm3leon pipeline` on the user's own data: no data stage
+        marker = run.done(name)
+        rec = recorded.get(name) or {}
+        seconds = _num((marker or {}).get("seconds", rec.get("seconds")))
+        if marker is not None:
+            status = "done"
+        elif rec.get("status") and not str(rec["status"]).startswith("skipped"):
+            status = str(rec["status"])
+        else:
+            status = "unfinished" if run.path(name).is_dir() else "not run"
+        rows.append({"stage": name, "status": status, "seconds": seconds, "time": _secs(seconds),
+                     "about": about.get(name, "")})
+    return rows
+
+
+def _timings(run: RunFolder, bar: QualityBar) -> list:
+    rows = _stage_rows(run)
+    total = sum(r["seconds"] or 0 for r in rows)
+    for r in rows:
+        r["share"] = _pct(r["seconds"] / total) if r["seconds"] and total else "—"
+    pipe = run.json("pipeline.json") or {}
+    blocks = [Table(rows, ["stage", "status", "time", "share", "about"],
+                    caption=f"Stage times (the .done markers and pipeline.json); sum {_secs(total)}")]
+    if _num(pipe.get("seconds")) is not None:
+        blocks.append(Text(f"The last `cm3leon pipeline` pass took {_secs(pipe['seconds'])} (stages already done "
+                           "are skipped on a re-run and take no time there)."))
+    return blocks
+
+
+_BUILDERS = (_summary, _text_to_image, _captions_vqa, _edits, _image_tokenizer, _retrieval, _training, _sweep,
+             _ablations, _timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def run_report_sections(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[Section]:
+    """The report's sections (titles in SECTION_TITLES order). A section whose files cannot be
+    read carries a note saying why instead of failing the whole report."""
+    run = RunFolder(run_dir)
+    bar = bar or QualityBar()
+    sections = []
+    for title, build in zip(SECTION_TITLES, _BUILDERS):
+        try:
+            blocks = build(run, bar)
+        except (CM3LeonError, OSError, ValueError, KeyError, TypeError) as e:
+            print(f"cm3leon report: section {title!r}: {type(e).__name__}: {e}", file=sys.stderr)
+            blocks = [Text(f"This section could not be built: {type(e).__name__}: {e}")]
+        sections.append(Section(title, blocks))
+    return sections
+
+
+def build_run_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                     bar: QualityBar | None = None) -> Path:
+    """Write one self-contained HTML report of a pipeline run folder to `out` (default
+    RUN/report.html) and return its path. Stages that did not run get a "not run" note."""
+    from cm3leon.pipeline import STAGES
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CM3LeonError(f"--run: {run} is not a folder")
+    known = ["pipeline.json", "data", *(s.name for s in STAGES)]
+    if not any((run / k).exists() for k in known):
+        raise CM3LeonError(f"--run: {run} is not a pipeline run folder (none of {', '.join(known)} in it); "
+                           "make one with `cm3leon demo --out DIR` or `cm3leon pipeline`")
+    out = Path(out) if out is not None else run / "report.html"
+    pipe = RunFolder(run).json("pipeline.json") or {}
+    meta = f"{run.resolve()} · preset {_preset(pipe)} · " \
+           f"report written {time.strftime('%Y-%m-%d %H:%M')}"
+    return build_report(out, run_report_sections(run, bar), title=f"cm3leon run: {run.resolve().name}", meta=meta)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write report.html for a pipeline run folder (self-contained, opens offline)")
+    p.add_argument("--run", required=True, help="run folder written by `cm3leon demo` / `cm3leon pipeline`")
+    p.add_argument("--out", default=None, help="HTML file to write (default RUN/report.html)")
+    p.set_defaults(func=_report_cmd)
+
+
+def _report_cmd(args) -> int:
+    path = build_run_report(args.run, args.out)
+    print(path)
+    return 0

@@ -1,0 +1,448 @@
+"""The memory bank: document vectors of a dataset in a FAISS index (maximum inner product
+search, CM3Leon Sec. 2.2), metadata mapping each hit back to its record, and the neighbours
+file pretraining reads.
+
+An index directory:
+
+    index.json        {"format", "dim", "count", "index_type", "params", "retriever", "data",
+                       "split", "codes"}; written last, so its presence means the build finished
+    index.faiss       the FAISS index (ids 0..count-1 in metadata order)
+    vectors.npy       float32 [count, dim] document vectors (exact relevance for the policy)
+    metadata.jsonl    one row per document: {"key", "text", "split", "code_index", "sig"}
+    image_codes.npy   [count, h*w] VQ codes of each document (only with --codes)
+    embeddings/       chunks written while embedding; a rerun resumes after the last one
+
+Exact search (IndexFlatIP) is the default; IVF and IVF-PQ (trained on a sample) scale to
+millions of documents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cm3leon.errors import CM3LeonError
+from cm3leon.retrieval.policy import (
+    Query, RetrievalPolicy, document_signature, image_digest, search_candidates, select_documents,
+)
+from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.logging import progress
+
+FORMAT = "cm3leon-index/1"
+NEIGHBORS_FORMAT = "cm3leon-neighbors/1"
+INDEX_TYPES = ("flat", "ivf", "ivfpq")
+
+
+# ---------------------------------------------------------------------------- FAISS
+
+def index_params(n: int, dim: int, index_type: str, nlist: int | None = None, pq_m: int | None = None,
+                 pq_nbits: int = 8, nprobe: int | None = None, refine: int = 4) -> dict:
+    """Parameters of an index over n vectors, with defaults that suit n (recorded in index.json).
+
+    IVF-PQ `refine`: fetch refine*k hits by compressed distance, re-rank them by exact inner
+    product with the stored vectors (PQ alone confuses close neighbours; 1 = off)."""
+    if index_type not in INDEX_TYPES:
+        raise CM3LeonError(f"--index-type {index_type!r}: expected one of {INDEX_TYPES}")
+    if index_type == "flat":
+        return {}
+    # ~sqrt(n) lists (FAISS suggests sqrt(n)..16 sqrt(n); the low end trains fastest on a CPU),
+    # and FAISS wants >= 39 training points per list.
+    nlist = int(nlist or max(1, round(math.sqrt(n))))
+    nlist = max(1, min(nlist, n // 39 or 1))
+    params = {"nlist": nlist, "nprobe": int(min(nlist, nprobe or 16))}
+    if index_type == "ivfpq":
+        # m sub-quantisers of >= 8 dimensions each; 8 bits per code unless n is too small to train 256 centroids.
+        m = int(pq_m or max([d for d in range(1, dim + 1) if dim % d == 0 and dim // d >= 8] or [1]))
+        if dim % m:
+            raise CM3LeonError(f"--pq-m {m} must divide the embedding dimension {dim}")
+        params.update({"pq_m": m, "pq_nbits": int(max(1, min(pq_nbits, int(math.log2(max(2, n // 8)))))),
+                       "refine": int(refine)})
+    return params
+
+
+def make_faiss_index(vectors: np.ndarray, index_type: str = "flat", params: dict | None = None,
+                     train_sample: int | None = None, seed: int = 0, add_batch: int = 65536):
+    """Build a FAISS inner-product index over `vectors` [n, dim] (float32). IVF / IVF-PQ are
+    trained on a random sample (default: 64 vectors per list, at least 10,000)."""
+    import faiss
+
+    n, dim = vectors.shape
+    params = params if params is not None else index_params(n, dim, index_type)
+    if index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        if index_type == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["pq_nbits"],
+                                     faiss.METRIC_INNER_PRODUCT)
+        train_sample = train_sample or max(64 * params["nlist"], 10_000)
+        sample = np.sort(np.random.default_rng(seed).choice(n, min(n, train_sample), replace=False))
+        index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+        index.nprobe = params["nprobe"]
+    for s in range(0, n, add_batch):
+        index.add(np.ascontiguousarray(vectors[s:s + add_batch], dtype=np.float32))
+    return index
+
+
+def rerank_exact(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, k: int,
+                 batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank candidate ids [N, m] by exact inner product with `vectors` (may be a memmap):
+    (scores float32 [N, k], ids int64 [N, k]), -1 where there are fewer than k candidates."""
+    n = len(queries)
+    out_s = np.full((n, k), -np.inf, dtype=np.float32)
+    out_i = np.full((n, k), -1, dtype=np.int64)
+    for s in range(0, n, batch):
+        cand = ids[s:s + batch]  # (b, m)
+        safe = np.maximum(cand, 0)
+        uniq, inv = np.unique(safe, return_inverse=True)
+        vecs = np.asarray(vectors[uniq], dtype=np.float32)[inv.reshape(safe.shape)]  # (b, m, dim)
+        sc = np.einsum("bmd,bd->bm", vecs, queries[s:s + batch])
+        sc[cand < 0] = -np.inf
+        top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        out_s[s:s + batch, : top.shape[1]] = np.take_along_axis(sc, top, 1)
+        out_i[s:s + batch, : top.shape[1]] = np.where(np.isfinite(np.take_along_axis(sc, top, 1)),
+                                                      np.take_along_axis(cand, top, 1), -1)
+    return out_s, out_i
+
+
+# ---------------------------------------------------------------------------- the bank
+
+class MemoryBank:
+    """A built index directory: `search`, `document`, `vectors`, `len()`, `.dim`."""
+
+    def __init__(self, path: Path, info: dict, index, rows: list[dict], vectors: np.ndarray,
+                 image_codes: np.ndarray | None):
+        self.path, self.info, self.index, self.rows = path, info, index, rows
+        self._vectors, self._codes = vectors, image_codes
+        self.dim = int(info["dim"])
+
+    @classmethod
+    def load(cls, path: str | Path, nprobe: int | None = None) -> "MemoryBank":
+        import faiss
+
+        path = Path(path)
+        info_path = path / "index.json"
+        if not info_path.is_file():
+            raise CM3LeonError(f"{info_path}: missing; {path} is not a built index "
+                               "(or its build did not finish: rerun `cm3leon index build` to resume)")
+        info = read_json(info_path, "index description")
+        if info.get("format") != FORMAT:
+            raise CM3LeonError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}")
+        for name in ("index.faiss", "metadata.jsonl", "vectors.npy"):
+            if not (path / name).is_file():
+                raise CM3LeonError(f"{path / name}: missing index file; rebuild with `cm3leon index build`")
+        index = faiss.read_index(str(path / "index.faiss"))
+        with open(path / "metadata.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        vectors = np.load(path / "vectors.npy", mmap_mode="r")
+        codes_path = path / "image_codes.npy"
+        codes = np.load(codes_path, mmap_mode="r") if codes_path.is_file() else None
+        n, dim = int(info["count"]), int(info["dim"])
+        for what, got in (("index.faiss vectors", index.ntotal), ("metadata.jsonl rows", len(rows)),
+                          ("vectors.npy rows", vectors.shape[0])):
+            if got != n:
+                raise CM3LeonError(f"{path}: index.json says {n} documents but {what} = {got}; rebuild the index")
+        if index.d != dim or vectors.shape[1] != dim:
+            raise CM3LeonError(f"{path}: index.json says dim {dim} but index.faiss has {index.d}, vectors.npy {vectors.shape[1]}")
+        if hasattr(index, "nprobe"):
+            index.nprobe = int(nprobe or info.get("params", {}).get("nprobe", 16))
+        return cls(path, info, index, rows, vectors, codes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def retriever_path(self) -> Path | None:
+        """The retriever the index was built with: recorded path, else a sibling `retriever/`
+        (the layout of a model directory)."""
+        rec = self.info.get("retriever")
+        if rec and (Path(rec) / "config.json").is_file():
+            return Path(rec)
+        sib = self.path.parent / "retriever"
+        return sib if (sib / "config.json").is_file() else (Path(rec) if rec else None)
+
+    def check_retriever(self, retriever) -> None:
+        """A retriever whose dimension differs from the index's cannot query it."""
+        if retriever.dim != self.dim:
+            src = f"{retriever.path / 'config.json'}" if getattr(retriever, "path", None) else "the retriever"
+            raise CM3LeonError(f"{src} embeds in {retriever.dim} dimensions but {self.path / 'index.json'} holds "
+                               f"{self.dim}-dimensional vectors: query with the retriever the index was built with "
+                               f"({self.info.get('retriever')}) or rebuild the index")
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores float32 [N, k], ids int64 [N, k]); id -1 = no hit."""
+        q = np.asarray(queries, dtype=np.float32)
+        q = np.ascontiguousarray(q.reshape(-1, q.shape[-1]))
+        if q.shape[1] != self.dim:
+            raise CM3LeonError(f"query vectors have {q.shape[1]} dimensions, {self.path / 'index.json'} holds {self.dim}")
+        k = max(1, min(int(k), len(self)))
+        refine = int(self.info.get("params", {}).get("refine", 1))
+        if refine <= 1:
+            scores, ids = self.index.search(q, k)
+            return scores.astype(np.float32), ids.astype(np.int64)
+        _, ids = self.index.search(q, min(len(self), refine * k))
+        return rerank_exact(self._vectors, q, ids, k)
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """Stored document vectors [len(ids), dim] (exact, also for a compressed index)."""
+        return np.asarray(self._vectors[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def document(self, i: int) -> dict:
+        """{key, text, split, code_index (or None), image_codes (np.ndarray or None)}."""
+        row = self.rows[int(i)]
+        return {"key": row["key"], "text": row["text"], "split": row.get("split"),
+                "code_index": row.get("code_index"),
+                "image_codes": None if self._codes is None else np.asarray(self._codes[int(i)], dtype=np.int64)}
+
+    def doc_info(self, i: int) -> tuple[str, str | None, bool]:
+        row = self.rows[int(i)]
+        return row["key"], row.get("sig"), True
+
+
+# ---------------------------------------------------------------------------- build
+
+def _code_lookup(codes_dir: str | Path):
+    from cm3leon.data.codes import CodeDataset
+
+    codes = CodeDataset(codes_dir)
+    key_to_gi: dict[str, int] = {}
+    splits = []
+    for gi in range(int(codes.meta["num_records"])):
+        m = codes.record_meta(gi)
+        key_to_gi.setdefault(m["key"], gi)
+        splits.append(m["split"])
+    return codes, key_to_gi, np.asarray(splits)
+
+
+def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
+                split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
+                chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
+                nprobe: int | None = None, refine: int = 4, train_sample: int | None = None,
+                device: str | None = None) -> dict:
+    """Embed `split` of a dataset with a retriever and index the document vectors.
+
+    Embeddings are written in chunks of `chunk_size` documents to `out/embeddings/`; a rerun
+    with the same arguments resumes after the last complete chunk. With `codes`, each document
+    records its global index in that tokenized directory and its image codes are stored."""
+    from cm3leon.data.readers import open_dataset
+    from cm3leon.retrieval.encoder import load_retriever
+
+    if index_type not in INDEX_TYPES:
+        raise CM3LeonError(f"--index-type {index_type!r}: expected one of {INDEX_TYPES}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    retriever_dir = Path(retriever).resolve()
+    enc = load_retriever(retriever_dir, device=device)
+    code_ds, key_to_gi = None, {}
+    if codes is not None:
+        code_ds, key_to_gi, _ = _code_lookup(codes)
+    split_arg = None if split == "all" else split
+
+    (out / "index.json").unlink(missing_ok=True)  # the directory is incomplete until the end
+    emb_dir = out / "embeddings"
+    state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
+             "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size}
+    if (emb_dir / "build.json").is_file():
+        prev = read_json(emb_dir / "build.json")
+        if prev != state:
+            raise CM3LeonError(f"{emb_dir / 'build.json'}: an interrupted build with other settings ({prev}); "
+                               f"delete {emb_dir} to start over")
+    else:
+        shutil.rmtree(emb_dir, ignore_errors=True)
+        emb_dir.mkdir(parents=True)
+        write_json(emb_dir / "build.json", state)
+    done_chunks = sorted(emb_dir.glob("chunk-*.npy"))
+    done = sum(np.load(c, mmap_mode="r").shape[0] for c in done_chunks)
+
+    chunk_vecs: list[np.ndarray] = []
+    chunk_rows: list[dict] = []
+    next_chunk = len(done_chunks)
+
+    def flush_chunk():
+        nonlocal next_chunk, chunk_vecs, chunk_rows
+        if not chunk_rows:
+            return
+        name = emb_dir / f"chunk-{next_chunk:05d}"
+        with atomic_path(name.with_suffix(".jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for r in chunk_rows:
+                f.write(json.dumps(r) + "\n")
+        with atomic_path(name.with_suffix(".npy")) as tmp:  # the .npy marks the chunk complete
+            np.save(tmp, np.concatenate(chunk_vecs).astype(np.float32))
+        next_chunk += 1
+        chunk_vecs, chunk_rows = [], []
+
+    batch_t, batch_im, batch_rows = [], [], []
+
+    def flush_batch():
+        nonlocal batch_t, batch_im, batch_rows
+        if batch_rows:
+            chunk_vecs.append(enc.embed_documents(batch_t, batch_im).numpy())
+            chunk_rows.extend(batch_rows)
+            batch_t, batch_im, batch_rows = [], [], []
+        if len(chunk_rows) >= chunk_size:
+            flush_chunk()
+
+    bar = progress(desc=f"embedding {split}", unit="doc", initial=done)
+    for n_seen, rec in enumerate(open_dataset(str(data), size=enc.image_size, split=split_arg)):
+        if n_seen < done:  # already embedded in an earlier run
+            continue
+        batch_t.append(rec.text)
+        batch_im.append(rec.image)
+        batch_rows.append({"key": rec.key, "text": rec.text, "split": rec.split or "train",
+                           "code_index": key_to_gi.get(rec.key) if code_ds is not None else None,
+                           "sig": document_signature(rec.text, image_digest(rec.image))})
+        if len(batch_rows) >= batch_size or len(chunk_rows) + len(batch_rows) >= chunk_size:
+            flush_batch()
+        bar.update(1)
+    flush_batch()
+    flush_chunk()
+    bar.close()
+
+    chunks = sorted(emb_dir.glob("chunk-*.npy"))
+    count = sum(np.load(c, mmap_mode="r").shape[0] for c in chunks)
+    if count == 0:
+        raise CM3LeonError(f"{data}: no records in split {split!r} to index")
+    with atomic_path(out / "vectors.npy") as tmp:
+        vecs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, enc.dim))
+        s = 0
+        for c in chunks:
+            a = np.load(c)
+            vecs[s:s + len(a)] = a
+            s += len(a)
+        vecs.flush()
+        del vecs
+    rows = []
+    with atomic_path(out / "metadata.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for c in chunks:
+            with open(c.with_suffix(".jsonl"), encoding="utf-8") as g:
+                for line in g:
+                    f.write(line)
+                    rows.append(json.loads(line))
+    missing_codes = 0
+    if code_ds is not None:
+        codes_arr = np.zeros((count, code_ds.tokens_per_image), dtype=np.int32)
+        for i, r in enumerate(rows):
+            if r["code_index"] is None:
+                missing_codes += 1
+            else:
+                codes_arr[i] = code_ds.get(r["code_index"]).image_codes
+        with atomic_path(out / "image_codes.npy") as tmp:
+            np.save(tmp, codes_arr)
+    else:
+        (out / "image_codes.npy").unlink(missing_ok=True)
+
+    import faiss
+
+    params = index_params(count, enc.dim, index_type, nlist, pq_m, pq_nbits, nprobe, refine)
+    vecs = np.load(out / "vectors.npy", mmap_mode="r")
+    index = make_faiss_index(vecs, index_type, params, train_sample=train_sample)
+    with atomic_path(out / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    info = {"format": FORMAT, "dim": enc.dim, "count": count, "index_type": index_type, "params": params,
+            "retriever": str(retriever_dir), "retriever_kind": enc.kind, "image_size": enc.image_size,
+            "data": str(Path(data).resolve()), "split": split,
+            "codes": str(Path(codes).resolve()) if codes is not None else None,
+            "documents_without_codes": missing_codes if codes is not None else None}
+    write_json(out / "index.json", info)
+    shutil.rmtree(emb_dir, ignore_errors=True)
+    return info
+
+
+# ---------------------------------------------------------------------------- neighbours
+
+def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, seed: int = 0,
+                      policy: RetrievalPolicy | None = None, data: str | Path | None = None,
+                      retriever: str | Path | None = None, batch_size: int = 256, device: str | None = None) -> dict:
+    """Retrieve k documents for every record of a tokenized dataset, once, and write
+    `codes_dir/neighbors.npy` (int64 [num_records, k], global record indices, -1 = none) and
+    `codes_dir/neighbors.json` (policy and counts).
+
+    Only records of the codes' train split that are in the bank can be neighbours; every
+    record of every split is a query (query dropout only on train records, seeded by
+    (seed, record index) so the file does not depend on batching)."""
+    from cm3leon.data.readers import open_dataset
+    from cm3leon.retrieval.encoder import load_retriever
+
+    bank = MemoryBank.load(index_dir)
+    retriever_dir = Path(retriever) if retriever else bank.retriever_path
+    if retriever_dir is None:
+        raise CM3LeonError(f"{Path(index_dir) / 'index.json'} records no retriever; pass --retriever DIR")
+    enc = load_retriever(retriever_dir, device=device)
+    bank.check_retriever(enc)
+    policy = (policy or RetrievalPolicy()).with_(num_docs=int(k))
+    data = data or bank.info.get("data")
+    if not data or not Path(data).exists():
+        raise CM3LeonError(f"dataset {data!r} recorded in {Path(index_dir) / 'index.json'} not found; pass --data DIR")
+
+    _, key_to_gi, code_splits = _code_lookup(codes_dir)
+    num_records = len(code_splits)
+    bank_gi = np.array([key_to_gi.get(r["key"], -1) for r in bank.rows], dtype=np.int64)
+    bank_ok = (bank_gi >= 0) & np.array([r.get("split", "train") == "train" for r in bank.rows])
+    bank_ok &= np.where(bank_gi >= 0, code_splits[np.maximum(bank_gi, 0)] == "train", False)
+
+    def doc_info(i: int):
+        key, sig, _ = bank.doc_info(i)
+        return key, sig, bool(bank_ok[i])
+
+    neighbors = np.full((num_records, policy.num_docs), -1, dtype=np.int64)
+    found = np.zeros(num_records, dtype=bool)
+    skipped = {"self": 0, "threshold": 0, "duplicate": 0, "ineligible": 0}
+    not_in_codes = 0
+    pending: list[tuple[int, Query]] = []
+
+    def run(batch):
+        queries = [q for _, q in batch]
+        rngs = [np.random.default_rng([seed, gi]) for gi, _ in batch]
+        for (gi, q), (ids, scores) in zip(batch, search_candidates(enc, bank, queries, policy, rngs)):
+            chosen, why = select_documents(ids, scores, doc_info, policy, query_key=q.key, query_signature=q.signature)
+            for reason, c in why.items():
+                skipped[reason] += c
+            neighbors[gi, :len(chosen)] = bank_gi[[d for d, _ in chosen]]
+
+    bar = progress(total=num_records, desc="neighbours", unit="rec")
+    for rec in open_dataset(str(data), size=enc.image_size):
+        gi = key_to_gi.get(rec.key)
+        if gi is None:
+            not_in_codes += 1
+            continue
+        if found[gi]:
+            continue
+        found[gi] = True
+        pending.append((gi, Query(text=rec.text, image=rec.image, key=rec.key,
+                                  signature=document_signature(rec.text, image_digest(rec.image)),
+                                  training=code_splits[gi] == "train")))
+        if len(pending) >= batch_size:
+            run(pending)
+            bar.update(len(pending))
+            pending = []
+    if pending:
+        run(pending)
+        bar.update(len(pending))
+    bar.close()
+
+    counts = (neighbors >= 0).sum(1)
+    summary = {
+        "format": NEIGHBORS_FORMAT, "k": policy.num_docs, "seed": seed, "policy": policy.to_dict(),
+        "index": str(Path(index_dir).resolve()), "retriever": str(Path(retriever_dir).resolve()),
+        "data": str(data), "num_records": num_records,
+        "rows_with_k": int((counts == policy.num_docs).sum()),
+        "rows_by_count": {str(c): int((counts == c).sum()) for c in range(policy.num_docs + 1)},
+        "rows_with_k_by_split": {s: int(((counts == policy.num_docs) & (code_splits == s)).sum())
+                                 for s in np.unique(code_splits).tolist()},
+        "skipped": skipped,
+        "bank_documents": len(bank), "bank_documents_usable": int(bank_ok.sum()),
+        "records_without_query": int((~found).sum()),  # in the codes but not found in the dataset
+        "dataset_records_not_in_codes": not_in_codes,
+    }
+    codes_dir = Path(codes_dir)
+    with atomic_path(codes_dir / "neighbors.npy") as tmp:
+        np.save(tmp, neighbors)
+    write_json(codes_dir / "neighbors.json", summary)
+    return summary

@@ -1,0 +1,456 @@
+"""Retrieval augmentation: bi-encoder training, the CLIP backend, the FAISS memory bank, the
+selection policy (CM3Leon Sec. 2.2) and the neighbours file pretraining reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cm3leon.errors import CM3LeonError
+from cm3leon.retrieval.encoder import (
+    BiEncoder, BiEncoderConfig, BiEncoderRetriever, load_retriever, make_clip_retriever, save_bi_encoder,
+)
+from cm3leon.retrieval.index import MemoryBank, build_index, compute_neighbors, make_faiss_index
+from cm3leon.retrieval.policy import (
+    Retrieval, RetrievalPolicy, drop_image_patches, drop_text, retrieve_for_prompt, select_documents,
+)
+from cm3leon.retrieval.train import contrastive_loss, recall_at_k, retrieval_metrics, train_retriever
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square")
+PLACES = {"left": 4, "right": 18}
+
+
+def make_dataset(root: Path, size: int = 32) -> Path:
+    """32 scenes (4 colours x 2 shapes x 2 places x 2 sizes): 24 train, 4 val, 4 test."""
+    (root / "images").mkdir(parents=True)
+    lines, i = [], 0
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for place, x in PLACES.items():
+                for big in (False, True):
+                    im = Image.new("RGB", (size, size), "white")
+                    d = ImageDraw.Draw(im)
+                    s = 12 if big else 7
+                    box = (x, 10, x + s, 10 + s)
+                    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=rgb)
+                    im.save(root / "images" / f"{i}.png")
+                    split = "val" if i % 8 == 3 else "test" if i % 8 == 6 else "train"
+                    text = f"a {'large' if big else 'small'} {colour} {shape} on the {place}"
+                    lines.append({"image": f"images/{i}.png", "text": text, "split": split})
+                    i += 1
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root
+
+
+def make_codes(data: Path, out: Path) -> Path:
+    """A tokenized directory keyed like the dataset (fake codes: the record number)."""
+    from cm3leon.data.codes import CodeShardWriter
+    from cm3leon.data.readers import open_dataset
+
+    w = CodeShardWriter(out, grid=(2, 2), codebook_size=64, text_vocab_size=300, shard_size=10)
+    for i, r in enumerate(open_dataset(str(data), size=None)):
+        w.add(r.key, r.split, r.text, [1, 2, 3], np.full(4, i))
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Dataset, codes, a briefly trained retriever and a flat index over the train split."""
+    root = tmp_path_factory.mktemp("retrieval")
+    data = make_dataset(root / "data")
+    codes = make_codes(data, root / "codes")
+    metrics = train_retriever(data, root / "retriever", steps=30, batch_size=16, size=32, dim=32, seed=0)
+    build_index(data, root / "retriever", root / "index", codes=codes, batch_size=8, chunk_size=16)
+    return {"root": root, "data": data, "codes": codes, "retriever": root / "retriever",
+            "index": root / "index", "metrics": metrics}
+
+
+# ---------------------------------------------------------------------------- metrics and loss
+
+def test_recall_at_k_on_hand_made_similarities():
+    sim = torch.tensor([[0.9, 0.1, 0.0],   # query 0: its positive ranks 1st
+                        [0.8, 0.5, 0.1],   # query 1: positive ranks 2nd
+                        [0.7, 0.6, 0.5]])  # query 2: positive ranks 3rd
+    r = recall_at_k(sim, ks=(1, 2, 3))
+    assert r == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(1.0)}
+    pos = torch.tensor([[True, False, False], [True, True, False], [False, False, True]])
+    assert recall_at_k(sim, ks=(1,), positives=pos)[1] == pytest.approx(2 / 3)  # query 1's top hit is a positive
+
+
+def test_retrieval_metrics_counts_identical_captions_as_matches():
+    t = torch.eye(3)
+    i = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # images 0 and 1 swapped
+    strict = retrieval_metrics(t, i, ["a", "b", "c"])
+    assert strict["text_to_image_recall@1"] == pytest.approx(1 / 3, abs=1e-4)  # rounded to 4 places
+    same = retrieval_metrics(t, i, ["a", "a", "c"])  # captions 0 and 1 identical: the swap is no error
+    assert same["text_to_image_recall@1"] == 1.0 and same["image_to_text_recall@1"] == 1.0
+
+
+def test_contrastive_loss_is_symmetric_cross_entropy_and_groups_share_targets():
+    torch.manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    i = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * t @ i.t()
+    ref = (torch.nn.functional.cross_entropy(logits, torch.arange(4)) +
+           torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))) / 2
+    assert torch.allclose(contrastive_loss(t, i, scale), ref)
+    assert torch.allclose(contrastive_loss(t, i, scale, torch.arange(4)), ref)  # unique groups = plain CLIP
+    # two identical captions with identical images: plain CLIP cannot tell which image is "the"
+    # positive (loss >= log 2 on those rows); as one group the perfect embedding has ~0 loss
+    e = torch.eye(3)
+    t2 = i2 = e[[0, 0, 1, 2]]
+    grouped = contrastive_loss(t2, i2, torch.tensor(50.0), torch.tensor([0, 0, 1, 2]))
+    plain = contrastive_loss(t2, i2, torch.tensor(50.0))
+    assert grouped < 1e-6 and plain == pytest.approx(np.log(2) / 2, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- bi-encoder
+
+def test_bi_encoder_trains_loss_goes_down_and_reloads(world):
+    m = world["metrics"]
+    assert m["final_loss"] < m["first_loss"] - 0.3
+    for key in ("text_to_image_recall@1", "text_to_image_recall@5", "image_to_text_recall@1", "image_to_text_recall@5"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["eval_split"] == "test" and m["num_pairs"] == 4
+    saved = json.loads((world["retriever"] / "metrics.json").read_text())
+    assert saved["final_loss"] == m["final_loss"]
+    r = load_retriever(world["retriever"], device="cpu")
+    imgs = [Image.open(world["data"] / "images" / f"{i}.png") for i in range(3)] + [Image.new("RGB", (50, 40), "red")]
+    e = r.embed_image(imgs)
+    assert e.shape == (4, 32) and torch.allclose(e.norm(dim=-1), torch.ones(4), atol=1e-5)
+    d = r.embed_documents(["a red circle"] * 4, imgs)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(r.embed_text(["a red circle", "x"]), load_retriever(world["retriever"], device="cpu").embed_text(["a red circle", "x"]))
+
+
+def test_clip_score_is_cosine_of_pairs(world):
+    r = load_retriever(world["retriever"], device="cpu")
+    imgs = [Image.open(world["data"] / "images" / f"{i}.png") for i in range(3)]
+    texts = ["a small red circle on the left", "a blue square", "yellow"]
+    s = r.clip_score(imgs, texts)
+    ref = (r.embed_image(imgs) * r.embed_text(texts)).sum(-1)
+    assert s.shape == (3,) and torch.allclose(s, ref)
+    with pytest.raises(CM3LeonError, match="2 images but 3 texts"):
+        r.clip_score(imgs[:2], texts)
+
+
+def _tiny_clip_dir(path: Path) -> Path:
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(cfg).save_pretrained(str(path))
+    return path
+
+
+def test_tiny_random_clip_retriever_embeds_with_right_shapes_and_norms(tmp_path):
+    pytest.importorskip("transformers")
+    src = _tiny_clip_dir(tmp_path / "hf")
+    info = make_clip_retriever(src, tmp_path / "ret")
+    assert info["kind"] == "clip" and info["dim"] == 16 and (tmp_path / "ret" / "clip" / "config.json").is_file()
+    r = load_retriever(tmp_path / "ret", device="cpu")
+    texts = ["a red circle", "two blue squares on the left", "x"]
+    t = r.embed_text(texts)
+    imgs = [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (32, 32), "blue"), Image.new("RGB", (20, 90), "white")]
+    i = r.embed_image(imgs)
+    assert t.shape == (3, 16) and i.shape == (3, 16)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(i.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # the text path is the model's own: CLIPModel.forward's normalised text_embeds agree
+    enc = r.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = r.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      pixel_values=torch.zeros(3, 3, 32, 32))
+    assert torch.allclose(t, out.text_embeds, atol=1e-5)
+    assert r.clip_score(imgs, texts).shape == (3,)
+    linked = make_clip_retriever(src, tmp_path / "linked", copy=False)
+    assert Path(linked["clip_dir"]) == src.resolve()
+    assert torch.allclose(load_retriever(tmp_path / "linked", device="cpu").embed_text(texts), t, atol=1e-6)
+
+
+def test_clip_retriever_on_a_folder_without_clip_names_it(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(CM3LeonError, match="not a Hugging Face CLIP directory"):
+        make_clip_retriever(tmp_path, tmp_path / "ret")
+    with pytest.raises(CM3LeonError, match="config.json"):
+        load_retriever(tmp_path)
+
+
+# ---------------------------------------------------------------------------- policy
+
+def _info(table):
+    return lambda i: table[i]
+
+
+def test_select_skips_candidates_above_relevance_threshold():
+    info = _info({0: ("a", "sa", True), 1: ("b", "sb", True), 2: ("c", "sc", True)})
+    chosen, skipped = select_documents([0, 1, 2], [0.95, 0.85, 0.5], info, RetrievalPolicy(num_docs=2))
+    assert [d for d, _ in chosen] == [1, 2] and skipped["threshold"] == 1
+    chosen, _ = select_documents([0, 1, 2], [0.95, 0.85, 0.5], info, RetrievalPolicy(num_docs=2, max_relevance=None))
+    assert [d for d, _ in chosen] == [0, 1]
+
+
+def test_select_skips_duplicates_of_chosen_documents_and_of_the_query():
+    info = _info({0: ("a", "s1", True), 1: ("a", "s2", True),   # same key as 0
+                  2: ("c", "s1", True),                          # same text+image as 0
+                  3: ("d", "sq", True),                          # same content as the query
+                  4: ("e", "s5", True)})
+    chosen, skipped = select_documents([0, 1, 2, 3, 4], [0.8, 0.7, 0.6, 0.5, 0.4], info, RetrievalPolicy(num_docs=2),
+                                       query_key="q", query_signature="sq")
+    assert [d for d, _ in chosen] == [0, 4] and skipped["duplicate"] == 3
+    chosen, _ = select_documents([0, 1, 2], [0.8, 0.7, 0.6], info, RetrievalPolicy(num_docs=2, dedupe=False))
+    assert [d for d, _ in chosen] == [0, 1]
+
+
+def test_select_excludes_the_query_itself_and_ineligible_documents():
+    info = _info({0: ("q", "sx", True), 1: ("b", "sb", False), 2: ("c", "sc", True), 3: ("d", "sd", True)})
+    chosen, skipped = select_documents([0, 1, 2, 3], [0.5, 0.4, 0.3, 0.2], info, RetrievalPolicy(num_docs=2), query_key="q")
+    assert [d for d, _ in chosen] == [2, 3] and skipped["self"] == 1 and skipped["ineligible"] == 1
+
+
+def test_select_ranks_by_score_and_counts_a_candidate_found_twice_once():
+    info = _info({i: (str(i), f"s{i}", True) for i in range(4)})
+    chosen, skipped = select_documents([3, 1, 1, 2, -1], [0.1, 0.7, 0.7, 0.5, 9.0], info, RetrievalPolicy(num_docs=3))
+    assert [d for d, _ in chosen] == [1, 2, 3] and sum(skipped.values()) == 0
+
+
+def test_text_query_dropout_drops_about_20_percent_of_words_and_bytes():
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(50)]
+    kept = [len(drop_text(" ".join(words), 0.2, rng).split()) for _ in range(200)]
+    assert abs(1 - np.mean(kept) / 50 - 0.2) < 0.015  # 10,000 Bernoulli(0.2): sd of the rate ~0.004
+    text = "abcdefghij" * 10
+    kept = [len(drop_text(text, 0.2, rng, unit="byte")) for _ in range(200)]
+    assert abs(1 - np.mean(kept) / 100 - 0.2) < 0.015
+    assert drop_text("a b", 0.0, rng) == "a b"
+    assert len(drop_text("one two", 0.99, rng).split()) == 1  # never empties the query
+
+
+def test_image_query_dropout_fills_about_20_percent_of_patches_with_the_mean_colour():
+    rng = np.random.default_rng(0)
+    x = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    img = Image.fromarray(x)
+    rates = []
+    for _ in range(100):
+        out, dropped = drop_image_patches(img, 0.2, rng, grid=8)
+        rates.append(dropped.mean())
+        y = np.asarray(out)
+        cells = y.reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4)  # (row, col, 4, 4, 3)
+        orig = x.reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4)
+        mean = x.reshape(-1, 3).mean(0).round()
+        assert (cells[dropped] == mean).all()
+        assert (cells[~dropped] == orig[~dropped]).all()
+    assert abs(np.mean(rates) - 0.2) < 0.02  # 6,400 patches
+
+
+def test_policy_rejects_bad_settings_with_clear_errors():
+    with pytest.raises(CM3LeonError, match="query_dropout"):
+        RetrievalPolicy(query_dropout=1.5)
+    with pytest.raises(CM3LeonError, match="query_modalities"):
+        RetrievalPolicy(query_modalities=("audio",))
+    g = RetrievalPolicy.for_generation(num_docs=3)
+    assert g.max_relevance is None and g.query_dropout == 0 and g.num_docs == 3
+
+
+# ---------------------------------------------------------------------------- memory bank
+
+def _saved_bank(path: Path, vecs: np.ndarray, index_type: str, **kw):
+    """(in-memory FAISS index, its params) after writing a bank directory at `path`."""
+    import faiss
+
+    from cm3leon.retrieval.index import index_params
+
+    params = index_params(len(vecs), vecs.shape[1], index_type, **kw)
+    index = make_faiss_index(vecs, index_type, params)
+    faiss.write_index(index, str(path / "index.faiss"))
+    np.save(path / "vectors.npy", vecs)
+    (path / "metadata.jsonl").write_text("".join(json.dumps({"key": str(i), "text": ""}) + "\n" for i in range(len(vecs))))
+    (path / "index.json").write_text(json.dumps({"format": "cm3leon-index/1", "dim": vecs.shape[1], "count": len(vecs),
+                                                 "index_type": index_type, "params": params}))
+    return index, params
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "ivfpq"])
+def test_index_save_load_gives_identical_hits(tmp_path, index_type):
+    rng = np.random.default_rng(0)
+    vecs = _unit(rng, 2000, 32)
+    index, _ = _saved_bank(tmp_path, vecs, index_type, refine=1)
+    q = vecs[:20] + 0.1 * rng.standard_normal((20, 32)).astype(np.float32)
+    s0, i0 = index.search(q, 10)
+    s1, i1 = MemoryBank.load(tmp_path).search(q, 10)
+    assert np.array_equal(i0, i1) and np.array_equal(s0, s1)
+    if index_type == "flat":
+        assert (i1[:, 0] == np.arange(20)).all()  # exact search finds the perturbed originals
+
+
+def test_ivfpq_refine_reranks_compressed_hits_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = _unit(rng, 3000, 32)
+    q = _unit(rng, 50, 32)
+    index, _ = _saved_bank(tmp_path, vecs, "ivfpq", refine=4, nprobe=64)
+    bank = MemoryBank.load(tmp_path)
+    s, ids = bank.search(q, 10)
+    exact_scores = np.einsum("nkd,nd->nk", vecs[ids], q)
+    assert np.allclose(s, exact_scores, atol=1e-5)  # scores are exact inner products
+    assert (np.diff(s, axis=1) <= 1e-6).all()
+    truth = np.argsort(-(q @ vecs.T), axis=1)[:, :10]
+    recall = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+    assert recall(ids) > recall(index.search(q, 10)[1]) + 0.1  # re-ranking recovers PQ's confusions
+
+
+def test_built_index_finds_its_own_documents_and_maps_codes(world):
+    bank = MemoryBank.load(world["index"])
+    assert len(bank) == 24 and bank.dim == 32  # the train split
+    r = load_retriever(world["retriever"], device="cpu")
+    rows = [bank.document(i) for i in range(len(bank))]
+    imgs = [Image.open(world["data"] / f"{row['key']}.png") for row in rows]
+    q = r.embed_documents([row["text"] for row in rows], imgs).numpy()
+    scores, ids = bank.search(q, 1)
+    assert (ids[:, 0] == np.arange(len(bank))).all()
+    assert np.allclose(scores[:, 0], 1.0, atol=1e-4)
+    from cm3leon.data.codes import CodeDataset
+
+    cds = CodeDataset(world["codes"])
+    for i, row in enumerate(rows):
+        rec = cds.get(row["code_index"])
+        assert rec.key == row["key"] and rec.split == "train"
+        assert np.array_equal(row["image_codes"], rec.image_codes)
+
+
+def test_index_build_resumes_after_an_interruption(world, tmp_path, monkeypatch):
+    calls = {"n": 0, "docs": 0}
+    real = BiEncoderRetriever.embed_documents
+
+    def flaky(self, texts, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # after 2 chunks of 8 are on disk
+        calls["docs"] += len(texts)
+        return real(self, texts, images)
+
+    monkeypatch.setattr(BiEncoderRetriever, "embed_documents", flaky)
+    out = tmp_path / "index"
+    with pytest.raises(KeyboardInterrupt):
+        build_index(world["data"], world["retriever"], out, codes=world["codes"], batch_size=8, chunk_size=8)
+    assert len(list((out / "embeddings").glob("chunk-*.npy"))) == 2 and not (out / "index.json").exists()
+    calls["docs"] = 0
+    build_index(world["data"], world["retriever"], out, codes=world["codes"], batch_size=8, chunk_size=8)
+    assert calls["docs"] == 24 - 16  # only the rest was embedded
+    a, b = MemoryBank.load(out), MemoryBank.load(world["index"])
+    assert [r["key"] for r in a.rows] == [r["key"] for r in b.rows]
+    assert np.allclose(a.vectors(range(24)), b.vectors(range(24)), atol=1e-6)
+    assert not (out / "embeddings").exists()
+
+
+def test_missing_metadata_and_dimension_mismatch_give_clear_errors(world, tmp_path):
+    import shutil
+
+    broken = tmp_path / "index"
+    shutil.copytree(world["index"], broken)
+    (broken / "metadata.jsonl").unlink()
+    with pytest.raises(CM3LeonError, match="metadata.jsonl"):
+        MemoryBank.load(broken)
+    with pytest.raises(CM3LeonError, match="index.json"):
+        MemoryBank.load(tmp_path / "nothing")
+    other = tmp_path / "other_retriever"
+    save_bi_encoder(BiEncoder(BiEncoderConfig(embed_dim=8)), other)
+    with pytest.raises(CM3LeonError, match=r"8 dimensions.*index\.json.*32-dimensional"):
+        Retrieval(load_retriever(other, device="cpu"), MemoryBank.load(world["index"]))
+    with pytest.raises(CM3LeonError, match="8 dimensions"):
+        compute_neighbors(world["index"], world["codes"], retriever=other)
+
+
+# ---------------------------------------------------------------------------- neighbours
+
+def _check_neighbors(codes: Path, k: int) -> tuple[np.ndarray, dict]:
+    from cm3leon.data.codes import CodeDataset
+
+    nb = np.load(codes / "neighbors.npy")
+    info = json.loads((codes / "neighbors.json").read_text())
+    cds = CodeDataset(codes)
+    assert nb.shape == (len(cds), k) and nb.dtype == np.int64
+    for gi, row in enumerate(nb):
+        assert gi not in row  # never the record itself
+        for j in row[row >= 0]:
+            assert cds.get(int(j)).split == "train"  # never a val/test record
+        real = row[row >= 0]
+        assert len(set(real.tolist())) == len(real)  # no document twice
+    assert sum(info["rows_by_count"].values()) == len(cds)
+    assert info["rows_with_k"] == int(((nb >= 0).sum(1) == k).sum())
+    return nb, info
+
+
+def test_neighbors_file_shape_no_self_no_heldout_and_deterministic(world):
+    s = compute_neighbors(world["index"], world["codes"], k=2, seed=3)
+    nb, info = _check_neighbors(world["codes"], 2)
+    assert info["policy"]["query_dropout"] == 0.2 and info["policy"]["max_relevance"] == 0.9 and s == info
+    assert info["rows_with_k_by_split"]["val"] + info["rows_with_k_by_split"]["test"] > 0  # held-out queries get docs too
+    assert info["skipped"]["self"] > 0  # train queries met themselves and skipped them
+    compute_neighbors(world["index"], world["codes"], k=2, seed=3)
+    assert np.array_equal(np.load(world["codes"] / "neighbors.npy"), nb)
+
+
+def test_neighbors_never_come_from_heldout_even_when_the_index_holds_every_split(world, tmp_path):
+    everything = tmp_path / "index_all"
+    build_index(world["data"], world["retriever"], everything, split="all")
+    assert len(MemoryBank.load(everything)) == 32
+    info = compute_neighbors(everything, world["codes"], k=3, policy=RetrievalPolicy(max_relevance=None))
+    assert info["bank_documents_usable"] == 24 and info["skipped"]["ineligible"] > 0
+    _check_neighbors(world["codes"], 3)
+
+
+def test_retrieve_for_prompt_returns_documents_with_codes_and_model_dir_layout(world, tmp_path):
+    import shutil
+
+    r = load_retriever(world["retriever"], device="cpu")
+    bank = MemoryBank.load(world["index"])
+    hits = retrieve_for_prompt(r, bank, text="a large red circle on the left", k=3)
+    assert len(hits) == 3 and [h["score"] for h in hits] == sorted([h["score"] for h in hits], reverse=True)
+    for h in hits:
+        assert set(h) >= {"key", "text", "code_index", "score", "image_codes"} and h["code_index"] is not None
+        assert h["image_codes"].tolist() == [h["code_index"]] * 4  # the fake codes are the record number
+    img = Image.open(world["data"] / "images" / "0.png")
+    assert len(retrieve_for_prompt(r, bank, image=img, k=2)) == 2
+    assert Retrieval.from_model_dir(tmp_path) is None
+    shutil.copytree(world["retriever"], tmp_path / "retriever")
+    shutil.copytree(world["index"], tmp_path / "index")
+    got = Retrieval.from_model_dir(tmp_path, device="cpu").retrieve_for_prompt(text="a large red circle on the left", k=3)
+    assert [h["key"] for h in got] == [h["key"] for h in hits]
+
+
+def test_index_cli_query_and_neighbors(world, capsys):
+    from cm3leon.cli import main
+
+    assert main(["index", "query", "--index", str(world["index"]), "--k", "3", "a small blue square on the right"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    scores = [float(line.split()[1]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+    assert main(["index", "query", "--index", str(world["index"])]) == 2  # no query: a clear error, exit 2
+    assert "give a query text" in capsys.readouterr().err
+    assert main(["index", "neighbors", "--index", str(world["index"]), "--codes", str(world["codes"]), "--k", "1"]) == 0
+    assert np.load(world["codes"] / "neighbors.npy").shape == (32, 1)
