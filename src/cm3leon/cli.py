@@ -20,9 +20,11 @@ COMMAND_MODULES = (
     "cm3leon.tokenizers.cli",
     "cm3leon.retrieval.cli",
     "cm3leon.train.cli",
+    "cm3leon.sft.cli",
     "cm3leon.convert.cli",
     "cm3leon.decode.cli",
     "cm3leon.eval.cli",
+    "cm3leon.report_run",
     "cm3leon.pipeline",
 )
 

@@ -196,6 +196,14 @@ class CodeDataset:
             extra=meta,
         )
 
+    def tokens(self, gi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(text_ids int32, image_codes int64) of a record by global index, without reading
+        records.jsonl (the fast path for training)."""
+        shard, li = self._locate(int(gi))
+        o = shard["offsets"]
+        return (np.asarray(shard["text"][o[li]:o[li + 1]], dtype=np.int32),
+                np.asarray(shard["codes"][li], dtype=np.int64))
+
     def __getitem__(self, i: int) -> CodeRecord:
         return self.get(int(self.indices[i]))
 

@@ -1,0 +1,679 @@
+"""Image tokenizer: a VQGAN (taming-transformers / Make-A-Scene family) that turns an image into
+a grid of discrete codes and back.
+
+"Taming Transformers for High-Resolution Image Synthesis" (Esser et al. 2021,
+https://arxiv.org/abs/2012.09841); CM3Leon (arXiv 2309.02591, Sec. 2.1) uses the Make-A-Scene
+tokenizer (https://arxiv.org/abs/2203.13131): 256x256 -> 32x32 = 1,024 codes from 8,192.
+
+Parameter names follow the taming layout (`encoder.down.0.block.0.norm1.weight`,
+`quantize.embedding.weight`, `quant_conv`, ...), so a taming checkpoint such as Chameleon's
+released `vqgan.ckpt` loads without renaming (`VQModel.from_taming`), and the encoder matches
+`transformers`' `ChameleonVQVAE` name for name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm3leon.errors import CM3LeonError
+from cm3leon.utils.io import atomic_path, read_json, write_json
+
+FORMAT = "cm3leon-vq/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CODEBOOK_TYPES = ("nearest", "cosine", "ema")
+
+
+@dataclass
+class VQConfig:
+    resolution: int = 256  # input side in pixels (square images)
+    in_channels: int = 3  # RGB
+    base_channels: int = 128  # taming `ch`: channels of the first level
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 4)  # one per level; f = 2 ** (levels - 1)
+    num_res_blocks: int = 2  # ResNet blocks per level (the decoder uses one more, as taming)
+    attn_resolutions: tuple[int, ...] = (32,)  # feature-map sides that get self-attention blocks
+    z_channels: int = 256  # encoder output / decoder input channels
+    embed_dim: int = 256  # codebook vector size (after quant_conv)
+    codebook_size: int = 8192  # paper: 8,192 image codes
+    beta: float = 0.25  # commitment weight (VQ-VAE, van den Oord et al. 2017)
+    # "nearest": plain Euclidean nearest neighbour (taming / Chameleon, needed to load them);
+    # "cosine": l2-normalised codes and latents (ViT-VQGAN), robust against collapse;
+    # "ema": nearest neighbour with the codebook updated by exponential moving averages.
+    codebook_type: str = "cosine"
+    ema_decay: float = 0.99  # codebook_type="ema" only
+    dead_code_steps: int = 0  # >0: re-seed a code from encoder outputs after this many unused training steps
+    norm_groups: int = 32  # GroupNorm groups (taming: 32); must divide every channel count
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
+        self.attn_resolutions = tuple(int(r) for r in (self.attn_resolutions or ()))
+        if self.codebook_type not in CODEBOOK_TYPES:
+            raise CM3LeonError(f"VQConfig.codebook_type must be one of {CODEBOOK_TYPES}, got {self.codebook_type!r}")
+        if not self.channel_multipliers:
+            raise CM3LeonError("VQConfig.channel_multipliers must not be empty")
+        for name in ("resolution", "in_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim", "codebook_size", "norm_groups"):
+            if int(getattr(self, name)) < 1:
+                raise CM3LeonError(f"VQConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution % self.downsample_factor:
+            raise CM3LeonError(
+                f"VQConfig.resolution={self.resolution} is not divisible by the downsampling factor "
+                f"{self.downsample_factor} (from channel_multipliers={self.channel_multipliers})")
+        for c in {self.base_channels * m for m in self.channel_multipliers} | {self.base_channels}:
+            if c % self.norm_groups:
+                raise CM3LeonError(f"VQConfig.norm_groups={self.norm_groups} does not divide {c} channels")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.resolution // self.downsample_factor
+        return side, side
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_multipliers"] = list(self.channel_multipliers)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "VQConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"format", "grid", "tokens_per_image", "downsample_factor"})
+        if unknown:
+            raise CM3LeonError(f"{where}: unknown VQ config fields {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Presets by exact name. The paper's and Chameleon's are for GPUs; the small ones run on a CPU.
+PRESETS: dict[str, VQConfig] = {
+    # CM3Leon / Make-A-Scene: 256 px, f=8 -> 32x32 = 1,024 codes from 8,192.
+    "cm3leon": VQConfig(resolution=256, base_channels=128, channel_multipliers=(1, 1, 2, 4), num_res_blocks=2,
+                        attn_resolutions=(32,), z_channels=256, embed_dim=256, codebook_size=8192,
+                        codebook_type="cosine", dead_code_steps=200),
+    # Chameleon's released vqgan.yaml: 512 px, ch 128, ch_mult [1,1,2,2,4] (f=16), no extra
+    # attention levels, z 256, embed 256, 8,192 codes, plain nearest-neighbour quantizer.
+    "chameleon": VQConfig(resolution=512, base_channels=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=2,
+                          attn_resolutions=(), z_channels=256, embed_dim=256, codebook_size=8192,
+                          codebook_type="nearest"),
+    # 32 px -> 8x8 = 64 codes: the CPU demo. Tuned for PSNR per minute on the shapes data:
+    # most width at 8x8, EMA codes (beat cosine codes by ~3 dB and kept small objects' colours
+    # at 800 steps), 1,024 entries.
+    "demo32": VQConfig(resolution=32, base_channels=16, channel_multipliers=(1, 2, 4), num_res_blocks=1,
+                       attn_resolutions=(), z_channels=32, embed_dim=32, codebook_size=1024,
+                       codebook_type="ema", dead_code_steps=30, norm_groups=8),
+    # 64 px -> 8x8 = 64 codes (f=8): the same sequence budget as demo32 at twice the side.
+    "demo64": VQConfig(resolution=64, base_channels=16, channel_multipliers=(1, 2, 4, 4), num_res_blocks=1,
+                       attn_resolutions=(), z_channels=32, embed_dim=32, codebook_size=1024,
+                       codebook_type="ema", dead_code_steps=30, norm_groups=8),
+    # tests: 16 px -> 4x4 codes, a few thousand parameters.
+    "tiny": VQConfig(resolution=16, base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1,
+                     attn_resolutions=(), z_channels=8, embed_dim=8, codebook_size=64,
+                     codebook_type="cosine", dead_code_steps=10, norm_groups=4),
+}
+
+
+def get_preset(name: str, **overrides) -> VQConfig:
+    """A copy of the named preset, with optional field overrides."""
+    if name not in PRESETS:
+        raise CM3LeonError(f"unknown image tokenizer preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (taming `diffusionmodules/model.py` layout and names)
+
+
+def _norm(cfg: VQConfig, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=cfg.norm_groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cfg: VQConfig, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = _norm(cfg, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.norm2 = _norm(cfg, out_channels)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the feature map's positions."""
+
+    def __init__(self, cfg: VQConfig, channels: int):
+        super().__init__()
+        self.norm = _norm(cfg, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        q, k, v = (t(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q, self.k, self.v))  # (B, 1, hw, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as taming
+        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming's asymmetric padding
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    def __init__(self, cfg: VQConfig, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(cfg, channels, channels)
+        self.attn_1 = AttnBlock(cfg, channels)  # attention at the lowest resolution
+        self.block_2 = ResnetBlock(cfg, channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        mult = cfg.channel_multipliers
+        self.num_res_blocks = cfg.num_res_blocks
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, 1, 1)
+        in_mult = (1,) + mult
+        res = cfg.resolution
+        self.down = nn.ModuleList()
+        for i, m in enumerate(mult):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            ch_in, ch_out = cfg.base_channels * in_mult[i], cfg.base_channels * m
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(cfg, ch_in, ch_out))
+                ch_in = ch_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(cfg, ch_in))
+            if i != len(mult) - 1:
+                level.downsample = Downsample(ch_in)
+                res //= 2
+            self.down.append(level)
+        self.mid = _Mid(cfg, ch_in)
+        self.norm_out = _norm(cfg, ch_in)
+        self.conv_out = nn.Conv2d(ch_in, cfg.z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i, level in enumerate(self.down):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != len(self.down) - 1:
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        mult = cfg.channel_multipliers
+        ch = cfg.base_channels * mult[-1]
+        res = cfg.resolution // cfg.downsample_factor
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, 1, 1)
+        self.mid = _Mid(cfg, ch)
+        up = []
+        for i in reversed(range(len(mult))):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            ch_out = cfg.base_channels * mult[i]
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(cfg, ch, ch_out))
+                ch = ch_out
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(cfg, ch))
+            if i != 0:
+                level.upsample = Upsample(ch)
+                res *= 2
+            up.insert(0, level)  # up[i] is level i, as taming indexes it
+        self.up = nn.ModuleList(up)
+        self.norm_out = _norm(cfg, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != 0:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight the adaptive GAN loss weight is computed against (taming)."""
+        return self.conv_out.weight
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup with a straight-through gradient.
+
+    Losses follow VQ-VAE: codebook ||sg[z] - e||^2 and commitment beta * ||z - sg[e]||^2
+    (taming's legacy code swaps beta between the two; only training differs, not the codes)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        k, d = cfg.codebook_size, cfg.embed_dim
+        self.embedding = nn.Embedding(k, d)
+        nn.init.uniform_(self.embedding.weight, -1.0 / k, 1.0 / k)  # taming's init
+        if cfg.codebook_type == "ema":
+            self.embedding.weight.requires_grad_(False)  # updated by moving averages, not gradients
+            self.register_buffer("ema_cluster_size", torch.zeros(k))
+            self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
+        # training steps since each code was last chosen (dead-code restart); not saved
+        self.register_buffer("unused_steps", torch.zeros(k, dtype=torch.long), persistent=False)
+
+    def codebook(self) -> torch.Tensor:
+        """The vectors the indices stand for, [K, D] (l2-normalised for the cosine type)."""
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.cfg.codebook_type == "cosine" else w
+
+    def _prepare(self, z_flat: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z_flat, dim=-1) if self.cfg.codebook_type == "cosine" else z_flat
+
+    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Index of the closest code for each row of z_flat [N, D] (already prepared)."""
+        e = self.codebook()
+        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, the same expression as taming / Chameleon
+        d = (z_flat ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * (z_flat @ e.t())
+        return d.argmin(1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> quantised latents [B, D, h, w]."""
+        return self.codebook()[indices].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor, update: bool = False):
+        """z [B, D, h, w] -> (z_q with straight-through gradient, losses, indices [B, h, w]).
+
+        `update=True` (training) applies EMA codebook updates and dead-code restarts."""
+        b, d, h, w = z.shape
+        z_flat = self._prepare(z.permute(0, 2, 3, 1).reshape(-1, d).float())  # (B*h*w, D)
+        with torch.no_grad():
+            idx = self.nearest(z_flat)
+        if update:
+            self._update(z_flat.detach(), idx)
+            with torch.no_grad():
+                idx = self.nearest(z_flat)  # codes may have moved or been re-seeded
+        e = self.codebook()[idx]
+        commitment = F.mse_loss(z_flat, e.detach())
+        codebook = z.new_zeros(()) if self.cfg.codebook_type == "ema" else F.mse_loss(e, z_flat.detach())
+        zq_flat = z_flat + (e - z_flat).detach()
+        z_q = zq_flat.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+        losses = {"codebook": codebook, "commitment": commitment, "quant": codebook + self.cfg.beta * commitment}
+        return z_q, losses, idx.reshape(b, h, w)
+
+    @torch.no_grad()
+    def _update(self, z_flat: torch.Tensor, idx: torch.Tensor) -> None:
+        k = self.cfg.codebook_size
+        counts = torch.bincount(idx, minlength=k).to(z_flat.dtype)
+        if self.cfg.codebook_type == "ema":
+            decay = self.cfg.ema_decay
+            sums = torch.zeros_like(self.ema_embed_sum).index_add_(0, idx, z_flat)
+            self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+            self.ema_embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+            n = self.ema_cluster_size.sum()
+            size = (self.ema_cluster_size + 1e-5) / (n + k * 1e-5) * n  # Laplace smoothing
+            self.embedding.weight.copy_(self.ema_embed_sum / size.unsqueeze(1))
+        if self.cfg.dead_code_steps > 0:
+            self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+            dead = torch.nonzero(self.unused_steps >= self.cfg.dead_code_steps).flatten()
+            if dead.numel():
+                self._reseed(dead, z_flat)
+
+    @torch.no_grad()
+    def _reseed(self, codes: torch.Tensor, z_flat: torch.Tensor) -> None:
+        """Move `codes` onto randomly chosen encoder outputs of the current batch."""
+        pick = torch.randint(0, z_flat.shape[0], (codes.numel(),), device=z_flat.device)
+        self.embedding.weight[codes] = z_flat[pick].to(self.embedding.weight.dtype)
+        if self.cfg.codebook_type == "ema":
+            self.ema_cluster_size[codes] = 1.0
+            self.ema_embed_sum[codes] = z_flat[pick]
+        self.unused_steps[codes] = 0
+
+    @torch.no_grad()
+    def kmeans_init_(self, z: torch.Tensor, iters: int = 10) -> None:
+        """Initialise the codebook by k-means on encoder outputs z [B, D, h, w] (or [N, D]):
+        every code starts where data lives, so none is dead from the start."""
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if z.dim() == 4 else z
+        z_flat = self._prepare(z_flat.float())
+        k = self.cfg.codebook_size
+        pick = torch.randperm(z_flat.shape[0], device=z_flat.device)[:k]
+        if pick.numel() < k:  # fewer latents than codes: repeat with jitter
+            pick = pick[torch.randint(0, pick.numel(), (k,), device=z_flat.device)]
+        centers = z_flat[pick] + 1e-3 * torch.randn(k, z_flat.shape[1], device=z_flat.device)
+        centers = self._prepare(centers)
+        for _ in range(iters):
+            d = (z_flat ** 2).sum(1, keepdim=True) + (centers ** 2).sum(1) - 2 * z_flat @ centers.t()
+            idx = d.argmin(1)
+            counts = torch.bincount(idx, minlength=k).float()
+            sums = torch.zeros_like(centers).index_add_(0, idx, z_flat)
+            live = counts > 0
+            centers[live] = self._prepare(sums[live] / counts[live].unsqueeze(1))
+        self.embedding.weight.copy_(centers.to(self.embedding.weight.dtype))
+        if self.cfg.codebook_type == "ema":
+            counts = torch.bincount(self.nearest(z_flat), minlength=k).float()
+            # a small prior mass per code: the first training batches can still move the codes
+            self.ema_cluster_size.copy_(counts.clamp(min=1.0) / max(1, z_flat.shape[0]) * 64)
+            self.ema_embed_sum.copy_(self.embedding.weight * self.ema_cluster_size.unsqueeze(1))
+        self.unused_steps.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class VQModel(nn.Module):
+    """Encoder -> quant_conv -> vector quantizer -> post_quant_conv -> decoder.
+
+    Images are float tensors [B, C, H, W] in [-1, 1] with H = W = config.resolution; codes are
+    integer grids [B, h, w] with (h, w) = config.grid."""
+
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quantize = VectorQuantizer(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+
+    # --- checks --------------------------------------------------------------------------
+    def _check_images(self, x) -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CM3LeonError(f"images must be a float tensor [B, {cfg.in_channels}, H, W], got {shape}")
+        if x.shape[1] != cfg.in_channels:
+            raise CM3LeonError(
+                f"images have {x.shape[1]} channels, the image tokenizer expects {cfg.in_channels} "
+                f"(tensor shape {tuple(x.shape)}; channels come second: [B, C, H, W])")
+        if tuple(x.shape[2:]) != (cfg.resolution, cfg.resolution):
+            raise CM3LeonError(
+                f"images are {x.shape[2]}x{x.shape[3]} px, the image tokenizer expects "
+                f"{cfg.resolution}x{cfg.resolution}; resize them first (images_to_tensor(..., size={cfg.resolution}))")
+        if not x.is_floating_point():
+            raise CM3LeonError(f"images must be a float tensor in [-1, 1], got dtype {x.dtype}")
+        if x.numel() and (x.min() < -1.5 or x.max() > 1.5):
+            raise CM3LeonError(
+                f"image values span [{x.min().item():.3g}, {x.max().item():.3g}], expected [-1, 1] "
+                "(use images_to_tensor to convert PIL images)")
+        p = next(self.parameters())
+        return x.to(device=p.device, dtype=p.dtype)
+
+    def _check_codes(self, codes) -> torch.Tensor:
+        cfg = self.config
+        h, w = cfg.grid
+        codes = torch.as_tensor(codes)
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise CM3LeonError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        if codes.dim() == 2 and codes.shape[1] == h * w:
+            codes = codes.reshape(-1, h, w)
+        if codes.dim() != 3 or tuple(codes.shape[1:]) != (h, w):
+            raise CM3LeonError(f"codes must have shape [B, {h}, {w}] or [B, {h * w}], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= cfg.codebook_size):
+            raise CM3LeonError(
+                f"image codes must lie in [0, {cfg.codebook_size}), got min {codes.min().item()}, "
+                f"max {codes.max().item()}")
+        return codes.long().to(next(self.parameters()).device)
+
+    # --- the tokenizer -----------------------------------------------------------------
+    def encode_latents(self, x: torch.Tensor, update: bool = False):
+        """Images (checked) -> (z_q [B, D, h, w], losses, codes [B, h, w])."""
+        z = self.quant_conv(self.encoder(x))
+        return self.quantize(z, update=update)
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z_q))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> codes LongTensor [B, h, w]."""
+        return self.encode_latents(self._check_images(images))[2]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] or [B, h*w] -> images [B, C, H, W] in [-1, 1]."""
+        z_q = self.quantize.lookup(self._check_codes(codes))
+        return self.decode_latents(z_q.to(next(self.parameters()).dtype)).clamp(-1, 1)
+
+    def forward(self, x: torch.Tensor):
+        """Images -> (reconstruction, losses {"codebook", "commitment", "quant"}, codes).
+
+        In training mode the quantizer also applies its codebook maintenance (EMA, restarts)."""
+        z_q, losses, codes = self.encode_latents(self._check_images(x), update=self.training)
+        return self.decode_latents(z_q), losses, codes
+
+    # --- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` (each atomically) into `out_dir`."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
+        cfg = self.config
+        write_json(out_dir / CONFIG_FILE, {"format": FORMAT, **cfg.to_dict(), "grid": list(cfg.grid),
+                                           "tokens_per_image": cfg.tokens_per_image,
+                                           "downsample_factor": cfg.downsample_factor})
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VQModel":
+        """Load a directory written by `save_pretrained` (or by `cm3leon tokenizer image`)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"image tokenizer not found: {path} has no {CONFIG_FILE} "
+                                    "(train one with `cm3leon tokenizer image`)")
+        d = read_json(path / CONFIG_FILE, "image tokenizer config")
+        if d.get("format") != FORMAT:
+            raise CM3LeonError(f"{path / CONFIG_FILE}: format {d.get('format')!r}, expected {FORMAT!r}")
+        model = cls(VQConfig.from_dict(d, where=str(path / CONFIG_FILE)))
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"image tokenizer weights not found: {weights}")
+        _load_state(model, load_file(str(weights)), str(weights))
+        return model.to(device).eval()
+
+    @classmethod
+    def from_taming(cls, ckpt_path: str | Path, yaml_path: str | Path, trust_checkpoint: bool = False,
+                    device: str | torch.device = "cpu") -> "VQModel":
+        """Load a taming-transformers VQGAN (`.ckpt` + its `.yaml`), e.g. Chameleon's released
+        `vqgan.ckpt` / `vqgan.yaml`.
+
+        The checkpoint is read with `torch.load(weights_only=True)`. Lightning checkpoints hold
+        Python objects besides the weights and then need `trust_checkpoint=True`, which runs
+        the pickle: only do that for a file from a source you trust."""
+        cfg = config_from_taming_yaml(yaml_path)
+        state = _read_taming_state(Path(ckpt_path), trust_checkpoint)
+        model = cls(cfg)
+        keep = {k: v for k, v in state.items() if k.split(".")[0] in _TAMING_PREFIXES}
+        if not keep:
+            raise CM3LeonError(f"{ckpt_path}: no VQGAN weights found (expected keys like "
+                               f"'encoder.conv_in.weight'; found e.g. {sorted(state)[:5]})")
+        _load_state(model, keep, str(ckpt_path))
+        return model.to(device).eval()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+_TAMING_PREFIXES = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
+
+
+def _load_state(model: VQModel, state: dict, where: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CM3LeonError(
+            f"{where}: weights do not match the config (missing {len(missing)}: {missing[:4]}, "
+            f"unexpected {len(unexpected)}: {unexpected[:4]})")
+    bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CM3LeonError(f"{where}: {len(bad)} tensors have the wrong shape, e.g. {k}: "
+                           f"{tuple(state[k].shape)} in the file vs {tuple(expected[k].shape)} from the config")
+    model.load_state_dict({k: v for k, v in state.items()}, strict=True)
+
+
+def config_from_taming_yaml(yaml_path: str | Path) -> VQConfig:
+    """VQConfig from a taming VQGAN yaml (`model.params.{embed_dim, n_embed, ddconfig}`)."""
+    import yaml
+
+    yaml_path = Path(yaml_path)
+    if not yaml_path.is_file():
+        raise FileNotFoundError(f"taming config not found: {yaml_path}")
+    try:
+        doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CM3LeonError(f"{yaml_path}: not valid YAML ({e})") from None
+    params = doc.get("model", doc) if isinstance(doc, dict) else None
+    params = params.get("params", params) if isinstance(params, dict) else None
+    if not isinstance(params, dict) or "ddconfig" not in params:
+        raise CM3LeonError(f"{yaml_path}: expected a taming VQGAN config with model.params.ddconfig")
+    dd = params["ddconfig"]
+    target = str(doc.get("model", {}).get("target", "")) if isinstance(doc.get("model"), dict) else ""
+    if "Gumbel" in target or "EMA" in target:
+        raise CM3LeonError(f"{yaml_path}: {target} is not supported (only the plain VQModel quantizer)")
+    if dd.get("double_z"):
+        raise CM3LeonError(f"{yaml_path}: ddconfig.double_z=true is not a VQGAN encoder")
+    if int(dd.get("out_ch", dd.get("in_channels", 3))) != int(dd.get("in_channels", 3)):
+        raise CM3LeonError(f"{yaml_path}: out_ch must equal in_channels")
+    try:
+        return VQConfig(
+            resolution=int(dd["resolution"]), in_channels=int(dd.get("in_channels", 3)),
+            base_channels=int(dd["ch"]), channel_multipliers=tuple(dd["ch_mult"]),
+            num_res_blocks=int(dd["num_res_blocks"]), attn_resolutions=tuple(dd.get("attn_resolutions") or ()),
+            z_channels=int(dd["z_channels"]), embed_dim=int(params["embed_dim"]),
+            codebook_size=int(params["n_embed"]), beta=float(params.get("beta", 0.25)),
+            codebook_type="nearest", dropout=float(dd.get("dropout", 0.0)), norm_groups=32,
+        )
+    except KeyError as e:
+        raise CM3LeonError(f"{yaml_path}: missing field {e.args[0]!r}") from None
+
+
+def _read_taming_state(ckpt_path: Path, trust_checkpoint: bool) -> dict:
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"taming checkpoint not found: {ckpt_path}")
+    if ckpt_path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt_path))
+    try:
+        obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an UnpicklingError for Lightning objects, or a corrupt file
+        if not trust_checkpoint:
+            raise CM3LeonError(
+                f"{ckpt_path}: cannot be read as plain weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                "Taming/Lightning .ckpt files also pickle Python objects (callbacks, hyper-parameters), and "
+                "unpickling runs code, so it is off by default. If you trust where the file came from, pass "
+                "trust_checkpoint=True (CLI: --trust-checkpoint).") from None
+        try:
+            obj = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise CM3LeonError(f"{ckpt_path}: not a readable PyTorch checkpoint ({type(e2).__name__}: {e2})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CM3LeonError(f"{ckpt_path}: expected a state dict (or a dict with 'state_dict') of tensors")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# PIL <-> tensors
+
+
+def images_to_tensor(images: Sequence, size: int | None = None) -> torch.Tensor:
+    """PIL images -> float tensor [B, 3, H, W] in [-1, 1] (resized to `size` if given)."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = []
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise CM3LeonError(f"images[{i}] is a {type(im).__name__}, expected a PIL image")
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(im, dtype=np.uint8))
+    if not arrays:
+        raise CM3LeonError("images_to_tensor: no images given")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise CM3LeonError(f"images have different sizes {sorted(shapes)}; pass size= to resize them")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
+    return x / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list:
+    """Float tensor [B, 3, H, W] (or [3, H, W]) in [-1, 1] -> PIL RGB images."""
+    from PIL import Image
+
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise CM3LeonError(f"expected a tensor [B, 3, H, W], got {tuple(x.shape)}")
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(im) for im in a]
+
+
+def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict:
+    """Usage (fraction of codes ever used) and perplexity (exp of the code entropy)."""
+    counts = torch.bincount(torch.as_tensor(codes).reshape(-1).long(), minlength=codebook_size).double()
+    p = counts / counts.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {"codebook_usage": round((counts > 0).float().mean().item(), 4),
+            "codes_used": int((counts > 0).sum().item()),
+            "perplexity": round(math.exp(entropy), 2)}
+
+
+__all__ = ["VQConfig", "VQModel", "PRESETS", "get_preset", "images_to_tensor", "tensor_to_images",
+           "codebook_stats", "config_from_taming_yaml"]

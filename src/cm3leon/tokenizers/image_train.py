@@ -1,0 +1,512 @@
+"""Training the VQ image tokenizer (`cm3leon tokenizer image`).
+
+Loss (taming VQGAN, Esser et al. 2021, https://arxiv.org/abs/2012.09841): L1 + L2
+reconstruction, codebook + beta * commitment, optionally LPIPS (only from VGG weights the user
+supplies) and a PatchGAN discriminator with hinge loss, adaptive weight and a delayed start.
+Against codebook collapse: k-means initialisation of the codebook from encoder outputs of the
+first batch, l2-normalised (cosine) or EMA codes, and restart of codes unused for a while.
+
+Small datasets are loaded into memory once as uint8 and batches are sampled from it; batch
+`s` depends only on (seed, s), so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm3leon.errors import CM3LeonError
+from cm3leon.tokenizers.image import VQConfig, VQModel, codebook_stats, get_preset, tensor_to_images
+from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.logging import MetricsLogger, progress
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class VQTrainConfig:
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3  # peak; cosine decay to lr * min_lr_ratio after a linear warmup
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.99)  # taming uses (0.5, 0.9) with its GAN from step 0
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    codebook_weight: float = 1.0
+    perceptual_weight: float = 1.0  # LPIPS, only with user-supplied VGG weights
+    disc_start: int | None = None  # step at which the PatchGAN loss starts; None = no GAN
+    disc_weight: float = 0.8  # taming's default
+    disc_layers: int = 2  # PatchGAN depth (taming: 3, for 256 px)
+    disc_channels: int = 32
+    kmeans_init: bool = True  # initialise the codebook by k-means on the first batch's latents
+    kmeans_images: int = 256
+    hflip: bool = True  # random horizontal flips (augmentation)
+    bf16: bool = False  # bf16 autocast (CPU or GPU); measure before turning it on
+    log_every: int = 25
+    ckpt_every: int = 200
+    eval_images: int = 1000  # held-out images measured at the end
+    holdout_fraction: float = 0.05  # used only when the data has no val/test split
+
+
+TRAIN_PRESETS: dict[str, VQTrainConfig] = {
+    "tiny": VQTrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, log_every=5, ckpt_every=20,
+                          kmeans_images=64, eval_images=64),
+    # about 2 minutes on one busy CPU core: small batches, many steps, cosine decay (most of the
+    # PSNR arrives while the learning rate anneals)
+    "demo32": VQTrainConfig(steps=800, batch_size=16, lr=2e-3),
+    "demo64": VQTrainConfig(steps=800, batch_size=16, lr=2e-3),
+    "cm3leon": VQTrainConfig(steps=200_000, batch_size=32, lr=4.5e-6 * 32, betas=(0.5, 0.9), warmup_steps=1000,
+                             disc_start=50_000, disc_layers=3, disc_channels=64, ckpt_every=2000, log_every=100,
+                             eval_images=2000),
+    "chameleon": VQTrainConfig(steps=400_000, batch_size=16, lr=4.5e-6 * 16, betas=(0.5, 0.9), warmup_steps=1000,
+                               disc_start=250_001, disc_layers=3, disc_channels=64, ckpt_every=2000, log_every=100,
+                               eval_images=2000),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional losses
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix, Isola et al. 2017; taming's NLayerDiscriminator)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        seq: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < layers else 1
+            seq += [nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                    nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
+        seq.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*seq)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+class LPIPS(nn.Module):
+    """LPIPS perceptual distance (Zhang et al. 2018) on VGG16 features; names follow taming's
+    `lpips.py` (`net.slice1.0.weight`, ..., `lin0.model.1.weight`). Weights come from a local
+    file only (see `load_lpips`)."""
+
+    CHANNELS = (64, 128, 256, 512, 512)
+    # torchvision vgg16.features indices of each slice (conv = index of a Conv2d)
+    SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+    CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
+             14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512),
+             26: (512, 512), 28: (512, 512)}
+    POOLS = (4, 9, 16, 23)
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+        self.net = nn.Module()
+        for s, (a, b) in enumerate(self.SLICES, 1):
+            sl = nn.Sequential()
+            for i in range(a, b):
+                if i in self.CONVS:
+                    sl.add_module(str(i), nn.Conv2d(*self.CONVS[i], 3, 1, 1))
+                elif i in self.POOLS:
+                    sl.add_module(str(i), nn.MaxPool2d(2, 2))
+                else:
+                    sl.add_module(str(i), nn.ReLU(inplace=False))
+            setattr(self.net, f"slice{s}", sl)
+        for k, c in enumerate(self.CHANNELS):
+            lin = nn.Module()
+            lin.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
+            setattr(self, f"lin{k}", lin)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h, feats = (x - self.shift) / self.scale, []
+        for s in range(1, 6):
+            h = getattr(self.net, f"slice{s}")(h)
+            feats.append(h)
+        return feats
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image distance [B] between images in [-1, 1]."""
+        total = 0
+        for k, (a, b) in enumerate(zip(self._features(x), self._features(y))):
+            a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
+            b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
+            total = total + getattr(self, f"lin{k}").model((a - b) ** 2).mean(dim=(1, 2, 3))
+        return total
+
+
+def load_lpips(path: str | Path) -> LPIPS:
+    """LPIPS from a local weights file (safetensors, or a plain torch state dict read with
+    weights_only=True). Accepted key layouts: taming's (`net.sliceK.N.*`, `linK.model.1.weight`,
+    optionally prefixed `loss.perceptual_loss.` or `perceptual_loss.`), or torchvision's VGG16
+    (`features.N.*`) together with the LPIPS heads (`linK.model.1.weight`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CM3LeonError(f"{path}: not a plain torch state dict ({type(e).__name__}); "
+                               "save the weights with torch.save(state_dict) or as safetensors") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CM3LeonError(f"{path}: expected a state dict of tensors")
+    model = LPIPS()
+    mapped = {}
+    for k, v in state.items():
+        for prefix in ("loss.perceptual_loss.", "perceptual_loss."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("features."):  # torchvision vgg16 -> the slice holding that index
+            i = int(k.split(".")[1])
+            s = next(n for n, (a, b) in enumerate(LPIPS.SLICES, 1) if a <= i < b)
+            k = f"net.slice{s}.{k[len('features.'):]}"
+        mapped[k] = v
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in mapped and k not in ("shift", "scale"))
+    if missing:
+        raise CM3LeonError(f"{path}: LPIPS needs the VGG16 trunk and the 5 linear heads; missing {len(missing)} "
+                           f"tensors, e.g. {missing[:3]}")
+    model.load_state_dict({k: mapped.get(k, expected[k]) for k in expected}, strict=True)
+    return model
+
+
+def _adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
+    # taming: balance the GAN gradient against the reconstruction gradient at the last layer
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_images(data: str | Path, size: int, split: str | None, limit: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Images of one split as uint8 [N, 3, size, size] (in memory), and the reader's skip counts."""
+    import numpy as np
+
+    from cm3leon.data.readers import open_dataset
+
+    reader = open_dataset(data, size=size, split=split)
+    arrays = []
+    for rec in progress(desc=f"loading {split or 'all'} images", unit="img", iterable=reader):
+        arrays.append(np.asarray(rec.image.convert("RGB"), dtype=np.uint8))
+        if limit is not None and len(arrays) >= limit:
+            break
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return x, dict(reader.stats)
+
+
+def _to_float(x_u8: torch.Tensor) -> torch.Tensor:
+    return x_u8.float() / 127.5 - 1.0
+
+
+def _batch(train_u8: torch.Tensor, step: int, batch_size: int, seed: int, hflip: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # batch = f(seed, step): resumable
+    idx = torch.randint(0, train_u8.shape[0], (batch_size,), generator=g)
+    x = _to_float(train_u8[idx])
+    if hflip:
+        flip = torch.rand(batch_size, generator=g) < 0.5
+        x[flip] = x[flip].flip(-1)
+    return x
+
+
+def _lr_at(step: int, tc: VQTrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    t = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: VQModel, images_u8: torch.Tensor, batch_size: int = 250) -> tuple[dict, torch.Tensor]:
+    """PSNR (dB, pixels in [0, 1]), L1 / MSE (pixels in [0, 1]), codebook usage and perplexity
+    of a set of uint8 images; also returns the reconstructions as uint8."""
+    model.eval()
+    psnrs, l1s, mses, codes, recons = [], [], [], [], []
+    for i in range(0, images_u8.shape[0], batch_size):
+        x = _to_float(images_u8[i:i + batch_size])
+        c = model.encode(x)
+        r = model.decode(c)
+        r_u8 = ((r + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # measured as the saved image
+        a, b = images_u8[i:i + batch_size].float() / 255, r_u8.float() / 255
+        mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
+        psnrs.append(10 * torch.log10(1.0 / mse.clamp(min=1e-10)))
+        l1s.append((a - b).abs().mean(dim=(1, 2, 3)))
+        mses.append(mse)
+        codes.append(c)
+        recons.append(r_u8)
+    if not codes:
+        raise CM3LeonError("no held-out images to evaluate")
+    codes_all = torch.cat(codes)
+    metrics = {
+        "psnr_db": round(torch.cat(psnrs).mean().item(), 3),
+        "val_l1": round(torch.cat(l1s).mean().item(), 5),
+        "val_mse": round(torch.cat(mses).mean().item(), 6),
+        **codebook_stats(codes_all, model.config.codebook_size),
+        "num_eval_images": int(images_u8.shape[0]),
+    }
+    return metrics, torch.cat(recons)
+
+
+def checker_recovery(originals_u8: torch.Tensor, recons_u8: torch.Tensor) -> dict | None:
+    """How many of the objects the shapes checker finds in the originals it also finds in the
+    reconstructions: exactly (shape, colour, size, grid cell) and by colour and cell only.
+    None when the checker is unavailable or finds nothing (not a shapes dataset)."""
+    try:
+        from cm3leon.data.checker import detect_objects
+    except ImportError:
+        return None
+    found = exact = colour_cell = 0
+    for a, b in zip(tensor_to_images(_to_float(originals_u8)), tensor_to_images(_to_float(recons_u8))):
+        da, db = detect_objects(a), detect_objects(b)
+        found += len(da)
+        keys = [d.key() for d in db]
+        loose = [(d.color, d.cell) for d in db]
+        for d in da:
+            if d.key() in keys:
+                keys.remove(d.key())
+                exact += 1
+            if (d.color, d.cell) in loose:
+                loose.remove((d.color, d.cell))
+                colour_cell += 1
+    if not found:
+        return None
+    return {"checker_objects": found, "checker_recovered": round(exact / found, 4),
+            "checker_recovered_colour_cell": round(colour_cell / found, 4)}
+
+
+def save_reconstruction_grid(path: str | Path, originals_u8: torch.Tensor, recons_u8: torch.Tensor,
+                             n: int = 16, min_side: int = 64) -> None:
+    """PNG: a row of originals over a row of their reconstructions (upscaled for viewing)."""
+    from PIL import Image
+
+    n = min(n, originals_u8.shape[0])
+    side = originals_u8.shape[-1]
+    scale = max(1, -(-min_side // side))
+    cell = side * scale
+    grid = Image.new("RGB", (n * cell + (n + 1) * 2, 2 * cell + 6), (255, 255, 255))
+    for row, imgs in enumerate((originals_u8, recons_u8)):
+        for i, im in enumerate(tensor_to_images(_to_float(imgs[:n]))):
+            grid.paste(im.resize((cell, cell), Image.NEAREST), (2 + i * (cell + 2), 2 + row * (cell + 2)))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _save_checkpoint(ckpt_dir: Path, model: VQModel, opt, step: int, disc=None, disc_opt=None,
+                     train_config: dict | None = None) -> None:
+    with atomic_path(ckpt_dir) as tmp:
+        model.save_pretrained(tmp)
+        torch.save({
+            "optimizer": opt.state_dict(),
+            "disc": disc.state_dict() if disc is not None else None,
+            "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
+            "rng": torch.get_rng_state(),
+            "unused_steps": model.quantize.unused_steps.cpu(),
+        }, tmp / "train_state.pt")
+        write_json(tmp / "state.json", {"step": step, "train_config": train_config})
+
+
+def _load_checkpoint(ckpt_dir: Path, model: VQModel, opt, disc=None, disc_opt=None) -> int:
+    from safetensors.torch import load_file
+
+    saved = read_json(ckpt_dir / "config.json", "checkpoint config")
+    current = model.config.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        raise CM3LeonError(f"{ckpt_dir}: the checkpoint was trained with a different config {diff}; "
+                           "use another --out or delete the checkpoint to start over")
+    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    st = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(st["optimizer"])
+    if disc is not None and st.get("disc") is not None:
+        disc.load_state_dict(st["disc"])
+        disc_opt.load_state_dict(st["disc_optimizer"])
+    torch.set_rng_state(st["rng"])
+    model.quantize.unused_steps.copy_(st["unused_steps"])
+    return int(read_json(ckpt_dir / "state.json")["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo32", steps: int | None = None,
+                          batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+                          disc_start: int | None = None, lpips_weights: str | Path | None = None,
+                          config: VQConfig | None = None, train_config: VQTrainConfig | None = None,
+                          max_train_images: int | None = None, device: str = "cpu", threads: int | None = None) -> dict:
+    """Train a VQ image tokenizer on a dataset (any reader format) and save it in `out`.
+
+    `out` then holds what `VQModel.from_pretrained(out)` loads, plus `metrics.json` (measured on
+    the val/test split), `metrics.jsonl`, `reconstructions.png` and a resumable `checkpoint/`.
+    Running again with the same `out` resumes from the checkpoint. Returns the metrics."""
+    out = Path(out)
+    cfg = config or get_preset(preset)
+    tc = train_config or TRAIN_PRESETS.get(preset, VQTrainConfig())
+    overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr),
+                                   ("disc_start", disc_start)) if v is not None}
+    tc = replace(tc, **overrides)
+    if tc.steps < 1 or tc.batch_size < 1 or tc.lr <= 0:
+        raise CM3LeonError(f"steps, batch size and lr must be positive (got {tc.steps}, {tc.batch_size}, {tc.lr})")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+    # --- data: the train split in memory; held-out = val, else test, else a slice of train
+    train_u8, skipped = load_images(data, cfg.resolution, "train", limit=max_train_images)
+    eval_u8, eval_split = torch.zeros(0), None
+    for split in ("val", "test"):
+        eval_u8, _ = load_images(data, cfg.resolution, split, limit=tc.eval_images)
+        if eval_u8.shape[0]:
+            eval_split = split
+            break
+    if train_u8.shape[0] == 0:
+        raise CM3LeonError(f"{data}: no training images found (split 'train', skipped: {skipped})")
+    if eval_split is None:
+        n_hold = max(1, min(tc.eval_images, int(train_u8.shape[0] * tc.holdout_fraction)))
+        if train_u8.shape[0] - n_hold < 1:
+            raise CM3LeonError(f"{data}: too few images ({train_u8.shape[0]}) to hold some out for evaluation")
+        eval_u8, train_u8, eval_split = train_u8[-n_hold:], train_u8[:-n_hold], "train-holdout"
+
+    # --- model, optimisers, optional losses
+    model = VQModel(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=0.0)
+    disc = disc_opt = None
+    if tc.disc_start is not None:
+        disc = PatchDiscriminator(cfg.in_channels, tc.disc_channels, tc.disc_layers).to(device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=0.0)
+    lpips = load_lpips(lpips_weights).to(device) if lpips_weights else None
+
+    ckpt_dir = out / CHECKPOINT_DIR
+    start = 0
+    if (ckpt_dir / "state.json").is_file():
+        start = _load_checkpoint(ckpt_dir, model, opt, disc, disc_opt)
+    elif tc.kmeans_init:
+        with torch.no_grad():  # k-means codebook init from encoder outputs of the first batch
+            x0 = _batch(train_u8, -1, min(tc.kmeans_images, train_u8.shape[0]), seed, False).to(device)
+            model.quantize.kmeans_init_(model.quant_conv(model.encoder(x0)))
+
+    use_bf16 = tc.bf16
+    device_type = torch.device(device).type
+    out.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(out / "metrics.jsonl")
+    t0 = time.time()
+    done = start  # completed steps (what a checkpoint records)
+    bar = progress(total=tc.steps, desc="image tokenizer", unit="step", initial=start)
+    model.train()
+    try:
+        for step in range(start, tc.steps):
+            x = _batch(train_u8, step, tc.batch_size, seed, tc.hflip).to(device)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, tc)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+                recon, qlosses, codes = model(x)
+            recon = recon.float()
+            l1 = (recon - x).abs().mean()
+            l2 = ((recon - x) ** 2).mean()
+            nll = tc.l1_weight * l1 + tc.l2_weight * l2
+            if lpips is not None:
+                nll = nll + tc.perceptual_weight * lpips(recon, x).mean()
+            loss = nll + tc.codebook_weight * qlosses["quant"]
+            gan_on = disc is not None and step >= tc.disc_start
+            g_loss = d_weight = None
+            if gan_on:
+                g_loss = -disc(recon).mean()  # hinge generator loss
+                d_weight = _adaptive_weight(nll, g_loss, model.decoder.last_layer, tc.disc_weight)
+                loss = loss + d_weight * g_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            opt.step()
+            d_loss = None
+            if gan_on:
+                for group in disc_opt.param_groups:
+                    group["lr"] = _lr_at(step, tc)
+                d_loss = (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean())
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+            done = step + 1
+
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps - 1:
+                psnr = 10 * math.log10(4.0 / max(l2.item(), 1e-10))  # pixels in [-1, 1]: peak-to-peak 2
+                used = codes.unique().numel()
+                row = {"step": step + 1, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(),
+                       "commitment": qlosses["commitment"].item(), "train_psnr_db": round(psnr, 2),
+                       "batch_codes_used": used, "lr": _lr_at(step, tc)}
+                if gan_on:
+                    row.update(g_loss=g_loss.item(), d_loss=d_loss.item(), d_weight=float(d_weight))
+                logger.log(**row)
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}", codes=used)
+            if done % tc.ckpt_every == 0 and done < tc.steps:
+                _save_checkpoint(ckpt_dir, model, opt, done, disc, disc_opt, _tc_dict(tc))
+    except KeyboardInterrupt:
+        # keep the work done so far: the next run resumes from here
+        _save_checkpoint(ckpt_dir, model, opt, done, disc, disc_opt, _tc_dict(tc))
+        raise
+    finally:
+        bar.close()
+        logger.close()
+    train_time = time.time() - t0
+    if start < tc.steps:
+        _save_checkpoint(ckpt_dir, model, opt, tc.steps, disc, disc_opt, _tc_dict(tc))
+
+    # --- the tokenizer directory, and its quality on held-out images
+    model.eval()
+    model.save_pretrained(out)
+    metrics, recons_u8 = evaluate(model, eval_u8)
+    metrics.update({
+        "eval_split": eval_split, "preset": preset, "steps": tc.steps, "steps_this_run": tc.steps - start,
+        "batch_size": tc.batch_size, "train_images": int(train_u8.shape[0]), "train_time_s": round(train_time, 1),
+        "images_per_s": round((tc.steps - start) * tc.batch_size / max(train_time, 1e-9), 1),
+        "tokens_per_image": cfg.tokens_per_image, "grid": list(cfg.grid), "codebook_size": cfg.codebook_size,
+        "parameters": model.num_parameters, "lpips": lpips is not None, "gan": disc is not None,
+        "reader_skipped": skipped,
+    })
+    checker = checker_recovery(eval_u8[:200], recons_u8[:200])
+    if checker is not None:
+        metrics.update(checker)
+    save_reconstruction_grid(out / "reconstructions.png", eval_u8, recons_u8)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _tc_dict(tc: VQTrainConfig) -> dict:
+    d = asdict(tc)
+    d["betas"] = list(tc.betas)
+    return d

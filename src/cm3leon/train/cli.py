@@ -1,0 +1,116 @@
+"""`cm3leon pretrain`: CM3 + retrieval-augmented pretraining on code shards.
+
+One process:      cm3leon pretrain --data runs/x/tokenize --out runs/x/pretrain --preset demo
+Several (FSDP2):  torchrun --nproc_per_node=8 -m cm3leon.cli pretrain --data ... --out ... --preset 350m
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from cm3leon.errors import CM3LeonError
+
+# Folders named in the code shards' meta.json that belong in the model directory.
+MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
+DATA_OPTIONS = ("num_retrieved", "order", "image_first_prob")
+
+
+def _resolve(codes_dir: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() or p.exists() else codes_dir / p
+
+
+def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", **overrides: Any) -> dict:
+    """Pretrain a CM3Leon decoder on a tokenized directory; returns the train summary.
+
+    preset: names both the model preset and the train preset (tiny, demo-small, demo, 350m,
+    760m, 7b). overrides: any TrainConfig field (steps, seq_len, lr, batch_tokens, parallel,
+    seed, ...); CM3Config fields (poisson_lambda, min_spans, max_spans, mask_segments);
+    num_retrieved (default: 2 when the codes have neighbors.npy, else 0); order
+    (text_first | image_first | random); image_first_prob; init (a model directory to start
+    from instead of a fresh model); model (a dict of ModelConfig overrides)."""
+    import numpy as np
+
+    from cm3leon.data.codes import CodeDataset
+    from cm3leon.data.sequences import NEIGHBORS_FILE, CM3PretrainStream, vocab_for_codes
+    from cm3leon.model.config import ModelConfig
+    from cm3leon.objectives.cm3 import CM3Config
+    from cm3leon.tokenizers.vocab import Vocab
+    from cm3leon.train.config import TrainConfig
+    from cm3leon.train.loop import train
+
+    codes_dir, out_dir = Path(codes_dir), Path(out_dir)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    cm3_keys = {f.name for f in fields(CM3Config)}
+    unknown = sorted(set(overrides) - train_keys - cm3_keys - set(DATA_OPTIONS) - {"init", "model"})
+    if unknown:
+        raise CM3LeonError(f"pretrain: unknown option(s) {unknown}")
+    cfg = TrainConfig.from_preset(preset, **{k: v for k, v in overrides.items() if k in train_keys})
+    cm3 = CM3Config(**{k: v for k, v in overrides.items() if k in cm3_keys})
+
+    codes = CodeDataset(codes_dir)
+    vocab = vocab_for_codes(codes)
+    if "init" in overrides:
+        init = Path(overrides["init"])
+        if (init / "vocab.json").is_file() and Vocab.load(init) != vocab:
+            raise CM3LeonError(f"--init {init}: its vocab.json differs from the vocabulary of {codes_dir}")
+        model: Any = init
+    else:
+        model = ModelConfig.from_preset(preset, **{"vocab_size": vocab.size, **overrides.get("model", {})})
+
+    num_retrieved = overrides.get("num_retrieved")
+    if num_retrieved is None:
+        nb = codes_dir / NEIGHBORS_FILE
+        num_retrieved = min(2, int(np.load(nb, mmap_mode="r").shape[1])) if nb.is_file() else 0
+    data_kw = dict(seq_len=cfg.seq_len, num_retrieved=num_retrieved, order=overrides.get("order", "text_first"),
+                   image_first_prob=overrides.get("image_first_prob", 0.5), cm3=cm3, vocab=vocab, seed=cfg.seed)
+    train_data = CM3PretrainStream(codes_dir, "train", **data_kw)
+    has_val = int(codes.meta.get("splits", {}).get("val", 0)) > 0
+    val_data = CM3PretrainStream(codes_dir, "val", shuffle=False, epochs=1, **data_kw) if has_val else None
+
+    extra_files = {name: _resolve(codes_dir, codes.meta[name]) for name in MODEL_DIR_PARTS if codes.meta.get(name)}
+    summary = {"codes_dir": str(codes_dir), "preset": preset, "num_retrieved": num_retrieved,
+               "order": data_kw["order"], "cm3": cm3.to_dict(),
+               "init": str(overrides["init"]) if "init" in overrides else None}
+    return train(model, train_data, val_data, cfg, out_dir, vocab, extra_files=extra_files, extra_summary=summary)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="CM3 + retrieval-augmented pretraining on code shards (torchrun-aware)")
+    p.add_argument("--data", required=True, help="tokenized directory (cm3leon tokenize output)")
+    p.add_argument("--out", required=True, help="run/model directory; re-running resumes from its checkpoints")
+    p.add_argument("--preset", default="demo", help="model + train preset: tiny, demo-small, demo, 350m, 760m, 7b")
+    p.add_argument("--init", default=None, help="model directory to start from instead of a fresh model")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per step over all ranks (paper 8M)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="blocks per forward pass per rank")
+    p.add_argument("--seq-len", type=int, default=None, help="block length in tokens")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--num-retrieved", type=int, default=None,
+                   help="retrieved documents per sample (default 2 with neighbors.npy, else 0)")
+    p.add_argument("--order", choices=("text_first", "image_first", "random"), default=None,
+                   help="pair order: text_first (text->image), image_first, random per sample")
+    p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2"), default=None,
+                   help="auto: fsdp2 under torchrun, else none")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_pretrain)
+
+
+def _pretrain(args) -> int:
+    keys = ("init", "steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "warmup_steps", "num_retrieved",
+            "order", "parallel", "dtype", "activation_checkpointing", "compile", "num_workers", "seed")
+    summary = pretrain(args.data, args.out, preset=args.preset, **{k: getattr(args, k) for k in keys})
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "final_val_loss",
+                                                  "tokens_per_second", "parallel", "world_size")}, indent=2))
+    return 0

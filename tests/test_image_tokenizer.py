@@ -1,0 +1,354 @@
+"""VQ image tokenizer: quantizer invariants, shapes and errors, persistence, taming / Chameleon
+checkpoint parity, codebook maintenance, and a tiny training run that resumes exactly."""
+
+import argparse
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cm3leon.errors import CM3LeonError
+from cm3leon.tokenizers.image import (PRESETS, VQConfig, VQModel, codebook_stats, get_preset, images_to_tensor,
+                                      tensor_to_images)
+
+TINY = dict(resolution=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            z_channels=8, embed_dim=4, codebook_size=32, norm_groups=4)
+
+
+def tiny_model(seed=0, **kw) -> VQModel:
+    torch.manual_seed(seed)
+    return VQModel(VQConfig(**{**TINY, **kw})).eval()
+
+
+def rand_images(n=3, side=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, side, side, generator=g) * 2 - 1
+
+
+def write_shapes(folder, n=48, side=16, seed=0):
+    """A small captioned dataset in the folder + captions.jsonl layout."""
+    rng = random.Random(seed)
+    colors = {"red": (220, 30, 30), "blue": (40, 70, 220), "green": (30, 170, 60), "yellow": (240, 210, 20)}
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "captions.jsonl", "w") as f:
+        for i in range(n):
+            im = Image.new("RGB", (side, side), "white")
+            d = ImageDraw.Draw(im)
+            c = rng.choice(list(colors))
+            r = rng.randint(3, 6)
+            x, y = rng.randint(r, side - r), rng.randint(r, side - r)
+            shape = rng.choice(["circle", "square"])
+            (d.ellipse if shape == "circle" else d.rectangle)([x - r, y - r, x + r, y + r], fill=colors[c])
+            im.save(folder / "images" / f"{i:03d}.png")
+            split = "train" if i < n - 8 else "val"
+            f.write(json.dumps({"image": f"images/{i:03d}.png", "text": f"a {c} {shape}", "split": split}) + "\n")
+    return folder
+
+
+# --- quantizer invariants ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codebook_type", ["nearest", "cosine", "ema"])
+def test_quantized_latent_equals_codebook_lookup_of_returned_indices(codebook_type):
+    m = tiny_model(codebook_type=codebook_type)
+    z_q, losses, idx = m.encode_latents(rand_images())
+    assert idx.shape == (3, 8, 8) and idx.dtype == torch.long
+    torch.testing.assert_close(z_q, m.quantize.lookup(idx))
+    # and each index is the nearest code of its latent
+    z = m.quant_conv(m.encoder(rand_images()))
+    z_flat = m.quantize._prepare(z.permute(0, 2, 3, 1).reshape(-1, 4))
+    d = torch.cdist(z_flat, m.quantize.codebook())
+    assert torch.equal(d.argmin(1), idx.reshape(-1))
+    assert set(losses) == {"codebook", "commitment", "quant"}
+
+
+def test_decode_of_codes_equals_decoder_on_quantized_latent():
+    m = tiny_model()
+    x = rand_images()
+    z_q, _, codes = m.encode_latents(x)
+    torch.testing.assert_close(m.decode(codes), m.decode_latents(z_q).clamp(-1, 1))
+
+
+def test_encode_decode_shapes_and_batching():
+    m = tiny_model()
+    x = rand_images(5)
+    codes = m.encode(x)
+    assert codes.shape == (5, *m.config.grid) and m.config.tokens_per_image == 64
+    one_by_one = torch.cat([m.encode(x[i:i + 1]) for i in range(5)])
+    assert torch.equal(codes, one_by_one)
+    out = m.decode(codes.reshape(5, -1))  # flat codes are accepted too
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(out, m.decode(codes))
+    recon, losses, c2 = m(x)
+    assert recon.shape == x.shape and torch.equal(c2, codes)
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = tiny_model()
+    with pytest.raises(CM3LeonError, match="expects 16x16"):
+        m.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(CM3LeonError, match="channels"):
+        m.encode(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(CM3LeonError, match=r"\[-1, 1\]"):
+        m.encode(torch.full((1, 3, 16, 16), 255.0))
+    with pytest.raises(CM3LeonError, match=r"\[0, 32\)"):
+        m.decode(torch.full((1, 8, 8), 32))
+    with pytest.raises(CM3LeonError, match=r"\[0, 32\)"):
+        m.decode(torch.full((1, 64), -1))
+    with pytest.raises(CM3LeonError, match="shape"):
+        m.decode(torch.zeros(1, 7, 7, dtype=torch.long))
+    with pytest.raises(CM3LeonError, match="integer"):
+        m.decode(torch.zeros(1, 8, 8))
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(CM3LeonError, match="codebook_type"):
+        VQConfig(**{**TINY, "codebook_type": "gumbel"})
+    with pytest.raises(CM3LeonError, match="norm_groups"):
+        VQConfig(**{**TINY, "norm_groups": 3})
+    with pytest.raises(CM3LeonError, match="divisible"):
+        VQConfig(**{**TINY, "resolution": 15})
+    with pytest.raises(CM3LeonError, match="unknown image tokenizer preset"):
+        get_preset("nope")
+    paper = PRESETS["cm3leon"]  # paper: 256 px -> 32x32 = 1,024 codes from 8,192
+    assert (paper.resolution, paper.grid, paper.tokens_per_image, paper.codebook_size) == (256, (32, 32), 1024, 8192)
+    cham = PRESETS["chameleon"]  # Chameleon vqgan.yaml: 512 px, f=16
+    assert (cham.downsample_factor, cham.tokens_per_image, cham.codebook_type) == (16, 1024, "nearest")
+    assert PRESETS["demo32"].grid == (8, 8)
+
+
+def test_images_tensor_round_trip_is_exact():
+    ims = [Image.new("RGB", (16, 16), (i * 40, 255 - i * 30, 7)) for i in range(3)]
+    back = tensor_to_images(images_to_tensor(ims))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back, ims))
+    with pytest.raises(CM3LeonError, match="different sizes"):
+        images_to_tensor([Image.new("RGB", (8, 8)), Image.new("RGB", (16, 16))])
+    assert images_to_tensor([Image.new("L", (20, 20))], size=16).shape == (1, 3, 16, 16)
+
+
+# --- persistence and real checkpoints --------------------------------------------------------
+
+
+@pytest.mark.parametrize("codebook_type", ["cosine", "ema"])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, codebook_type):
+    m = tiny_model(codebook_type=codebook_type)
+    m.save_pretrained(tmp_path / "vq")
+    again = VQModel.from_pretrained(tmp_path / "vq")
+    x = rand_images()
+    assert again.config == m.config
+    assert torch.equal(again.encode(x), m.encode(x))
+    torch.testing.assert_close(again.decode(m.encode(x)), m.decode(m.encode(x)), rtol=0, atol=0)
+    assert json.loads((tmp_path / "vq" / "config.json").read_text())["grid"] == [8, 8]
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VQModel.from_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["codebook_size"] = 16
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CM3LeonError, match="wrong shape"):
+        VQModel.from_pretrained(tmp_path / "a")
+
+
+def _chameleon_pair():
+    from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
+
+    torch.manual_seed(0)
+    hc = ChameleonVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, resolution=32, base_channels=32,
+                              channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16])
+    hf = ChameleonVQVAE(hc).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    ours = VQModel(VQConfig(resolution=32, base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(16,), z_channels=32, embed_dim=8, codebook_size=64,
+                            codebook_type="nearest", norm_groups=32)).eval()
+    return hf, ours
+
+
+def test_taming_layout_parity_with_transformers_chameleon_vqvae():
+    hf, ours = _chameleon_pair()
+    state = ours.state_dict()
+    hf_state = hf.state_dict()
+    # the encoder half uses the same names; the decoder is ours alone (HF has none)
+    assert set(hf_state) == {k for k in state if not k.startswith("decoder.")}
+    state.update(hf_state)
+    ours.load_state_dict(state)
+    x = rand_images(2, 32)
+    with torch.no_grad():
+        ref = hf.encode(x)
+        z_q, _, codes = ours.encode_latents(x)
+    assert torch.equal(codes.reshape(2, -1), ref.image_tokens.reshape(2, -1))
+    torch.testing.assert_close(z_q, ref.quantized_last_hidden_state)
+
+
+def _write_taming_yaml(path, cfg: VQConfig):
+    import yaml
+
+    doc = {"model": {"target": "taming.models.vqgan.VQModel", "params": {
+        "embed_dim": cfg.embed_dim, "n_embed": cfg.codebook_size,
+        "ddconfig": {"double_z": False, "z_channels": cfg.z_channels, "resolution": cfg.resolution, "in_channels": 3,
+                     "out_ch": 3, "ch": cfg.base_channels, "ch_mult": list(cfg.channel_multipliers),
+                     "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions),
+                     "dropout": 0.0},
+        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}
+    path.write_text(yaml.safe_dump(doc))
+
+
+def test_from_taming_fake_checkpoint_loads_with_weights_only_and_matches(tmp_path):
+    _, src = _chameleon_pair()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_(0, 0.2)
+    state = {**src.state_dict(), "loss.discriminator.main.0.weight": torch.zeros(2, 3, 4, 4)}  # taming extras
+    torch.save({"state_dict": state, "global_step": 7}, tmp_path / "vqgan.ckpt")
+    _write_taming_yaml(tmp_path / "vqgan.yaml", src.config)
+    loaded = VQModel.from_taming(tmp_path / "vqgan.ckpt", tmp_path / "vqgan.yaml")
+    assert loaded.config.codebook_type == "nearest"
+    x = rand_images(2, 32)
+    assert torch.equal(loaded.encode(x), src.encode(x))
+    torch.testing.assert_close(loaded.decode(src.encode(x)), src.decode(src.encode(x)), rtol=0, atol=0)
+
+    # a Lightning-style checkpoint with pickled Python objects needs explicit trust
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, tmp_path / "pl.ckpt")
+    with pytest.raises(CM3LeonError, match="trust_checkpoint=True"):
+        VQModel.from_taming(tmp_path / "pl.ckpt", tmp_path / "vqgan.yaml")
+    trusted = VQModel.from_taming(tmp_path / "pl.ckpt", tmp_path / "vqgan.yaml", trust_checkpoint=True)
+    assert torch.equal(trusted.encode(x), src.encode(x))
+
+    # the CLI converts to our directory format
+    from cm3leon.cli import main
+
+    assert main(["tokenizer", "image", "--from-taming", str(tmp_path / "vqgan.ckpt"), "--yaml",
+                 str(tmp_path / "vqgan.yaml"), "--out", str(tmp_path / "converted")]) == 0
+    assert torch.equal(VQModel.from_pretrained(tmp_path / "converted").encode(x), src.encode(x))
+
+
+# --- codebook maintenance -----------------------------------------------------------------------
+
+
+def test_dead_codes_are_reseeded_onto_encoder_outputs():
+    m = tiny_model(codebook_type="nearest", dead_code_steps=1)
+    q = m.quantize
+    z = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        q.embedding.weight[1:] += 100.0  # every latent picks code 0, the rest are dead
+        q(z, update=True)
+    z_flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    rows = q.embedding.weight[1:]
+    # each re-seeded code now sits exactly on one of the batch's latents
+    assert (rows[:, None, :] - z_flat[None]).abs().amax(-1).min(1).values.max() < 1e-6
+    _, _, idx = q(z)
+    assert idx.unique().numel() > 1
+
+
+def test_kmeans_init_uses_many_codes_and_ema_tracks_latents():
+    m = tiny_model(codebook_type="ema")
+    q = m.quantize
+    z = torch.randn(8, 4, 4, 4)
+    err_before = q(z)[1]["commitment"]
+    q.kmeans_init_(z)
+    z_q, losses, idx = q(z)
+    assert idx.unique().numel() >= 24  # codes start where the data is: none dead
+    assert losses["commitment"] < 0.5 * err_before
+    before = q.embedding.weight.clone()
+    shifted = z + 3.0
+    for _ in range(50):
+        q(shifted, update=True)
+    # EMA moves used codes toward the (shifted) data mean
+    assert (q.embedding.weight.mean() - 3.0).abs() < (before.mean() - 3.0).abs()
+
+
+def test_codebook_stats():
+    s = codebook_stats(torch.tensor([0, 0, 1, 1]), 4)
+    assert s == {"codebook_usage": 0.5, "codes_used": 2, "perplexity": 2.0}
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _train(data, out, steps=30):
+    from cm3leon.tokenizers.image_train import train_image_tokenizer
+
+    return train_image_tokenizer(data, out, preset="tiny", steps=steps, seed=3)
+
+
+def test_training_lowers_loss_writes_outputs_and_resumes_exactly(tmp_path, monkeypatch):
+    from cm3leon.utils import logging as logging_mod
+    from cm3leon.utils.logging import read_metrics
+
+    data = write_shapes(tmp_path / "data")
+    metrics = _train(data, tmp_path / "full")
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert rows[-1]["step"] == 30
+    first_loss = sum(r["l1"] for r in rows[:2]) / 2
+    last_loss = sum(r["l1"] for r in rows[-2:]) / 2
+    assert last_loss < 0.7 * first_loss
+    for name in ("config.json", "model.safetensors", "metrics.json", "reconstructions.png"):
+        assert (tmp_path / "full" / name).is_file(), name
+    assert metrics["eval_split"] == "val" and metrics["num_eval_images"] == 8
+    assert metrics["psnr_db"] > 10 and 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1
+    trained = VQModel.from_pretrained(tmp_path / "full")
+    assert trained.config == get_preset("tiny")
+
+    # interrupt a second run at step 17, then rerun: it resumes and ends bit-identical
+    real_log = logging_mod.MetricsLogger.log
+
+    def log_then_interrupt(self, **row):
+        real_log(self, **row)
+        if row.get("step", 0) >= 16:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(logging_mod.MetricsLogger, "log", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, tmp_path / "resumed")
+    monkeypatch.setattr(logging_mod.MetricsLogger, "log", real_log)
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert 15 <= state["step"] < 30
+    again = _train(data, tmp_path / "resumed")
+    assert again["steps_this_run"] == 30 - state["step"]
+    resumed = VQModel.from_pretrained(tmp_path / "resumed")
+    for (k, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_gan_loss_starts_at_disc_start(tmp_path):
+    from cm3leon.tokenizers.image_train import train_image_tokenizer
+    from cm3leon.utils.logging import read_metrics
+
+    data = write_shapes(tmp_path / "data", n=24)
+    m = train_image_tokenizer(data, tmp_path / "gan", preset="tiny", steps=12, disc_start=6)
+    rows = read_metrics(tmp_path / "gan" / "metrics.jsonl")
+    assert m["gan"] is True
+    assert all("d_loss" not in r for r in rows if r["step"] <= 6)
+    late = [r for r in rows if r["step"] > 6]
+    assert late and all("d_loss" in r and r["d_weight"] >= 0 and np.isfinite(r["g_loss"]) for r in late)
+
+
+def test_lpips_loads_local_weights_in_torchvision_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    from cm3leon.tokenizers.image_train import LPIPS, load_lpips
+
+    torch.manual_seed(0)
+    ref = LPIPS()
+    with torch.no_grad():
+        for k in range(5):
+            getattr(ref, f"lin{k}").model[1].weight.uniform_(0, 1)
+    # torchvision names for the trunk (features.N.*), LPIPS names for the heads
+    state = {k.replace(f"net.slice{s}.", "features."): v for k, v in ref.state_dict().items()
+             for s in [int(k[9]) if k.startswith("net.slice") else 0] if k not in ("shift", "scale")}
+    save_file(state, str(tmp_path / "lpips.safetensors"))
+    loaded = load_lpips(tmp_path / "lpips.safetensors")
+    x, y = rand_images(2, 32, seed=1), rand_images(2, 32, seed=2)
+    torch.testing.assert_close(loaded(x, y), ref(x, y))
+    assert torch.all(loaded(x, x) == 0) and torch.all(loaded(x, y) > 0)
+    save_file({k: v for k, v in state.items() if not k.startswith("lin")}, str(tmp_path / "trunk.safetensors"))
+    with pytest.raises(CM3LeonError, match="linear heads"):
+        load_lpips(tmp_path / "trunk.safetensors")
