@@ -11,11 +11,6 @@ from PIL import Image
 from cm3leon.api import REQUIRED_FILES, CM3Leon, prepare_image
 from cm3leon.cli import main
 from cm3leon.errors import CM3LeonError
-from cm3leon.model.config import ModelConfig
-from cm3leon.model.transformer import CM3LeonTransformer
-from cm3leon.tokenizers.image import VQModel, get_preset
-from cm3leon.tokenizers.text import TextTokenizer
-from cm3leon.tokenizers.vocab import Vocab
 
 SENTENCES = [
     "a red circle on a white background",
@@ -27,21 +22,8 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    tok = TextTokenizer.train(SENTENCES, vocab_size=300, min_frequency=1)
-    tok.save(d / "text_tokenizer")
-    vq = VQModel(get_preset("tiny"))
-    vq.save_pretrained(d / "image_tokenizer")
-    vocab = Vocab(text_vocab_size=tok.vocab_size, image_vocab_size=vq.config.codebook_size)
-    vocab.save(d)
-    model = CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=vocab.size))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    model.save_pretrained(d)
-    return d
+def model_dir(tmp_path_factory, tiny_model_dir_factory):
+    return tiny_model_dir_factory(tmp_path_factory.mktemp("model"), SENTENCES, weight_std=0.2)
 
 
 @pytest.fixture(scope="module")

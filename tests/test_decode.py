@@ -184,7 +184,7 @@ class _Tok:
 
 def test_prompt_layouts_follow_the_cm3_training_layout():
     b = PromptBuilder(VOCAB, _Tok(), max_seq_len=128, tokens_per_image=4)
-    m0, brk, eos, eoss = VOCAB.mask_id(0), VOCAB.break_id, VOCAB.eos_id, VOCAB.eoss_id
+    m0, brk, eos = VOCAB.mask_id(0), VOCAB.break_id, VOCAB.eos_id
     img = [VOCAB.image_offset + c for c in (1, 2, 3, 4)]
     t2i = b.text_to_image("ab")
     assert t2i.cond == [eos, *b.text("ab"), brk] and t2i.uncond == [eos, m0, brk]

@@ -352,3 +352,15 @@ def test_lpips_loads_local_weights_in_torchvision_layout(tmp_path):
     save_file({k: v for k, v in state.items() if not k.startswith("lin")}, str(tmp_path / "trunk.safetensors"))
     with pytest.raises(CM3LeonError, match="linear heads"):
         load_lpips(tmp_path / "trunk.safetensors")
+
+
+def test_foreground_weights_mark_pixels_that_differ_from_the_border_background():
+    from cm3leon.tokenizers.image_train import foreground_weights
+
+    x = torch.ones(2, 3, 8, 8)  # white background in [-1, 1]
+    x[0, :, 2:4, 2:4] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # a red 2x2 object
+    w = foreground_weights(x, weight=10.0, threshold=0.1)
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.all(w[0, 0, 2:4, 2:4] == 11.0) and w[0].sum() == 64 + 4 * 10
+    assert torch.all(w[1] == 1.0)  # a blank image has no foreground
+    assert torch.all(foreground_weights(x, weight=0.0, threshold=0.1) == 1.0)  # off: plain losses

@@ -276,14 +276,9 @@ def test_mixture_config_rejects_bad_values():
 # --- end to end --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, tiny_model_dir_factory):
     """A tiny "pretrained" model directory (random weights) and a tiny shapes dataset."""
-    import torch
-
     from cm3leon.data.shapes import synthesize
-    from cm3leon.model.config import ModelConfig
-    from cm3leon.model.transformer import CM3LeonTransformer
-    from cm3leon.tokenizers.image import VQModel, get_preset
 
     root = tmp_path_factory.mktemp("sft")
     data = root / "data"
@@ -294,15 +289,7 @@ def pretrained(tmp_path_factory):
             r = json.loads(line)
             texts += [r.get(k, "") for k in ("text", "question", "answer", "instruction", "caption")]
     texts += CORPUS
-    model_dir = root / "init"
-    tok = TextTokenizer.train(texts, vocab_size=400)
-    tok.save(model_dir / "text_tokenizer")
-    torch.manual_seed(0)
-    vq = VQModel(get_preset("tiny"))
-    vq.save_pretrained(model_dir / "image_tokenizer")
-    vocab = Vocab(tok.vocab_size, vq.config.codebook_size, num_sentinels=8)
-    vocab.save(model_dir)
-    CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=vocab.size)).save_pretrained(model_dir)
+    model_dir = tiny_model_dir_factory(root / "init", texts, vocab_size=400, min_frequency=2, num_sentinels=8)
     return model_dir, data
 
 

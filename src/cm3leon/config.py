@@ -42,7 +42,7 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         model="demo-small", pretrain=dict(steps=60, eval_every=30, ckpt_every=30),
         sft=dict(steps=30), generate_prompts=8, eval_num=24, eval_before_sft=False, sweep=False,
     ),
-    "demo": PipelinePreset(),
+    "demo": PipelinePreset(pretrain=dict(steps=600, eval_every=100, ckpt_every=100)),
     "350m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="350m", eval_num=1000, sweep_num=500),
     "760m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="760m", eval_num=1000, sweep_num=500),
     "7b": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="7b", eval_num=1000, sweep_num=500),

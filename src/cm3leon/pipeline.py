@@ -92,7 +92,9 @@ def run_pipeline(ctx: PipelineContext, stages=STAGES, force: bool = False) -> di
         write_json(marker, {"stage": stage.name, "seconds": round(dt, 2), "result": result})
         summary["stages"][stage.name] = {"status": "done", "seconds": round(dt, 2)}
         print(f"{head}: done in {dt:.1f}s (elapsed {time.time() - t_all:.0f}s)", file=sys.stderr)
+        write_json(ctx.out / "pipeline.json", {**summary, "seconds": round(time.time() - t_all, 2), "finished": False})
     summary["seconds"] = round(time.time() - t_all, 2)
+    summary["finished"] = all(v["status"] != "not built yet" for v in summary["stages"].values())
     write_json(ctx.out / "pipeline.json", summary)
     return summary
 
@@ -126,7 +128,7 @@ def _pipeline(args) -> int:
 
 
 def demo_data_settings(quick: bool) -> dict:
-    return {"num": 600, "size": 32, "max_objects": 1} if quick else {"num": 4000, "size": 32, "max_objects": 2}
+    return {"num": 600, "size": 32, "max_objects": 1} if quick else {"num": 4000, "size": 32, "max_objects": 1}
 
 
 def _demo(args) -> int:

@@ -105,7 +105,8 @@ def generate(ctx: PipelineContext, out: Path) -> dict:
         from cm3leon.data.checker import check_prompt
         from cm3leon.data.shapes import parse_caption
     summary = {"prompts": prompts, "methods": {}}
-    for method in progress(p.generate_methods, desc="generate", unit="method"):
+    bar = progress(total=len(p.generate_methods), desc="generate", unit="method")
+    for method in p.generate_methods:
         d = out / method
         d.mkdir(parents=True, exist_ok=True)
         samples = model.sample_images_batch(prompts, method=method, cfg_scale=p.cfg_scale, seed=ctx.seed)
@@ -128,6 +129,8 @@ def generate(ctx: PipelineContext, out: Path) -> dict:
             entry["accuracy_both"] = sum(allv) / max(1, len(allv))
             entry["by_num_objects"] = {k: sum(v) / len(v) for k, v in sorted(ok_by_count.items())}
         summary["methods"][method] = entry
+        bar.update(1)
+    bar.close()
     write_json(out / "summary.json", summary)
     return {m: e.get("accuracy_both") for m, e in summary["methods"].items()}
 

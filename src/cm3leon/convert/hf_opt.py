@@ -27,7 +27,7 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.model.config import ACTIVATIONS, ModelConfig
 from cm3leon.model.transformer import CM3LeonTransformer
 from cm3leon.tokenizers.vocab import SPECIAL_TOKENS
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, read_json
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 # Files that make a model directory self-describing; copied across by export and import.

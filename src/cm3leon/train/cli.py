@@ -73,7 +73,13 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     has_val = int(codes.meta.get("splits", {}).get("val", 0)) > 0
     val_data = CM3PretrainStream(codes_dir, "val", shuffle=False, epochs=1, **data_kw) if has_val else None
 
-    extra_files = {name: _resolve(codes_dir, codes.meta[name]) for name in MODEL_DIR_PARTS if codes.meta.get(name)}
+    # The tokenizers are named in the shards' meta.json; the retriever and its index in
+    # neighbors.json, written beside the shards by `cm3leon index neighbors`.
+    sources = dict(codes.meta)
+    if num_retrieved and (codes_dir / "neighbors.json").is_file():
+        nb_meta = json.loads((codes_dir / "neighbors.json").read_text())
+        sources.update({k: nb_meta[k] for k in ("retriever", "index") if nb_meta.get(k)})
+    extra_files = {name: _resolve(codes_dir, sources[name]) for name in MODEL_DIR_PARTS if sources.get(name)}
     summary = {"codes_dir": str(codes_dir), "preset": preset, "num_retrieved": num_retrieved,
                "order": data_kw["order"], "cm3": cm3.to_dict(),
                "init": str(overrides["init"]) if "init" in overrides else None}

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random model directories built in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def build_tiny_model_dir(d: Path, texts: list[str], *, vocab_size: int = 300, min_frequency: int = 1,
+                         num_sentinels: int = 16, weight_std: float | None = None, seed: int = 0) -> Path:
+    """A complete model directory (config + weights + vocab.json + text_tokenizer/ +
+    image_tokenizer/) with a `tiny` transformer, a BPE trained on `texts` and a `tiny` VQ.
+    `weight_std` re-draws every transformer weight from N(0, std) so outputs are not near-uniform
+    (the paper's init zeroes the output projections)."""
+    from cm3leon.model.config import ModelConfig
+    from cm3leon.model.transformer import CM3LeonTransformer
+    from cm3leon.tokenizers.image import VQModel, get_preset
+    from cm3leon.tokenizers.text import TextTokenizer
+    from cm3leon.tokenizers.vocab import Vocab
+
+    d = Path(d)
+    torch.manual_seed(seed)
+    tok = TextTokenizer.train(texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    tok.save(d / "text_tokenizer")
+    vq = VQModel(get_preset("tiny"))
+    vq.save_pretrained(d / "image_tokenizer")
+    vocab = Vocab(text_vocab_size=tok.vocab_size, image_vocab_size=vq.config.codebook_size, num_sentinels=num_sentinels)
+    vocab.save(d)
+    model = CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=vocab.size))
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, weight_std)
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_factory():
+    return build_tiny_model_dir
