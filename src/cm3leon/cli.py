@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "cm3leon.decode.cli",
     "cm3leon.eval.cli",
     "cm3leon.report_run",
+    "cm3leon.ablate_cli",
     "cm3leon.pipeline",
 )
 
