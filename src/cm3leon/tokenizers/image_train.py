@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.tokenizers.image import VQConfig, VQModel, codebook_stats, get_preset, tensor_to_images
+from cm3leon.tokenizers.image import (VQConfig, VQModel, code_stability, codebook_stats, get_preset,
+                                      tensor_to_images)
 from cm3leon.utils.io import atomic_path, read_json, write_json
 from cm3leon.utils.logging import MetricsLogger, progress
 
@@ -519,6 +520,8 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
         "tokens_per_image": cfg.tokens_per_image, "grid": list(cfg.grid), "codebook_size": cfg.codebook_size,
         "parameters": model.num_parameters, "lpips": lpips is not None, "gan": disc is not None,
         "reader_skipped": skipped,
+        # codes kept by encode -> decode -> encode on held-out images (re-tokenizing generated pictures)
+        "roundtrip_code_agreement": round(code_stability(model, eval_u8), 4),
     })
     checker = checker_recovery(eval_u8[:200], recons_u8[:200])
     if checker is not None:
