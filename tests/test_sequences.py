@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cm3leon.data.codes import CodeShardWriter
-from cm3leon.data.sequences import CM3PretrainStream, PackedStream, build_document, vocab_for_codes
+from cm3leon.data.sequences import (CM3PretrainStream, PackedStream, build_document, query_pair_cm3,
+                                    vocab_for_codes)
 from cm3leon.errors import CM3LeonError
 from cm3leon.objectives.cm3 import IGNORE_INDEX, CM3Config, CM3Example, invert_cm3
 from cm3leon.tokenizers.vocab import Vocab
@@ -128,6 +129,34 @@ def test_random_order_mixes_both_directions(tmp_path):
                                image_first_prob=0.5, cm3=CM3Config(poisson_lambda=0.0))
     firsts = {VOCAB.segments(stream.example(i, 0).tokens)[1][0] for i in range(20)}
     assert firsts == {"text", "image"}
+
+
+@pytest.mark.parametrize("order", ["text_first", "image_first"])
+def test_query_pair_stream_scores_the_same_tokens_at_any_num_retrieved(tmp_path, order):
+    """val_query_loss compares k = 2 and k = 0 fairly: the same records, the same scored tokens
+    (the query's text, image and their delimiters), never a retrieved document's."""
+    codes = make_codes(tmp_path)
+    scored = {}
+    for k in (0, 2):
+        stream = CM3PretrainStream(codes, "val", seq_len=128, num_retrieved=k, order=order, cm3=query_pair_cm3(),
+                                   shuffle=False, epochs=1, max_items=4)
+        assert stream.num_items == 4 < len(stream.codes)
+        per_doc = []
+        for i in range(stream.num_items):
+            ex = stream.example(i, 0)
+            gi = int(stream.codes.indices[i])
+            text, image = stream.codes.tokens(gi)
+            assert not VOCAB.is_mask(ex.tokens).any()  # unmasked: no CM3 span moved away
+            got = ex.targets[ex.targets != IGNORE_INDEX]
+            first, second = (VOCAB.text_to_ids(text), VOCAB.image_to_ids(image))[:: 1 if order == "text_first" else -1]
+            np.testing.assert_array_equal(got, np.concatenate([first, [VOCAB.break_id], second, [VOCAB.eos_id]]))
+            per_doc.append(got)
+            if k:
+                assert len(ex.tokens) > len(got) + 1  # the retrieved documents are context, not scored
+        blocks = [t[t != IGNORE_INDEX] for _, t, _, _ in stream._blocks(0, 1, 0, 0)]
+        np.testing.assert_array_equal(np.concatenate(blocks), np.concatenate(per_doc))
+        scored[k] = np.concatenate(per_doc)
+    np.testing.assert_array_equal(scored[0], scored[2])
 
 
 def test_missing_neighbours_file_is_a_clear_error(tmp_path):

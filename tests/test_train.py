@@ -54,14 +54,41 @@ def test_presets_match_model_presets_and_paper_values():
         TrainConfig(parallel="tp")
 
 
+def _split_losses(model, batches, vocab: Vocab) -> dict[str, float]:
+    """Reference: mean cross-entropy over all / text / image targets, from the logits."""
+    import torch.nn.functional as F
+
+    sums, counts = {"all": 0.0, "text": 0.0, "image": 0.0}, {"all": 0, "text": 0, "image": 0}
+    with torch.no_grad():
+        for tokens, targets in batches:
+            logits, _ = model(tokens)
+            ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            t = targets.flatten().numpy()
+            for name, keep in (("all", t != IGNORE_INDEX), ("text", vocab.is_text(t)), ("image", vocab.is_image(t))):
+                sums[name] += float(ce[torch.from_numpy(keep)].double().sum())
+                counts[name] += int(keep.sum())
+    return {name: sums[name] / counts[name] for name in sums}
+
+
 def test_tiny_pretrain_loss_decreases_and_writes_a_loadable_model_dir(tmp_path):
     codes = make_codes(tmp_path)
     out = tmp_path / "run"
-    summary = pretrain(codes, out, preset="tiny", steps=30)
+    summary = pretrain(codes, out, preset="tiny", steps=30, val_loss_on="both")
     curve = [loss for _, loss in losses(out)]
     assert len(curve) == 30 and all(np.isfinite(curve))
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.3
     assert summary["num_retrieved"] == 2 and summary["final_val_loss"] < curve[0]
+    # Every row splits the loss by modality and reports throughput and MFU.
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    for r in rows:
+        assert r["text_loss"] > 0 and r["image_loss"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["ppl"] == pytest.approx(np.exp(r["loss"]))
+    from cm3leon.model.transformer import flops_per_token
+
+    assert summary["peak_tflops_measured"] and summary["peak_tflops"] > 0
+    assert summary["mfu"] == pytest.approx(flops_per_token(ModelConfig.from_dict(
+        json.loads((out / "config.json").read_text())), 128) * summary["step_tokens_per_second"]
+        / (summary["peak_tflops"] * 1e12), rel=1e-3)
     model = CM3LeonTransformer.from_pretrained(out)
     assert Vocab.load(out) == Vocab(40, 32, 16)
     assert model.config.vocab_size == Vocab.load(out).size
@@ -76,6 +103,21 @@ def test_tiny_pretrain_loss_decreases_and_writes_a_loadable_model_dir(tmp_path):
     batches = loop._val_batches(val, TrainConfig.from_preset("tiny"), loop.setup_distributed())
     assert loop.evaluate(model, batches, loop.setup_distributed(), loop.nullcontext) == pytest.approx(
         summary["final_val_loss"], rel=1e-5)
+    # The text / image split of the validation loss matches a direct computation from logits.
+    ref = _split_losses(model, batches, Vocab.load(out))
+    assert (summary["final_val_loss"], summary["final_val_text_loss"], summary["final_val_image_loss"]) == \
+        pytest.approx((ref["all"], ref["text"], ref["image"]), rel=1e-5)
+    assert ref["text"] != pytest.approx(ref["image"], rel=1e-2)
+    # The query-pair loss: the query's tokens only, unmasked, over the first validation records.
+    from cm3leon.data.sequences import query_pair_cm3
+
+    query = CM3PretrainStream(codes, "val", seq_len=128, num_retrieved=2, vocab=Vocab.load(out), shuffle=False,
+                              epochs=1, cm3=query_pair_cm3())
+    ref = _split_losses(model, loop._val_batches(query, TrainConfig.from_preset("tiny"), loop.setup_distributed(),
+                                                 limit=10**6), Vocab.load(out))
+    assert (summary["final_val_query_loss"], summary["final_val_query_image_loss"]) == pytest.approx(
+        (ref["all"], ref["image"]), rel=1e-5)
+    assert summary["final_val_query_loss"] != pytest.approx(summary["final_val_loss"], rel=1e-3)
     # Checkpoints: the newest two, each complete.
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-00000020", "step-00000030"]
@@ -89,7 +131,7 @@ def test_tiny_pretrain_loss_decreases_and_writes_a_loadable_model_dir(tmp_path):
 
 def test_resume_after_interruption_reproduces_the_losses_bit_for_bit(tmp_path, monkeypatch):
     codes = make_codes(tmp_path)
-    settings = dict(preset="tiny", steps=16, ckpt_every=5, seed=7, dtype="fp32", batch_tokens=1024)
+    settings = dict(preset="tiny", steps=16, ckpt_every=5, seed=7, dtype="fp32", batch_tokens=1024, peak_tflops=2.0)
     pretrain(codes, tmp_path / "straight", **settings)
 
     real_lr_at = loop.lr_at
@@ -106,6 +148,7 @@ def test_resume_after_interruption_reproduces_the_losses_bit_for_bit(tmp_path, m
     assert len(losses(tmp_path / "resumed")) == 13
     summary = pretrain(codes, tmp_path / "resumed", **settings)
     assert summary["resumed_from_step"] == 10  # the newest checkpoint before the crash
+    assert (summary["peak_tflops"], summary["peak_tflops_measured"]) == (2.0, False)  # a given peak is used as is
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exact floats
 
 
@@ -133,6 +176,128 @@ def test_rejects_blocks_longer_than_the_model_context(tmp_path):
         pretrain(make_codes(tmp_path, neighbors=0), tmp_path / "run", preset="tiny", seq_len=256, steps=1)
 
 
+def _tiny_checkpoint(tmp_path: Path, n_layer: int = 2):
+    from cm3leon.train import checkpoint as ckpt
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=88, n_layer=n_layer)
+    model = CM3LeonTransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    info = loop.setup_distributed()
+    path = ckpt.save_checkpoint(tmp_path / "ckpts", 3, model, opt, {"tokens_seen": 0, "data": None,
+                                                                     "model_config": cfg.to_dict()}, info)
+    return ckpt, path, model, opt, info, cfg
+
+
+def test_truncated_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    ckpt, path, model, opt, info, cfg = _tiny_checkpoint(tmp_path)
+    assert ckpt.load_checkpoint(path, model, opt, info, cfg.to_dict())["step"] == 3
+    # A checkpoint of another model config: refused before any weight is loaded.
+    other = CM3LeonTransformer(cfg.replace(n_layer=3))
+    with pytest.raises(CM3LeonError, match=r"step-00000003.*different model config.*n_layer: 2 in the checkpoint, 3"):
+        ckpt.load_checkpoint(path, other, torch.optim.AdamW(other.parameters()), info, other.config.to_dict())
+    # Without a config to compare (any module), the weights' shapes still give a clear error.
+    with pytest.raises(CM3LeonError, match=r"step-00000003: checkpoint does not fit the model"):
+        ckpt.load_checkpoint(path, other, torch.optim.AdamW(other.parameters()), info)
+    damages = {  # file -> (damage, expected message)
+        "model.safetensors": ("truncate", "checkpoint weights file truncated or corrupt"),
+        "optimizer.pt": ("truncate", "optimizer state file truncated or corrupt"),
+        "rng.pt": ("delete", "RNG state file missing"),
+        "trainer_state.json": ("delete", "checkpoint state missing"),
+    }
+    for name, (damage, message) in damages.items():
+        ckpt.save_checkpoint(tmp_path / "ckpts", 3, model, opt, {"tokens_seen": 0, "data": None}, info)
+        file = path / name
+        if damage == "truncate":
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        else:
+            file.unlink()
+        with pytest.raises(CM3LeonError, match=rf"step-00000003/{name}: {message}"):
+            ckpt.load_checkpoint(path, model, opt, info)
+
+
+def test_truncated_or_incomplete_model_directory_is_a_clear_error(tmp_path):
+    vocab = Vocab(40, 32, 16)
+    CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=vocab.size)).save_pretrained(tmp_path / "m")
+    assert isinstance(loop.build_model(tmp_path / "m", vocab), CM3LeonTransformer)
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(CM3LeonError, match=r"m/model.safetensors: weights file truncated"):
+        loop.build_model(tmp_path / "m", vocab)
+    weights.unlink()
+    with pytest.raises(CM3LeonError, match=r"m/model.safetensors: missing"):
+        loop.build_model(tmp_path / "m", vocab)
+
+
+def test_resuming_a_run_with_another_model_config_names_the_checkpoint(tmp_path):
+    codes = make_codes(tmp_path, neighbors=0)
+    pretrain(codes, tmp_path / "run", preset="tiny", steps=1, eval_every=0)
+    with pytest.raises(CM3LeonError, match=r"step-00000001: checkpoint of a different model config.*d_model"):
+        pretrain(codes, tmp_path / "run", preset="tiny", steps=2, model={"d_model": 64})
+
+
+def test_config_file_flags_and_set_merge_with_typed_values(tmp_path):
+    from cm3leon.objectives.cm3 import CM3Config
+    from cm3leon.train.options import load_pretrain_options
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    # The shipped demo config spells out the demo preset exactly.
+    data, out, preset, over = load_pretrain_options(root / "pretrain_demo.yaml")
+    train_keys = set(TrainConfig.__dataclass_fields__)
+    assert preset == "demo" and (data, out) == ("runs/demo/tokenize", "runs/demo/pretrain")
+    assert TrainConfig.from_preset("demo", **{k: v for k, v in over.items() if k in train_keys}) == \
+        TrainConfig.from_preset("demo")
+    assert ModelConfig.from_preset("demo", vocab_size=100, **over["model"]) == ModelConfig.from_preset("demo", vocab_size=100)
+    assert CM3Config(**{k: v for k, v in over.items() if k in CM3Config.__dataclass_fields__}) == CM3Config()
+    _, _, preset, over = load_pretrain_options(root / "pretrain_350m.yaml")
+    paper = TrainConfig.from_preset("350m")
+    assert (over["lr"], over["steps"], over["batch_tokens"], over["warmup_steps"], over["betas"]) == \
+        (paper.lr, paper.steps, paper.batch_tokens, paper.warmup_steps, paper.betas)
+    # file < flags < --set; values typed by their field ("6e-4" is a float, "1,2" a tuple).
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("preset: tiny\ntrain:\n  lr: 6e-4\n  steps: 5\n  seed: 1\ncm3:\n  mask_segments: [-2, -1]\n"
+                   "sequences:\n  order: random\n")
+    _, _, preset, over = load_pretrain_options(cfg, ["seed=3", "train.betas=0.9,0.95", "compile=true",
+                                                     "model.d_ff=null", "cm3.loss_on=[-1, spans]"],
+                                               {"steps": 7, "seed": 2, "lr": None})
+    assert preset == "tiny"
+    assert over == {"lr": 6e-4, "steps": 7, "seed": 3, "betas": (0.9, 0.95), "compile": True,
+                    "mask_segments": [-2, -1], "loss_on": [-1, "spans"], "order": "random", "model": {"d_ff": None}}
+    (tmp_path / "run.json").write_text(json.dumps({"train": {"steps": 4}}))
+    assert load_pretrain_options(tmp_path / "run.json")[3] == {"steps": 4}
+    # Bad keys and values name the key and the file (or the --set).
+    for text, match in (("train:\n  lrr: 1\n", r"run.yaml: unknown key 'train.lrr'"),
+                        ("train:\n  lr: fast\n", r"run.yaml: train.lr must be float, got 'fast'"),
+                        ("train:\n  steps: 2.5\n", r"run.yaml: train.steps must be int"),
+                        ("train:\n  parallel: tp\n", r"run.yaml: TrainConfig.parallel must be one of"),
+                        ("sequences:\n  order: sideways\n", r"run.yaml: sequences.order must be one of"),
+                        ("cm3: [1]\n", r"run.yaml: section 'cm3' must be a mapping"),
+                        ("train: {steps: [\n", r"run.yaml: not valid YAML")):
+        cfg.write_text(text)
+        with pytest.raises(CM3LeonError, match=match):
+            load_pretrain_options(cfg)
+    with pytest.raises(CM3LeonError, match=r"--set max_spans=x: cm3.max_spans must be int"):
+        load_pretrain_options(None, ["max_spans=x"])
+    with pytest.raises(CM3LeonError, match=r"--set nope=1: unknown key 'nope'"):
+        load_pretrain_options(None, ["nope=1"])
+    with pytest.raises(CM3LeonError, match=r"--config .*missing.yaml: file not found"):
+        load_pretrain_options(tmp_path / "missing.yaml")
+
+
+def test_cli_pretrain_runs_from_a_config_file(tmp_path, capsys):
+    from cm3leon.cli import main
+
+    codes = make_codes(tmp_path, neighbors=0)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"preset: tiny\ndata: {codes}\nout: {tmp_path / 'run'}\ntrain:\n  steps: 3\n  lr: 2e-3\n"
+                   "  eval_every: 0\n  log_every: 1\n")
+    assert main(["pretrain", "--config", str(cfg), "--set", "train.steps=2", "--peak-tflops", "1.5"]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["train_config"]["lr"] == 2e-3 and summary["peak_tflops"] == 1.5
+    cfg.write_text("train:\n  steps: 0\n")
+    assert main(["pretrain", "--config", str(cfg), "--data", str(codes), "--out", str(tmp_path / "x")]) == 2
+    assert "TrainConfig.steps must be >= 1" in capsys.readouterr().err
+
+
 def _torchrun(codes: Path, out: Path, parallel: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -158,3 +323,30 @@ def test_torchrun_two_processes_fsdp2_and_ddp_agree_and_export_a_model(tmp_path)
         assert (out / "vocab.json").is_file() and (out / "checkpoints" / "step-00000008").is_dir()
     # Same data, same init, same maths: sharding the model must not change the losses.
     np.testing.assert_allclose(curves["fsdp2"], curves["ddp"], rtol=1e-5)
+
+    # The FSDP2 run's outputs reload in ONE process: the model directory and the final
+    # (sharded-then-gathered) checkpoint give identical logits, and together reproduce the
+    # validation loss the two ranks measured (each rank's shard of the validation blocks).
+    from cm3leon.data.sequences import CM3PretrainStream
+    from cm3leon.train import checkpoint as ckpt
+
+    out = tmp_path / "fsdp2"
+    summary = json.loads((out / "train_summary.json").read_text())
+    exported = CM3LeonTransformer.from_pretrained(out)
+    fresh = CM3LeonTransformer(exported.config)
+    info = loop.setup_distributed()
+    state = ckpt.load_checkpoint(out / "checkpoints" / "step-00000008", fresh,
+                                 torch.optim.AdamW(fresh.parameters()), info, exported.config.to_dict())
+    assert state["step"] == 8 and state["world_size"] == 2
+    tokens = torch.randint(0, exported.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(tokens)[0], fresh.eval()(tokens)[0])
+    cfg = TrainConfig.from_preset("tiny")
+    batches = []
+    for rank in range(2):
+        val = CM3PretrainStream(codes, "val", seq_len=cfg.seq_len, num_retrieved=1, vocab=Vocab.load(out),
+                                shuffle=False, epochs=1)
+        val.set_shard(rank, 2)
+        batches += loop._val_batches(val, cfg, info)
+    assert loop.evaluate(exported, batches, info, loop.nullcontext) == pytest.approx(summary["final_val_loss"],
+                                                                                     rel=1e-5)

@@ -34,6 +34,16 @@ from cm3leon.tokenizers.vocab import Vocab
 
 ORDERS = ("text_first", "image_first", "random")
 NEIGHBORS_FILE = "neighbors.npy"
+# CM3 segment numbers of the query pair in `build_document`'s layout (cm3.segment_ids):
+# -2 = query text + its <break>, -1 = query image + the final <eos> (swapped for image_first).
+QUERY_PAIR_SEGMENTS = (-2, -1)
+
+
+def query_pair_cm3() -> CM3Config:
+    """CM3 settings that score only the query pair, unmasked: the loss is taken on the same
+    tokens (the query's text and image given what precedes them) whatever the number of
+    retrieved documents, so runs with k = 2 and k = 0 compare fairly."""
+    return CM3Config(poisson_lambda=0.0, min_spans=0, max_spans=0, loss_on=list(QUERY_PAIR_SEGMENTS))
 
 
 def build_document(query_text_ids: Sequence[int] | np.ndarray, query_image_codes: Sequence[int] | np.ndarray,
@@ -235,7 +245,8 @@ class CM3PretrainStream(PackedStream):
     def __init__(self, codes: CodeDataset | str | Path, split: str = "train", seq_len: int = 512,
                  num_retrieved: int = 0, order: str = "text_first", image_first_prob: float = 0.5,
                  cm3: CM3Config | None = None, vocab: Vocab | None = None, seed: int = 0,
-                 shuffle: bool = True, epochs: int | None = None, neighbors: str | Path | None = None):
+                 shuffle: bool = True, epochs: int | None = None, neighbors: str | Path | None = None,
+                 max_items: int | None = None):
         self.codes = codes if isinstance(codes, CodeDataset) and codes.split == split else CodeDataset(
             codes.path if isinstance(codes, CodeDataset) else codes, split=split)
         self.vocab = vocab or vocab_for_codes(self.codes)
@@ -250,10 +261,13 @@ class CM3PretrainStream(PackedStream):
         self.num_retrieved = int(num_retrieved)
         self.cm3 = cm3 or CM3Config()
         self.neighbors = load_neighbors(self.codes, self.num_retrieved, neighbors)
+        if max_items is not None and max_items < 1:
+            raise CM3LeonError(f"max_items must be >= 1 or None, got {max_items}")
+        self.max_items = max_items  # only the split's first records (a fixed evaluation set)
 
     @property
     def num_items(self) -> int:
-        return len(self.codes)
+        return len(self.codes) if self.max_items is None else min(len(self.codes), self.max_items)
 
     def retrieved_indices(self, gi: int) -> list[int]:
         """The first `num_retrieved` valid neighbours of record `gi` (global indices)."""

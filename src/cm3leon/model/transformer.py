@@ -174,11 +174,14 @@ class CM3LeonTransformer(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attn_mask: torch.Tensor | None = None,
+                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens (B, T) -> (logits (B, T, vocab_size), loss or None).
 
         targets: (B, T) next-token ids, -100 ignored; loss = mean fp32 cross-entropy over
             the other positions (0 when none is counted).
+        reduction: "mean" (above) or "none": the (B, T) fp32 per-token losses, 0 where
+            ignored (the trainer splits them by modality without a second pass).
         input_pos: (T,) cache slots written by this call (needs `setup_caches`); attention
             then covers cache slots [0, S) causally by slot index. Prefill: arange(T);
             decode: tensor([t]).
@@ -213,9 +216,15 @@ class CM3LeonTransformer(nn.Module):
         loss = None
         if targets is not None:
             flat_targets = targets.reshape(-1)
-            losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat_targets,
-                                     ignore_index=-100, reduction="sum")
-            loss = losses / (flat_targets != -100).sum().clamp(min=1)
+            if reduction == "none":
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat_targets,
+                                       ignore_index=-100, reduction="none").view(targets.shape)  # (B, T)
+            elif reduction == "mean":
+                losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat_targets,
+                                         ignore_index=-100, reduction="sum")
+                loss = losses / (flat_targets != -100).sum().clamp(min=1)
+            else:
+                raise CM3LeonError(f"forward: reduction must be 'mean' or 'none', got {reduction!r}")
         return logits, loss
 
     def _attention_mask(self, B: int, T: int, input_pos: torch.Tensor | None,

@@ -75,27 +75,79 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    info: DistInfo) -> dict:
-    """Restore weights, optimizer and RNG from `path` (rank 0 reads, the others receive);
-    returns the trainer state with `data` set to this rank's data-stream state."""
+def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt one is a CM3LeonError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CM3LeonError(f"{path}: {what} file missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CM3LeonError(f"{path}: {what} file truncated or corrupt ({e})") from None
+
+
+def _read_torch(path: Path, what: str):
+    if not path.is_file():
+        raise CM3LeonError(f"{path}: {what} file missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CM3LeonError(f"{path}: {what} file truncated or corrupt ({str(e).split('. ')[0]})") from None
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """`trainer_state.json` of a checkpoint directory (CM3LeonError naming it when missing/bad)."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        return read_json(file, "checkpoint state")
+    except (FileNotFoundError, ValueError) as e:
+        raise CM3LeonError(f"{file}: checkpoint state missing or unreadable ({e})") from None
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'field: saved -> current' for every field that differs between two config dicts."""
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    info: DistInfo, model_config: dict | None = None) -> dict:
+    """Restore weights, optimizer and RNG from `path` (rank 0 reads, the others receive);
+    returns the trainer state with `data` set to this rank's data-stream state.
+
+    A missing or truncated file, or a checkpoint saved for another `model_config` (checked
+    before any weight is touched), is a CM3LeonError naming the file, on every rank."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     path = Path(path)
-    state = read_json(path / "trainer_state.json", "checkpoint state")
-    model_sd, optim_sd = {}, {}
-    if info.is_main or not info.distributed:
-        model_sd = load_file(str(path / "model.safetensors"))
-        optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = read_trainer_state(path)
+    saved_config = state.get("model_config")
+    if model_config is not None and saved_config and saved_config != model_config:
+        raise CM3LeonError(f"{path}: checkpoint of a different model config ("
+                           + "; ".join(config_differences(saved_config, model_config))
+                           + f"); use a new run directory or delete {path.parent}")
+    model_sd, optim_sd, rngs, error = {}, {}, None, None
+    if info.is_main:
+        try:
+            model_sd = read_safetensors(path / "model.safetensors", "checkpoint weights")
+            optim_sd = _read_torch(path / "optimizer.pt", "optimizer state")
+            rngs = _read_torch(path / "rng.pt", "RNG state")
+        except CM3LeonError as e:
+            error = str(e)
+    error = broadcast_object(error, info)  # every rank fails the same way instead of hanging
+    if error:
+        raise CM3LeonError(error)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
     try:
         set_model_state_dict(model, model_sd, options=opts)
-    except RuntimeError as e:
-        raise CM3LeonError(f"{path}: checkpoint weights do not fit the model ({e})") from None
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    rngs = broadcast_object(torch.load(path / "rng.pt", weights_only=True) if info.is_main else None, info)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CM3LeonError(f"{path}: checkpoint does not fit the model ({e})") from None
+    rngs = broadcast_object(rngs, info)
     data = state.get("data") or []
     if int(state.get("world_size", 1)) == info.world_size:
         torch.set_rng_state(rngs[info.rank])

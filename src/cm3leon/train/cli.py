@@ -1,7 +1,8 @@
 """`cm3leon pretrain`: CM3 + retrieval-augmented pretraining on code shards.
 
 One process:      cm3leon pretrain --data runs/x/tokenize --out runs/x/pretrain --preset demo
-Several (FSDP2):  torchrun --nproc_per_node=8 -m cm3leon.cli pretrain --data ... --out ... --preset 350m
+From a file:      cm3leon pretrain --config configs/pretrain_demo.yaml --set train.lr=1e-3
+Several (FSDP2):  torchrun --nproc_per_node=8 -m cm3leon.cli pretrain --config configs/pretrain_350m.yaml
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from cm3leon.errors import CM3LeonError
 
 # Folders named in the code shards' meta.json that belong in the model directory.
 MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
-DATA_OPTIONS = ("num_retrieved", "order", "image_first_prob")
+DATA_OPTIONS = ("num_retrieved", "order", "image_first_prob", "val_query_records")
+DEFAULT_VAL_QUERY_RECORDS = 256  # validation records scored by the query-pair loss
 
 
 def _resolve(codes_dir: Path, value: str) -> Path:
@@ -31,17 +33,20 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     760m, 7b). overrides: any TrainConfig field (steps, seq_len, lr, batch_tokens, parallel,
     seed, ...); CM3Config fields (poisson_lambda, min_spans, max_spans, mask_segments);
     num_retrieved (default: 2 when the codes have neighbors.npy, else 0); order
-    (text_first | image_first | random); image_first_prob; init (a model directory to start
-    from instead of a fresh model); model (a dict of ModelConfig overrides)."""
+    (text_first | image_first | random); image_first_prob; val_query_records (the first N
+    validation records, scored by the query-pair loss when val_loss_on is "query" or
+    "both"); init (a model directory to start from instead of a fresh model); model (a dict
+    of ModelConfig overrides). A config file maps onto these: see `cm3leon.train.options`."""
     import numpy as np
 
     from cm3leon.data.codes import CodeDataset
-    from cm3leon.data.sequences import NEIGHBORS_FILE, CM3PretrainStream, vocab_for_codes
+    from cm3leon.data.sequences import NEIGHBORS_FILE, CM3PretrainStream, query_pair_cm3, vocab_for_codes
     from cm3leon.model.config import ModelConfig
     from cm3leon.objectives.cm3 import CM3Config
     from cm3leon.tokenizers.vocab import Vocab
     from cm3leon.train.config import TrainConfig
-    from cm3leon.train.loop import train
+    from cm3leon.train.loop import VAL, VAL_QUERY, train
+    from cm3leon.train.options import check_sequence_options
 
     codes_dir, out_dir = Path(codes_dir), Path(out_dir)
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -52,6 +57,7 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
         raise CM3LeonError(f"pretrain: unknown option(s) {unknown}")
     cfg = TrainConfig.from_preset(preset, **{k: v for k, v in overrides.items() if k in train_keys})
     cm3 = CM3Config(**{k: v for k, v in overrides.items() if k in cm3_keys})
+    check_sequence_options({k: overrides.get(k) for k in DATA_OPTIONS})
 
     codes = CodeDataset(codes_dir)
     vocab = vocab_for_codes(codes)
@@ -71,7 +77,15 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
                    image_first_prob=overrides.get("image_first_prob", 0.5), cm3=cm3, vocab=vocab, seed=cfg.seed)
     train_data = CM3PretrainStream(codes_dir, "train", **data_kw)
     has_val = int(codes.meta.get("splits", {}).get("val", 0)) > 0
-    val_data = CM3PretrainStream(codes_dir, "val", shuffle=False, epochs=1, **data_kw) if has_val else None
+    val_data = {}
+    if has_val and cfg.val_loss_on in ("all", "both"):
+        val_data[VAL] = CM3PretrainStream(codes_dir, "val", shuffle=False, epochs=1, **data_kw)
+    if has_val and cfg.val_loss_on in ("query", "both"):
+        # The query pair alone, unmasked, after its retrieved documents: the same tokens of
+        # the same records at any num_retrieved (a fair k = 2 vs k = 0 comparison).
+        val_data[VAL_QUERY] = CM3PretrainStream(
+            codes_dir, "val", shuffle=False, epochs=1, **{**data_kw, "cm3": query_pair_cm3()},
+            max_items=int(overrides.get("val_query_records", DEFAULT_VAL_QUERY_RECORDS)))
 
     # The tokenizers are named in the shards' meta.json; the retriever and its index in
     # neighbors.json, written beside the shards by `cm3leon index neighbors`.
@@ -82,15 +96,23 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     extra_files = {name: _resolve(codes_dir, sources[name]) for name in MODEL_DIR_PARTS if sources.get(name)}
     summary = {"codes_dir": str(codes_dir), "preset": preset, "num_retrieved": num_retrieved,
                "order": data_kw["order"], "cm3": cm3.to_dict(),
-               "init": str(overrides["init"]) if "init" in overrides else None}
-    return train(model, train_data, val_data, cfg, out_dir, vocab, extra_files=extra_files, extra_summary=summary)
+               "init": str(overrides["init"]) if "init" in overrides else None,
+               "val_query_records": val_data[VAL_QUERY].num_items if VAL_QUERY in val_data else None}
+    return train(model, train_data, val_data or None, cfg, out_dir, vocab, extra_files=extra_files,
+                 extra_summary=summary)
 
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="CM3 + retrieval-augmented pretraining on code shards (torchrun-aware)")
-    p.add_argument("--data", required=True, help="tokenized directory (cm3leon tokenize output)")
-    p.add_argument("--out", required=True, help="run/model directory; re-running resumes from its checkpoints")
-    p.add_argument("--preset", default="demo", help="model + train preset: tiny, demo-small, demo, 350m, 760m, 7b")
+    p.add_argument("--config", default=None,
+                   help="YAML/JSON file of options (preset, data, out, train:, model:, cm3:, sequences:); "
+                        "see configs/pretrain_demo.yaml. Flags and --set override it")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option, e.g. --set train.lr=3e-4 --set cm3.max_spans=4 (repeatable)")
+    p.add_argument("--data", default=None, help="tokenized directory (cm3leon tokenize output)")
+    p.add_argument("--out", default=None, help="run/model directory; re-running resumes from its checkpoints")
+    p.add_argument("--preset", default=None,
+                   help="model + train preset: tiny, demo-small, demo (default), 350m, 760m, 7b")
     p.add_argument("--init", default=None, help="model directory to start from instead of a fresh model")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens per step over all ranks (paper 8M)")
@@ -102,6 +124,11 @@ def register(sub) -> None:
                    help="retrieved documents per sample (default 2 with neighbors.npy, else 0)")
     p.add_argument("--order", choices=("text_first", "image_first", "random"), default=None,
                    help="pair order: text_first (text->image), image_first, random per sample")
+    p.add_argument("--val-loss-on", choices=("all", "query", "both"), default=None,
+                   help="validation loss on all CM3 targets, on the query pair only (val_query_loss: "
+                        "comparable across --num-retrieved), or both")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak TFLOP/s for MFU (default: measured by a matmul in the run's dtype)")
     p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2"), default=None,
                    help="auto: fsdp2 under torchrun, else none")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
@@ -112,11 +139,22 @@ def register(sub) -> None:
     p.set_defaults(func=_pretrain)
 
 
+FLAGS = ("data", "out", "preset", "init", "steps", "batch_tokens", "micro_batch_size", "seq_len", "lr",
+         "warmup_steps", "num_retrieved", "order", "val_loss_on", "peak_tflops", "parallel", "dtype",
+         "activation_checkpointing", "compile", "num_workers", "seed")
+
+
 def _pretrain(args) -> int:
-    keys = ("init", "steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "warmup_steps", "num_retrieved",
-            "order", "parallel", "dtype", "activation_checkpointing", "compile", "num_workers", "seed")
-    summary = pretrain(args.data, args.out, preset=args.preset, **{k: getattr(args, k) for k in keys})
+    from cm3leon.train.options import load_pretrain_options
+
+    data, out, preset, overrides = load_pretrain_options(args.config, args.sets,
+                                                         {k: getattr(args, k) for k in FLAGS})
+    for name, value in (("data", data), ("out", out)):
+        if value is None:
+            raise CM3LeonError(f"pretrain: no {name} directory; pass --{name} or set `{name}:` in --config")
+    summary = pretrain(data, out, preset=preset, **overrides)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: summary[k] for k in ("steps", "tokens_seen", "final_train_loss", "final_val_loss",
-                                                  "tokens_per_second", "parallel", "world_size")}, indent=2))
+        keys = ("steps", "tokens_seen", "final_train_loss", "final_text_loss", "final_image_loss", "final_val_loss",
+                "final_val_query_loss", "tokens_per_second", "mfu", "parallel", "world_size")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0

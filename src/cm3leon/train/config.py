@@ -16,6 +16,7 @@ from cm3leon.errors import CM3LeonError
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
 DECAYS = ("linear", "cosine")
+VAL_LOSS_ON = ("all", "query", "both")
 
 PAPER_BATCH_TOKENS = 8 * 1024 * 1024  # "8M tokens" per optimizer step
 
@@ -41,6 +42,11 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl rows
     eval_every: int = 500  # steps between validation passes (0: only at the end)
     eval_batches: int = 20  # micro-batches per validation pass, per rank
+    # Validation loss on "all" target tokens of the CM3 blocks (val_loss), on the "query"
+    # pair alone, unmasked, after its retrieved documents (val_query_loss: the same tokens
+    # scored at any num_retrieved, so k=2 and k=0 runs compare fairly), or "both".
+    val_loss_on: str = "all"
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: measured at start (a GEMM in the run's dtype)
     ckpt_every: int = 1000  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
@@ -57,13 +63,16 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "ckpt_every", "num_workers"):
             if int(getattr(self, name)) < 0:
                 raise CM3LeonError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.peak_tflops >= 0:
+            raise CM3LeonError(f"TrainConfig.peak_tflops must be >= 0 (0: measure), got {self.peak_tflops!r}")
         if not self.lr > 0:
             raise CM3LeonError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise CM3LeonError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise CM3LeonError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name, allowed in (("parallel", PARALLEL), ("dtype", DTYPES), ("decay", DECAYS)):
+        for name, allowed in (("parallel", PARALLEL), ("dtype", DTYPES), ("decay", DECAYS),
+                              ("val_loss_on", VAL_LOSS_ON)):
             if getattr(self, name) not in allowed:
                 raise CM3LeonError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -1,14 +1,18 @@
 """The training loop: any dataset of (tokens, targets) blocks, one process or torchrun.
 
 Used by pretraining (CM3 + retrieval blocks) and instruction tuning alike. What it does per
-optimizer step: `grad_accum_steps` micro-batches per rank, loss weighted by each
-micro-batch's share of the step's target tokens (so the step's loss is the mean over all
-its tokens on all ranks), clip, AdamW, LR from `schedule.lr_at`. Around it: metrics.jsonl,
-validation, atomic checkpoints with automatic resume, and the final model directory.
+optimizer step (`train_step`): `grad_accum_steps` micro-batches per rank, the per-token
+losses summed and divided by the step's target tokens on all ranks (so the step's loss is
+the mean over all of them), clip, AdamW, LR from `schedule.lr_at`. The same per-token losses
+give the text-token and image-token losses (the targets' kind in the `Vocab`) with no second
+pass. Around it: metrics.jsonl (losses, perplexities, tokens/s, MFU against a given or
+measured peak), validation, atomic checkpoints with automatic resume, and the final model
+directory.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shutil
@@ -27,7 +31,8 @@ from cm3leon.objectives.cm3 import IGNORE_INDEX
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.train import checkpoint as ckpt
 from cm3leon.train.config import TrainConfig
-from cm3leon.train.parallel import (DistInfo, all_reduce_min, all_reduce_sum, apply_parallelism, barrier,
+from cm3leon.train.flops import measure_matmul_tflops, mfu
+from cm3leon.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, apply_parallelism, barrier,
                                     resolve_parallel, setup_distributed, teardown_distributed, unwrap)
 from cm3leon.train.schedule import lr_at
 from cm3leon.utils.io import atomic_path, write_json, write_jsonl
@@ -35,6 +40,7 @@ from cm3leon.utils.logging import MetricsLogger, progress, read_metrics
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+VAL, VAL_QUERY = "val", "val_query"  # validation sets: all CM3 targets / the query pair only
 
 
 def build_model(model: Any, vocab: Vocab) -> nn.Module:
@@ -49,13 +55,33 @@ def build_model(model: Any, vocab: Vocab) -> nn.Module:
         if isinstance(model, ModelConfig):
             net = CM3LeonTransformer(model)
         elif isinstance(model, (str, os.PathLike)):
-            net = CM3LeonTransformer.from_pretrained(model)
+            net = _load_model_dir(Path(model))
         else:
             raise CM3LeonError(f"model must be a ModelConfig, a model directory or a module, got {type(model).__name__}")
     size = getattr(getattr(net, "config", None), "vocab_size", None)
     if size is not None and size < vocab.size:
         raise CM3LeonError(f"the model's vocab_size {size} is smaller than the vocabulary ({vocab.size} ids)")
     return net.train()
+
+
+def _load_model_dir(path: Path) -> nn.Module:
+    """`CM3LeonTransformer.from_pretrained`, with a missing, truncated or mismatched file
+    reported as a CM3LeonError naming it."""
+    from safetensors import SafetensorError
+
+    from cm3leon.model.transformer import CONFIG_NAME, WEIGHTS_NAME, CM3LeonTransformer
+
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise CM3LeonError(f"{path / name}: missing (not a model directory)")
+    try:
+        return CM3LeonTransformer.from_pretrained(path)
+    except CM3LeonError:
+        raise
+    except SafetensorError as e:
+        raise CM3LeonError(f"{path / WEIGHTS_NAME}: weights file truncated or corrupt ({e})") from None
+    except ValueError as e:  # config.json that is not JSON
+        raise CM3LeonError(f"{path / CONFIG_NAME}: {e}") from None
 
 
 def _as_stream(data, cfg: TrainConfig, info: DistInfo, epochs: int | None, shuffle: bool):
@@ -126,37 +152,151 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the config's betas / eps, weight decay on matrices only (LR set per step)."""
+    return torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             foreach=True)
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[tuple[torch.Tensor, torch.Tensor]],
+               info: DistInfo, autocast=nullcontext, grad_clip: float = 1.0, vocab: Vocab | None = None,
+               parallel: str = "none", per_token: bool | None = None) -> dict[str, float | None]:
+    """One optimizer step over the micro-batches (gradient accumulation): forward + backward
+    each, clip, optimizer step. Returns the step's mean `loss` over all its target tokens on
+    all ranks, `text_loss` / `image_loss` (with `vocab`), perplexities and `grad_norm`."""
+    per_token = _per_token(net) if per_token is None else per_token
+    kinds, counts = zip(*(_counts(t, vocab) for _, t in micro))
+    step_counts = all_reduce_sum([sum(c[j] for c in counts) for j in range(3)], info)
+    # The step's loss is the mean over all its target tokens on all ranks; ranks' gradients
+    # are averaged by DDP / FSDP, hence the world_size factor.
+    scale = info.world_size / max(step_counts[0], 1.0)
+    sums = torch.zeros(3, dtype=torch.float64, device=info.device)
+    for i, (tokens, targets) in enumerate(micro):
+        with _grad_sync(net, parallel, i == len(micro) - 1):
+            with autocast():
+                total, s = _loss_sums(net, tokens.to(info.device), targets.to(info.device),
+                                      kinds[i].to(info.device), per_token)
+            (total * scale).backward()
+        sums += s.double()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_sums = all_reduce_sum(sums.tolist(), info)  # the step's one device sync
+    return {**_means(step_sums, step_counts), "grad_norm": float(grad_norm)}
+
+
+def _per_token(net: nn.Module) -> bool:
+    """Whether the model returns per-token losses (`reduction="none"`), needed to split the
+    loss by modality; any module with forward(tokens, targets) -> (logits, loss) still trains."""
+    try:
+        return "reduction" in inspect.signature(unwrap(net).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _counts(targets: torch.Tensor, vocab: Vocab | None) -> tuple[torch.Tensor, list[float]]:
+    """Per-position kind of the predicted token, (B, T) int8: 1 text, 2 image, 0 other
+    (specials, sentinels, ignored); and the counts [targets, text targets, image targets]."""
+    counted = targets != IGNORE_INDEX
+    kinds = torch.zeros(targets.shape, dtype=torch.int8)
+    if vocab is not None:
+        kinds[torch.from_numpy(vocab.is_text(targets.cpu()))] = 1
+        kinds[torch.from_numpy(vocab.is_image(targets.cpu()))] = 2
+    return kinds, [float(counted.sum()), float((kinds == 1).sum()), float((kinds == 2).sum())]
+
+
+def _loss_sums(net: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
+               per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: (sum of the token losses, with grad; detached [sum, text sum, image sum]).
+    The modality sums come from the same per-token losses: no second pass."""
+    if per_token:
+        _, losses = net(tokens, targets, reduction="none")  # (B, T), 0 where ignored
+        total = losses.sum()
+        d = losses.detach()
+        # Masked sums rather than boolean indexing: no device sync.
+        sums = torch.stack([total.detach(), (d * (kinds == 1)).sum(), (d * (kinds == 2)).sum()])
+        return total, sums
+    _, loss = net(tokens, targets)
+    total = loss * (targets != IGNORE_INDEX).sum()
+    nan = torch.full((), float("nan"), device=total.device)
+    return total, torch.stack([total.detach().float(), nan, nan])
+
+
+def _means(sums: list[float], counts: list[float], prefix: str = "") -> dict[str, float | None]:
+    """{loss, text_loss, image_loss} (mean per target token, None where no such target) and
+    their perplexities, keys prefixed by `prefix`."""
+    out: dict[str, float | None] = {}
+    for name, s, n in zip(("loss", "text_loss", "image_loss"), sums, counts):
+        value = s / n if n and math.isfinite(s) else None
+        out[prefix + name] = value
+        out[prefix + name.replace("loss", "ppl")] = math.exp(value) if value is not None and value < 50 else None
+    return out
+
+
 @torch.no_grad()
+def evaluate_losses(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], info: DistInfo,
+                    autocast, vocab: Vocab | None = None, prefix: str = "") -> dict[str, float | None]:
+    """Mean loss per target token over the given micro-batches and all ranks (`loss`), with
+    `vocab` also over text targets (`text_loss`) and image targets (`image_loss`), and the
+    perplexities (`ppl`, `text_ppl`, `image_ppl`). Keys are prefixed by `prefix`."""
+    was_training = model.training
+    model.eval()
+    per_token = _per_token(model)
+    sums, counts = torch.zeros(3, dtype=torch.float64), [0.0, 0.0, 0.0]
+    for tokens, targets in batches:
+        kinds, c = _counts(targets, vocab)
+        with autocast():
+            _, s = _loss_sums(model, tokens.to(info.device), targets.to(info.device), kinds.to(info.device),
+                              per_token)
+        sums += s.double().cpu()
+        counts = [a + b for a, b in zip(counts, c)]
+    reduced = all_reduce_sum(sums.tolist() + counts, info)
+    model.train(was_training)
+    return _means(reduced[:3], reduced[3:], prefix)
+
+
 def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], info: DistInfo,
              autocast) -> float | None:
     """Mean loss per target token over the given micro-batches and all ranks."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for tokens, targets in batches:
-        n = float((targets != IGNORE_INDEX).sum())
-        with autocast():
-            _, loss = model(tokens.to(info.device), targets.to(info.device))
-        total += float(loss) * n
-        count += n
-    total, count = all_reduce_sum([total, count], info)
-    model.train(was_training)
-    return total / count if count else None
+    return evaluate_losses(model, batches, info, autocast)["loss"]
 
 
-def _val_batches(val_data, cfg: TrainConfig, info: DistInfo) -> list:
-    """A fixed list of validation micro-batches, the same count on every rank (FSDP needs
-    every rank in every forward)."""
+def _val_batches(val_data, cfg: TrainConfig, info: DistInfo, limit: int | None = None) -> list:
+    """A fixed list of validation micro-batches (at most `limit`, default `eval_batches`).
+    Every rank runs the same number of forwards (FSDP needs every rank in each): a rank with
+    fewer batches adds empty ones (every target ignored), so no rank's data is dropped."""
     if val_data is None:
         return []
+    limit = cfg.eval_batches if limit is None else limit
     loader = DataLoader(val_data, batch_size=cfg.micro_batch_size, num_workers=0)
     out = []
     for batch in loader:
+        if len(out) >= limit:
+            break
         tokens, targets = (batch["tokens"], batch["targets"]) if isinstance(batch, dict) else batch[:2]
         out.append((tokens, targets))
-        if len(out) >= cfg.eval_batches:
-            break
-    return out[: all_reduce_min(len(out), info)]
+    n = all_reduce_max(len(out), info)
+    while len(out) < n:
+        shape = out[0][0].shape if out else (cfg.micro_batch_size, cfg.seq_len)
+        out.append((torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)))
+    return out
+
+
+def _val_sets(val_data, cfg: TrainConfig) -> dict:
+    """Named validation sets: `val_data` is one dataset (-> "val") or a dict of them
+    ("val", "val_query"), matching `cfg.val_loss_on`."""
+    sets = dict(val_data) if isinstance(val_data, dict) else {VAL: val_data}
+    unknown = sorted(set(sets) - {VAL, VAL_QUERY})
+    if unknown:
+        raise CM3LeonError(f"validation sets must be named {VAL!r} or {VAL_QUERY!r}, got {unknown}")
+    if cfg.val_loss_on in ("query", "both") and sets.get(VAL_QUERY) is None:
+        raise CM3LeonError(f"val_loss_on={cfg.val_loss_on!r} needs a {VAL_QUERY!r} validation set (the query "
+                           "pair of each document; `cm3leon pretrain` builds it)")
+    if cfg.val_loss_on == "query":
+        sets.pop(VAL, None)
+    return {k: v for k, v in sets.items() if v is not None}
 
 
 def train(model: Any, train_data, val_data, config: TrainConfig, out_dir: str | Path, vocab: Vocab,
@@ -165,7 +305,11 @@ def train(model: Any, train_data, val_data, config: TrainConfig, out_dir: str | 
 
     train_data / val_data: a `BlockStream` (resumable, sharded), a map-style dataset of
     (tokens, targets) (wrapped into one), or, for one process, any iterable dataset.
-    out_dir receives metrics.jsonl, checkpoints/ (resumed from automatically), and at the
+    val_data may also be a dict {"val": ..., "val_query": ...}: "val_query" holds blocks
+    whose targets are the query pair only (`cm3leon.data.sequences.query_pair_cm3`),
+    evaluated in full every pass and logged as val_query_loss (see TrainConfig.val_loss_on).
+    out_dir receives metrics.jsonl (loss, text_loss, image_loss, perplexities, tokens_per_s,
+    mfu; validation rows val_*), checkpoints/ (resumed from automatically), and at the
     end the model directory: config.json + model.safetensors + vocab.json + copies of
     `extra_files` (name -> source file or folder, e.g. text_tokenizer/) + train_summary.json
     + loss.png. Returns the summary."""
@@ -176,6 +320,10 @@ def train(model: Any, train_data, val_data, config: TrainConfig, out_dir: str | 
         return _train(model, train_data, val_data, cfg, out_dir, vocab, extra_files or {}, extra_summary or {}, info)
     finally:
         teardown_distributed(info)
+
+
+def _last(rows: list[dict], key: str):
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
 def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: Vocab, extra_files: dict,
@@ -189,23 +337,33 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
         raise CM3LeonError(f"seq_len {cfg.seq_len} exceeds the model's context max_seq_len={max_len}")
     num_params = sum(p.numel() for p in net.parameters())
     bf16 = cfg.dtype == "bf16"
+    per_token = _per_token(net)
+    val_sets = _val_sets(val_data, cfg)
     net = apply_parallelism(net, info, parallel, cfg.activation_checkpointing, cfg.compile, bf16)
-    optimizer = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                  eps=cfg.eps, foreach=True)
+    optimizer = build_optimizer(net, cfg)
 
     def autocast():
         return torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # MFU: model FLOPs per token (6N + attention, PaLM App. B) over a peak that is given or
+    # measured here, in the run's dtype (averaged over ranks).
+    from cm3leon.model.transformer import flops_per_token
+
+    fpt = flops_per_token(model_config, cfg.seq_len) if model_config is not None else None
+    peak = cfg.peak_tflops
+    if not peak:
+        (peak,) = all_reduce_sum([measure_matmul_tflops(info.device, torch.bfloat16 if bf16 else torch.float32)],
+                                 info)
+        peak /= info.world_size
 
     # --- resume ------------------------------------------------------------------------
     ckpt_root = out_dir / CHECKPOINTS
     latest = ckpt.latest_checkpoint(ckpt_root)
     start_step, tokens_seen, data_state = 0, 0, None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, net, optimizer, info)
+        state = ckpt.load_checkpoint(latest, net, optimizer, info,
+                                     model_config.to_dict() if model_config is not None else None)
         start_step, tokens_seen, data_state = int(state["step"]), int(state["tokens_seen"]), state["data"]
-        saved_model = state.get("model_config")
-        if model_config is not None and saved_model and saved_model != model_config.to_dict():
-            raise CM3LeonError(f"{latest}: saved for another model config; use a new --out or delete {ckpt_root}")
         if info.is_main:
             # Drop metrics written after the checkpoint: those steps are trained again.
             rows = [r for r in read_metrics(out_dir / METRICS) if r.get("step", 0) <= start_step]
@@ -214,59 +372,56 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
 
     accum = cfg.grad_accum_steps(info.world_size)
     stream = _as_stream(train_data, cfg, info, epochs=None, shuffle=True)
-    val_stream = _as_stream(val_data, cfg, info, epochs=1, shuffle=False)
     batches = _Batches(stream, cfg, data_state) if start_step < cfg.steps else None
-    val = _val_batches(val_stream, cfg, info)
+    # The query-pair set is scored in full (its records are fixed by the caller), so runs
+    # with different numbers of retrieved documents score the same tokens.
+    val = {name: _val_batches(_as_stream(data, cfg, info, epochs=1, shuffle=False), cfg, info,
+                              limit=None if name == VAL_QUERY else cfg.eval_batches)
+           for name, data in val_sets.items()}
+    val = {name: b for name, b in val.items() if b}
     tokens_per_step = accum * cfg.micro_batch_size * cfg.seq_len * info.world_size
 
     logger = MetricsLogger(out_dir / METRICS if info.is_main else None)
     bar = progress(total=cfg.steps * tokens_per_step, desc="train", unit="tok", unit_scale=True,
                    initial=start_step * tokens_per_step, disable=not info.is_main)
-    last_loss, val_loss, t_start = float("nan"), None, time.time()
-    t_log, tok_log = time.time(), 0
+    last: dict[str, float | None] = {"loss": float("nan")}
+    val_last: dict[str, float | None] = {}
+    t_start = time.time()
+    step_seconds, time_log, tok_log = 0.0, 0.0, 0
     try:
         for step in range(start_step, cfg.steps):
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.decay, cfg.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            t0 = time.perf_counter()  # a step's time includes its data, not validation or checkpoints
             micro = [batches.next() for _ in range(accum)]
             for tokens, targets in micro:
                 _check_block(tokens, targets, cfg.seq_len, max_len)
-            counts = [float((t != IGNORE_INDEX).sum()) for _, t in micro]
-            # Weight each micro-batch by its share of all target tokens of this step; ranks'
-            # gradients are averaged by DDP / FSDP, hence the world_size factor.
-            (n_step,) = all_reduce_sum([sum(counts)], info)
-            step_loss = 0.0
-            for i, (tokens, targets) in enumerate(micro):
-                last = i == accum - 1
-                with _grad_sync(net, parallel, last):
-                    with autocast():
-                        _, loss = net(tokens.to(info.device), targets.to(info.device))
-                    weight = counts[i] * info.world_size / max(n_step, 1.0)
-                    (loss * weight).backward()
-                step_loss += float(loss.detach()) * counts[i]
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            (step_loss,) = all_reduce_sum([step_loss], info)
-            last_loss = step_loss / max(n_step, 1.0)
-            if not math.isfinite(last_loss):
-                raise CM3LeonError(f"loss is {last_loss} at step {step + 1}; lower the learning rate (--lr)")
+            last = train_step(net, optimizer, micro, info, autocast, cfg.grad_clip, vocab, parallel, per_token)
+            grad_norm = last.pop("grad_norm")
+            if last["loss"] is None or not math.isfinite(last["loss"]):
+                raise CM3LeonError(f"loss is not finite at step {step + 1}; lower the learning rate (--lr)")
+            dt = time.perf_counter() - t0
+            step_seconds += dt
+            time_log += dt
             tokens_seen += tokens_per_step
             tok_log += tokens_per_step
             done = step + 1
+            rate = tok_log / max(time_log, 1e-9)
+            step_mfu = mfu(fpt, rate, peak, info.world_size) if fpt else None
             bar.update(tokens_per_step)
-            bar.set_postfix(step=done, loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(step=done, loss=f"{last['loss']:.3f}",
+                            **{k: f"{last[k + '_loss']:.3f}" for k in ("text", "image") if last[k + "_loss"] is not None},
+                            lr=f"{lr:.2e}", **({"mfu": f"{step_mfu:.1%}"} if step_mfu else {}))
             if done % cfg.log_every == 0 or done == cfg.steps:
-                now = time.time()
-                logger.log(step=done, loss=last_loss, lr=lr, grad_norm=float(grad_norm),
-                           tokens=tokens_seen, tokens_per_s=tok_log / max(now - t_log, 1e-9))
-                t_log, tok_log = now, 0
+                logger.log(step=done, **last, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
+                           tokens_per_s=rate, mfu=step_mfu)
+                time_log, tok_log = 0.0, 0
             if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                val_loss = evaluate(net, val, info, autocast)
-                logger.log(step=done, val_loss=val_loss)
+                val_last = {}
+                for name, vb in val.items():
+                    val_last.update(evaluate_losses(net, vb, info, autocast, vocab, prefix=name + "_"))
+                logger.log(step=done, **val_last)
             if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
                 ckpt.save_checkpoint(ckpt_root, done, net, optimizer, {
                     "tokens_seen": tokens_seen, "data": batches.state,
@@ -278,9 +433,12 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
 
     if start_step >= cfg.steps:  # already trained: export again, with the last logged losses
         rows = read_metrics(out_dir / METRICS) if info.is_main else []
-        last_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), float("nan"))
-        val_loss = next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None)
+        last = {k: _last(rows, k) for k in ("loss", "text_loss", "image_loss")}
+        val_last = {f"{name}_{k}": _last(rows, f"{name}_{k}") for name in val_sets
+                    for k in ("loss", "text_loss", "image_loss")}
     train_seconds = time.time() - t_start
+    trained_tokens = (cfg.steps - start_step) * tokens_per_step
+    step_rate = trained_tokens / step_seconds if step_seconds else None
     summary = {
         **extra_summary,
         "steps": cfg.steps,
@@ -292,10 +450,23 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
         "parallel": parallel,
         "device": str(info.device),
         "num_parameters": num_params,
-        "final_train_loss": None if math.isnan(last_loss) else last_loss,
-        "final_val_loss": val_loss,
+        "final_train_loss": last.get("loss") if last.get("loss") is not None and math.isfinite(last["loss"]) else None,
+        "final_text_loss": last.get("text_loss"),
+        "final_image_loss": last.get("image_loss"),
+        "final_val_loss": val_last.get("val_loss"),
+        "final_val_text_loss": val_last.get("val_text_loss"),
+        "final_val_image_loss": val_last.get("val_image_loss"),
+        "final_val_query_loss": val_last.get("val_query_loss"),
+        "final_val_query_text_loss": val_last.get("val_query_text_loss"),
+        "final_val_query_image_loss": val_last.get("val_query_image_loss"),
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round((cfg.steps - start_step) * tokens_per_step / max(train_seconds, 1e-9), 1),
+        "tokens_per_second": round(trained_tokens / max(train_seconds, 1e-9), 1),
+        # Throughput of the training steps alone (no validation, checkpoints, start-up).
+        "step_tokens_per_second": round(step_rate, 1) if step_rate else None,
+        "flops_per_token": fpt,
+        "peak_tflops": peak,
+        "peak_tflops_measured": not cfg.peak_tflops,
+        "mfu": mfu(fpt, step_rate, peak, info.world_size) if fpt and step_rate else None,
         "train_config": cfg.to_dict(),
         "vocab": vocab.to_dict(),
     }
@@ -356,12 +527,13 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train_rows = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val_rows = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train_rows:
         ax.plot(*zip(*train_rows), label="train")
-    if val_rows:
-        ax.plot(*zip(*val_rows), "o-", label="validation")
+    for key, label in (("val_loss", "validation"), ("val_query_loss", "validation, query pair")):
+        val_rows = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if val_rows:
+            ax.plot(*zip(*val_rows), "o-", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)

@@ -119,11 +119,11 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_min(value: int, info: DistInfo) -> int:
+def all_reduce_max(value: int, info: DistInfo) -> int:
     if not info.distributed:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=_comm_device(info))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
 

@@ -1,0 +1,63 @@
+"""Model FLOPs utilisation (MFU): model FLOPs per second over a peak measured on this device.
+
+The peak is never a table of hardware numbers: it is either given by the user
+(`TrainConfig.peak_tflops`, `--peak-tflops`) or measured once as the throughput of a large
+square matmul in the run's dtype, i.e. the best a dense GEMM reaches here. MFU against a
+measured GEMM peak is comparable across machines and precisions (PaLM, Chowdhery et al.
+2022, App. B, defines MFU against the peak; on CPUs no datasheet peak is meaningful).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_size(device: torch.device | str) -> int:
+    """Side of the timed square matmul: large enough to saturate the device, small enough
+    to take well under a second (CPU: 2 GFLOP; GPU: 1.1 TFLOP)."""
+    return 8192 if torch.device(device).type == "cuda" else 1024
+
+
+@functools.cache
+def _measure(device: str, dtype: torch.dtype, size: int, min_seconds: float) -> float:
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dev, dtype)
+    b = torch.randn(size, size, generator=gen).to(dev, dtype)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for _ in range(2):  # warm-up: kernel selection, caches
+        a @ b
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0 or dev.type != "cuda":
+            sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                break
+    return 2.0 * size**3 * reps / elapsed / 1e12
+
+
+def measure_matmul_tflops(device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
+                          size: int | None = None, min_seconds: float = 0.25) -> float:
+    """Achieved TFLOP/s of `size` x `size` matmuls in `dtype` on `device`, timed for at
+    least `min_seconds` after a warm-up. Cached per (device, dtype, size) in this process."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    size = size or matmul_size(device)
+    return _measure(str(torch.device(device)), dtype, int(size), float(min_seconds))
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak_tflops: float, num_devices: int = 1) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over `num_devices` x the peak."""
+    return flops_per_token * tokens_per_second / (peak_tflops * 1e12 * num_devices)
