@@ -1,0 +1,42 @@
+"""The quick demo end to end: every stage runs on freshly synthesized shapes, the run folder
+holds each stage's output, the report and the metrics; a re-run resumes without redoing work."""
+
+import json
+
+import pytest
+
+from cm3leon.cli import main
+from cm3leon.pipeline import STAGES
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    pipe = json.loads((out / "pipeline.json").read_text())
+    assert pipe["finished"] is True
+    assert [s.name for s in STAGES] == list(pipe["stages"])
+    assert all(v["status"] == "done" for v in pipe["stages"].values())
+    for stage in STAGES:
+        assert (out / stage.name / ".done").is_file(), stage.name
+    # each stage produced what the next ones read
+    assert (out / "text_tokenizer" / "tokenizer.json").is_file()
+    assert (out / "image_tokenizer" / "model.safetensors").is_file()
+    assert (out / "tokenize" / "neighbors.npy").is_file()
+    for model in ("pretrain", "sft"):
+        for part in ("config.json", "model.safetensors", "vocab.json", "text_tokenizer", "image_tokenizer",
+                     "retriever", "index"):
+            assert (out / model / part).exists(), f"{model}/{part}"
+    gen = json.loads((out / "generate" / "summary.json").read_text())
+    assert set(gen["methods"]) == {"topp", "cfg", "cdk", "best_of_n"}
+    assert all(0.0 <= m["accuracy_both"] <= 1.0 for m in gen["methods"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0
+    html = (out / "report.html").read_text()
+    assert "Text → image" in html and "data:image/png;base64," in html and "http://" not in html
+
+    # a second run resumes: every stage is skipped
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    again = json.loads((out / "pipeline.json").read_text())
+    assert all(v["status"].startswith("skipped") for v in again["stages"].values())
