@@ -138,7 +138,7 @@ def test_model_dir_missing_a_part_names_the_file(model_dir, tmp_path, rel):
 
 def test_cli_writes_pngs_and_samples_jsonl(model_dir, tmp_path, picture, capsys):
     out = tmp_path / "out"
-    rc = main(["generate", "image", "--model", str(model_dir), "--prompt", "a red circle",
+    rc = main(["generate", "image", "a red circle", "--model", str(model_dir),
                "--prompt", "a blue square", "--n", "2", "--method", "cfg", "--out", str(out), "--seed", "3"])
     assert rc == 0
     pngs = sorted(p.name for p in out.glob("*.png"))

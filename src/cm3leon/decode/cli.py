@@ -37,6 +37,7 @@ def register(sub) -> None:
 
     t = gsub.add_parser("image", help="text -> image")
     common(t, True)
+    t.add_argument("text", nargs="*", default=[], help="text prompt(s), e.g. \"a red circle\"")
     t.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     t.add_argument("--prompts", help="a text file with one prompt per line")
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
@@ -128,7 +129,7 @@ def generate_images(m, prompts: list[str], out: Path, n: int = 1, method: str = 
 def _read_prompts(args) -> list[str]:
     from cm3leon.errors import CM3LeonError
 
-    prompts = list(args.prompt)
+    prompts = list(args.text) + list(args.prompt)
     if args.prompts:
         p = Path(args.prompts)
         if not p.is_file():
