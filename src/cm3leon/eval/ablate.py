@@ -141,11 +141,11 @@ def ablation_spec(preset: str, run_dir: str | os.PathLike | None = None, steps: 
                   num_prompts: int | None = None) -> AblationSpec:
     """The comparison of an ablation preset.
 
-    quick: three CPU sizes around demo-small, 100 steps of 4096 tokens (0.41M tokens) per trained
-    variant (six trainings), 32 prompts per evaluation (ten evaluations). Estimated from short
-    measured runs on a 2-core CPU: about 20 minutes at the train presets' "busy machine" speeds
-    (demo-small ~2.9k, demo ~1.5k tokens/s), under 10 on an idle one. Its models are far from
-    trained: it compares the variants' losses, FD and CLIP scores, not what they draw. full: the
+    quick: three CPU sizes around demo-small, 250 steps of 4096 tokens (1.0M tokens) per trained
+    variant (six trainings), 32 prompts per evaluation (ten evaluations). Measured on the demo
+    run on an idle 2-core CPU: 9 minutes in all (demo-small trains at ~11k tokens/s); a busy
+    machine is 2-3x slower. Its models are far from trained: the comparison is of early
+    learning (losses, colour/shape accuracy, FD, CLIP score), with 32 prompts per variant. full: the
     run's pipeline preset (pipeline.json) with its full pretraining budget per variant, its
     evaluation size and CFG scale; the paper's three sizes for the 350m / 760m / 7b presets."""
     from cm3leon.config import get_pipeline_preset
@@ -154,7 +154,7 @@ def ablation_spec(preset: str, run_dir: str | os.PathLike | None = None, steps: 
     if preset not in ABLATION_PRESETS:
         raise CM3LeonError(f"--preset: unknown ablation preset {preset!r}; choose one of {ABLATION_PRESETS}")
     if preset == "quick":
-        budget = dict(steps=100, seq_len=512, micro_batch_size=8, batch_tokens=4096, warmup_steps=20,
+        budget = dict(steps=250, seq_len=512, micro_batch_size=8, batch_tokens=4096, warmup_steps=25,
                       eval_every=0, eval_batches=8, ckpt_every=50, log_every=10)
         spec = AblationSpec(base_preset="demo-small", budget=budget, sizes=CPU_SIZES, num_candidates=4,
                             num_prompts=32)
