@@ -48,9 +48,10 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     # short budget count.
     "demo": PipelinePreset(
         image_tokenizer_steps=1000,
-        pretrain=dict(steps=650, eval_every=130, ckpt_every=130),
-        sft=dict(steps=200, response_mask_prob=1.0, response_only=True,
+        pretrain=dict(steps=850, eval_every=170, ckpt_every=170),
+        sft=dict(steps=300, response_mask_prob=1.0, response_only=True,
                  weights={"vqa": 3.0, "caption": 2.0, "t2i": 2.0, "edit": 1.0, "layout": 1.0}),
+        sweep_num=32,
     ),
     "350m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="350m", eval_num=1000, sweep_num=500),
     "760m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="760m", eval_num=1000, sweep_num=500),
