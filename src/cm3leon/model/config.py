@@ -7,10 +7,11 @@ absolute positions, truncated-normal init and a 4096-token context.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.utils.dataclass_io import from_dict_strict
 
 # Activations the decoder supports; names match `transformers.activations.ACT2FN`, so an
 # exported checkpoint runs the same function under `OPTForCausalLM`.
@@ -99,13 +100,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from a dict (e.g. config.json); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CM3LeonError(f"model config: unknown field(s) {unknown}; known: {sorted(known)}")
         if "vocab_size" not in d:
             raise CM3LeonError("model config: missing field 'vocab_size'")
-        return cls(**d)
+        return from_dict_strict(cls, d, "model config")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return replace(self, **changes)

@@ -28,12 +28,13 @@ Choices made here (each a `CM3Config` field where it is a choice):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.utils.dataclass_io import from_dict_strict
 from cm3leon.tokenizers.vocab import Vocab
 
 IGNORE_INDEX = -100  # target value the loss skips (torch cross_entropy's default ignore_index)
@@ -79,11 +80,7 @@ class CM3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CM3Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CM3LeonError(f"CM3 config: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d, "CM3 config")
 
 
 @dataclass

@@ -29,13 +29,14 @@ all its examples were seen and a down-sampled one changes subset every epoch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from cm3leon.data.sequences import PackedStream
 from cm3leon.errors import CM3LeonError
+from cm3leon.utils.dataclass_io import from_dict_strict
 from cm3leon.objectives.cm3 import IGNORE_INDEX, CM3Config, CM3Example, cm3_transform
 from cm3leon.sft.templates import TemplateDoc
 from cm3leon.tokenizers.vocab import Vocab
@@ -83,11 +84,7 @@ class MixtureConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MixtureConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CM3LeonError(f"mixture config: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d, "mixture config")
 
 
 def mixture_probabilities(sizes: Mapping[str, int], weights: Mapping[str, float] | None = None,

@@ -8,10 +8,11 @@ code CM3Leon builds on): eps 1e-8, weight decay 0.1, linear decay to 10% of the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.utils.dataclass_io import from_dict_strict
 
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
@@ -88,11 +89,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CM3LeonError(f"train config: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d, "train config")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
