@@ -364,3 +364,85 @@ def test_foreground_weights_mark_pixels_that_differ_from_the_border_background()
     assert torch.all(w[0, 0, 2:4, 2:4] == 11.0) and w[0].sum() == 64 + 4 * 10
     assert torch.all(w[1] == 1.0)  # a blank image has no foreground
     assert torch.all(foreground_weights(x, weight=0.0, threshold=0.1) == 1.0)  # off: plain losses
+
+
+# --- seeding, round-trip stability ----------------------------------------------
+
+
+def _background_and_objects(n_background=2000, n_objects=40, dim=4, seed=0):
+    """Latents [N, D]: many near-identical ones (a flat background) and a few far apart ones."""
+    g = torch.Generator().manual_seed(seed)
+    background = 0.001 * torch.randn(n_background, dim, generator=g)
+    objects = 10.0 * torch.randn(n_objects, dim, generator=g)
+    return background, objects
+
+
+def _covered(q, points, tol=1e-3):
+    d = ((points[:, None, :] - q.codebook()[None]) ** 2).sum(-1).min(1).values
+    return (d < tol).float().mean().item()
+
+
+def test_error_seeding_puts_codes_on_rare_distinct_latents_not_the_background():
+    background, objects = _background_and_objects()
+    z = torch.cat([background, objects])
+    covered = {}
+    for seeding in ("random", "error"):
+        torch.manual_seed(0)
+        q = tiny_model(codebook_type="nearest", codebook_size=48, seeding=seeding).quantize
+        q.kmeans_init_(z, iters=0)
+        covered[seeding] = _covered(q, objects)
+    # uniform picks land ~98% on the background; k-means++ picks reach nearly every distinct latent
+    assert covered["error"] >= 0.9 and covered["random"] <= 0.2
+
+
+def test_error_seeding_restarts_dead_codes_where_quantization_error_is_largest():
+    background, objects = _background_and_objects(n_background=500, n_objects=6)
+    q = tiny_model(codebook_type="nearest", codebook_size=8, seeding="error", dead_code_steps=1).quantize
+    with torch.no_grad():
+        q.embedding.weight.zero_()
+        q.embedding.weight[1:] += 1000.0  # code 0 sits on the background, codes 1..7 are dead
+        q(torch.cat([background, objects]).T.reshape(1, 4, -1, 1), update=True)
+    assert _covered(q, objects) == 1.0  # the six far latents got the restarted codes
+    with pytest.raises(CM3LeonError, match="seeding"):
+        VQConfig(**{**TINY, "seeding": "sometimes"})
+
+
+def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from cm3leon.tokenizers.image_train import TRAIN_PRESETS, train_image_tokenizer
+    from cm3leon.utils import logging as logging_mod
+    from cm3leon.utils.logging import read_metrics
+
+    data = write_shapes(tmp_path / "data", n=32)
+    tc = replace(TRAIN_PRESETS["tiny"], steps=10, roundtrip_steps=10, log_every=2, ckpt_every=4)
+    base = train_image_tokenizer(data, tmp_path / "base", preset="tiny", train_config=replace(tc, roundtrip_steps=0))
+    full = train_image_tokenizer(data, tmp_path / "full", preset="tiny", train_config=tc)
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "roundtrip_kept" in r][-1] == 20
+    assert full["roundtrip_steps"] == 10 and full["steps_this_run"] == 20
+    a, b = VQModel.from_pretrained(tmp_path / "base"), VQModel.from_pretrained(tmp_path / "full")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        if k.startswith(("encoder.", "quant_conv.")):
+            continue
+        torch.testing.assert_close(va, vb, msg=k)  # decoder and codebook are frozen in the phase
+    assert any(not torch.equal(va, vb) for k, va, vb in
+               zip(a.state_dict(), a.state_dict().values(), b.state_dict().values()) if k.startswith("encoder."))
+
+    # interrupted inside the round-trip phase, a rerun resumes (with its teacher) bit-identically
+    real_log = logging_mod.MetricsLogger.log
+
+    def log_then_interrupt(self, **row):
+        real_log(self, **row)
+        if row.get("step", 0) >= 14:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(logging_mod.MetricsLogger, "log", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_image_tokenizer(data, tmp_path / "resumed", preset="tiny", train_config=tc)
+    monkeypatch.setattr(logging_mod.MetricsLogger, "log", real_log)
+    assert (tmp_path / "resumed" / "checkpoint" / "roundtrip_teacher" / "model.safetensors").is_file()
+    train_image_tokenizer(data, tmp_path / "resumed", preset="tiny", train_config=tc)
+    c = VQModel.from_pretrained(tmp_path / "resumed")
+    for (k, va), vc in zip(b.state_dict().items(), c.state_dict().values()):
+        torch.testing.assert_close(va, vc, msg=k)

@@ -49,12 +49,19 @@ class VQConfig:
     codebook_type: str = "cosine"
     ema_decay: float = 0.99  # codebook_type="ema" only
     dead_code_steps: int = 0  # >0: re-seed a code from encoder outputs after this many unused training steps
+    # Where k-means initialisation and dead-code restarts place codes: "random" encoder outputs
+    # (uniform), or "error": outputs drawn with probability proportional to their squared
+    # distance from the nearest code (k-means++, Arthur & Vassilvitskii 2007). On images with
+    # large flat areas, "random" spends most codes on near-identical background latents.
+    seeding: str = "random"
     norm_groups: int = 32  # GroupNorm groups (taming: 32); must divide every channel count
     dropout: float = 0.0
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
         self.attn_resolutions = tuple(int(r) for r in (self.attn_resolutions or ()))
+        if self.seeding not in ("random", "error"):
+            raise CM3LeonError(f"VQConfig.seeding must be 'random' or 'error', got {self.seeding!r}")
         if self.codebook_type not in CODEBOOK_TYPES:
             raise CM3LeonError(f"VQConfig.codebook_type must be one of {CODEBOOK_TYPES}, got {self.codebook_type!r}")
         if not self.channel_multipliers:
@@ -112,14 +119,17 @@ PRESETS: dict[str, VQConfig] = {
                           codebook_type="nearest"),
     # 32 px -> 8x8 = 64 codes: the CPU demo. Tuned for PSNR per minute on the shapes data:
     # most width at 8x8, EMA codes (beat cosine codes by ~3 dB and kept small objects' colours
-    # at 800 steps), 1,024 entries.
+    # at 800 steps), 1,024 entries. Error-weighted seeding (k-means++ init and restarts where
+    # latents are badly quantized) instead of uniform: +0.8 dB PSNR, objects recovered by the
+    # checker 65.5% -> 70.5%, codes kept by a round trip 67% -> 72% (1,000 steps): uniform
+    # seeding spent ~800 of the 1,024 codes on the white background.
     "demo32": VQConfig(resolution=32, base_channels=16, channel_multipliers=(1, 2, 4), num_res_blocks=1,
                        attn_resolutions=(), z_channels=32, embed_dim=32, codebook_size=1024,
-                       codebook_type="ema", dead_code_steps=30, norm_groups=8),
+                       codebook_type="ema", dead_code_steps=30, seeding="error", norm_groups=8),
     # 64 px -> 8x8 = 64 codes (f=8): the same sequence budget as demo32 at twice the side.
     "demo64": VQConfig(resolution=64, base_channels=16, channel_multipliers=(1, 2, 4, 4), num_res_blocks=1,
                        attn_resolutions=(), z_channels=32, embed_dim=32, codebook_size=1024,
-                       codebook_type="ema", dead_code_steps=30, norm_groups=8),
+                       codebook_type="ema", dead_code_steps=30, seeding="error", norm_groups=8),
     # tests: 16 px -> 4x4 codes, a few thousand parameters.
     "tiny": VQConfig(resolution=16, base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1,
                      attn_resolutions=(), z_channels=8, embed_dim=8, codebook_size=64,
@@ -365,15 +375,45 @@ class VectorQuantizer(nn.Module):
             if dead.numel():
                 self._reseed(dead, z_flat)
 
+    def _sq_dist(self, z_flat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return ((z_flat ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * (z_flat @ e.t())).clamp(min=0)
+
+    def _pick(self, z_flat: torch.Tensor, n: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of `n` rows of z_flat to seed codes on: uniform ("random") or with probability
+        proportional to the squared distance to the nearest kept code ("error")."""
+        if self.cfg.seeding == "error":
+            keep = torch.ones(self.cfg.codebook_size, dtype=torch.bool, device=z_flat.device)
+            if exclude is not None:
+                keep[exclude] = False
+            if keep.any():
+                err = self._sq_dist(z_flat, self.codebook()[keep]).min(1).values
+                if err.sum() > 0:
+                    return torch.multinomial(err, n, replacement=n > err.count_nonzero().item())
+        return torch.randint(0, z_flat.shape[0], (n,), device=z_flat.device)
+
     @torch.no_grad()
     def _reseed(self, codes: torch.Tensor, z_flat: torch.Tensor) -> None:
-        """Move `codes` onto randomly chosen encoder outputs of the current batch."""
-        pick = torch.randint(0, z_flat.shape[0], (codes.numel(),), device=z_flat.device)
+        """Move `codes` onto encoder outputs of the current batch (see `VQConfig.seeding`)."""
+        pick = self._pick(z_flat, codes.numel(), exclude=codes)
         self.embedding.weight[codes] = z_flat[pick].to(self.embedding.weight.dtype)
         if self.cfg.codebook_type == "ema":
             self.ema_cluster_size[codes] = 1.0
             self.ema_embed_sum[codes] = z_flat[pick]
         self.unused_steps[codes] = 0
+
+    def _kmeans_pp(self, z_flat: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
+        """k-means++ seeding (in chunks of `chunk` centres drawn at once, to stay fast)."""
+        pick = torch.randint(0, z_flat.shape[0], (1,), device=z_flat.device)
+        best = self._sq_dist(z_flat, z_flat[pick]).squeeze(1)
+        while pick.numel() < k:
+            n = min(chunk, k - pick.numel())
+            if best.count_nonzero() < n:  # fewer distinct latents than codes: the rest at random
+                extra = torch.randint(0, z_flat.shape[0], (k - pick.numel(),), device=z_flat.device)
+                return torch.cat([pick, extra])
+            new = torch.multinomial(best, n, replacement=False)
+            pick = torch.cat([pick, new])
+            best = torch.minimum(best, self._sq_dist(z_flat, z_flat[new]).min(1).values)
+        return pick
 
     @torch.no_grad()
     def kmeans_init_(self, z: torch.Tensor, iters: int = 10) -> None:
@@ -382,7 +422,10 @@ class VectorQuantizer(nn.Module):
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if z.dim() == 4 else z
         z_flat = self._prepare(z_flat.float())
         k = self.cfg.codebook_size
-        pick = torch.randperm(z_flat.shape[0], device=z_flat.device)[:k]
+        if self.cfg.seeding == "error" and z_flat.shape[0] >= k:
+            pick = self._kmeans_pp(z_flat, k)
+        else:
+            pick = torch.randperm(z_flat.shape[0], device=z_flat.device)[:k]
         if pick.numel() < k:  # fewer latents than codes: repeat with jitter
             pick = pick[torch.randint(0, pick.numel(), (k,), device=z_flat.device)]
         centers = z_flat[pick] + 1e-3 * torch.randn(k, z_flat.shape[1], device=z_flat.device)
@@ -463,8 +506,11 @@ class VQModel(nn.Module):
     # --- the tokenizer -----------------------------------------------------------------
     def encode_latents(self, x: torch.Tensor, update: bool = False):
         """Images (checked) -> (z_q [B, D, h, w], losses, codes [B, h, w])."""
-        z = self.quant_conv(self.encoder(x))
-        return self.quantize(z, update=update)
+        return self.quantize(self.latents(x), update=update)
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (checked) -> latents before quantization [B, D, h, w]."""
+        return self.quant_conv(self.encoder(x))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
