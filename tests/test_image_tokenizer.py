@@ -279,8 +279,24 @@ def _train(data, out, steps=30):
     return train_image_tokenizer(data, out, preset="tiny", steps=steps, seed=3)
 
 
-def test_training_lowers_loss_writes_outputs_and_resumes_exactly(tmp_path, monkeypatch):
+def _interrupted(monkeypatch, at_step, fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) with a Ctrl-C raised once a metrics row of step >= at_step is logged."""
     from cm3leon.utils import logging as logging_mod
+
+    real_log = logging_mod.MetricsLogger.log
+
+    def log_then_interrupt(self, **row):
+        real_log(self, **row)
+        if row.get("step", 0) >= at_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(logging_mod.MetricsLogger, "log", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fn(*args, **kwargs)
+    monkeypatch.setattr(logging_mod.MetricsLogger, "log", real_log)
+
+
+def test_training_lowers_loss_writes_outputs_and_resumes_exactly(tmp_path, monkeypatch):
     from cm3leon.utils.logging import read_metrics
 
     data = write_shapes(tmp_path / "data")
@@ -298,17 +314,7 @@ def test_training_lowers_loss_writes_outputs_and_resumes_exactly(tmp_path, monke
     assert trained.config == get_preset("tiny")
 
     # interrupt a second run at step 17, then rerun: it resumes and ends bit-identical
-    real_log = logging_mod.MetricsLogger.log
-
-    def log_then_interrupt(self, **row):
-        real_log(self, **row)
-        if row.get("step", 0) >= 16:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(logging_mod.MetricsLogger, "log", log_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _train(data, tmp_path / "resumed")
-    monkeypatch.setattr(logging_mod.MetricsLogger, "log", real_log)
+    _interrupted(monkeypatch, 16, _train, data, tmp_path / "resumed")
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert 15 <= state["step"] < 30
     again = _train(data, tmp_path / "resumed")
@@ -411,7 +417,6 @@ def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly
     from dataclasses import replace
 
     from cm3leon.tokenizers.image_train import TRAIN_PRESETS, train_image_tokenizer
-    from cm3leon.utils import logging as logging_mod
     from cm3leon.utils.logging import read_metrics
 
     data = write_shapes(tmp_path / "data", n=32)
@@ -430,17 +435,7 @@ def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly
                zip(a.state_dict(), a.state_dict().values(), b.state_dict().values()) if k.startswith("encoder."))
 
     # interrupted inside the round-trip phase, a rerun resumes (with its teacher) bit-identically
-    real_log = logging_mod.MetricsLogger.log
-
-    def log_then_interrupt(self, **row):
-        real_log(self, **row)
-        if row.get("step", 0) >= 14:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(logging_mod.MetricsLogger, "log", log_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_image_tokenizer(data, tmp_path / "resumed", preset="tiny", train_config=tc)
-    monkeypatch.setattr(logging_mod.MetricsLogger, "log", real_log)
+    _interrupted(monkeypatch, 14, train_image_tokenizer, data, tmp_path / "resumed", preset="tiny", train_config=tc)
     assert (tmp_path / "resumed" / "checkpoint" / "roundtrip_teacher" / "model.safetensors").is_file()
     train_image_tokenizer(data, tmp_path / "resumed", preset="tiny", train_config=tc)
     c = VQModel.from_pretrained(tmp_path / "resumed")
