@@ -230,6 +230,15 @@ def test_quality_bar_verdicts(tmp_path, t2i, captions, vqa, met):
         assert "Quality bar NOT met" in summary and f"{100 * t2i:.1f}%" in summary
 
 
+def test_quality_bar_takes_the_text_to_image_figure_judged_on_more_prompts(tmp_path):
+    _minimal_run(tmp_path, 0.5, 0.8, 70.0)  # the report grid: 16 prompts, 50% right
+    ev = _eval_metrics(0.05, 0.8, 70.0)
+    ev["metrics"]["shapes"]["by_num_objects"]["1"] = {"both": 0.05, "n": 100}
+    _write(tmp_path / "eval" / "sft" / "metrics.json", ev)
+    first = quality_bar_checks(tmp_path)[0]
+    assert (first["value"], first["n"]) == (0.05, 100) and first["source"].startswith("eval/sft/metrics.json")
+
+
 def test_quality_bar_thresholds_are_config(tmp_path):
     _minimal_run(tmp_path, 0.85, 0.85, 75.0)
     checks = quality_bar_checks(tmp_path, QualityBar(text_to_image_cfg=0.9, captions=0.8, vqa=0.8))
