@@ -45,11 +45,12 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     # Measured on the shapes demo (4,000 single-object 32-px scenes): with ~150 SFT steps the
     # model answered every VQA question with a caption; always putting the response in the
     # infilling form (response_mask_prob=1), loss on the response and VQA up-weighted make the
-    # short budget count.
+    # short budget count. Splitting the same ~10 minutes as 650 pretraining + 450 SFT steps
+    # instead of 850 + 300 raised VQA from 47% to 76% and lowered captions from 55% to 40%.
     "demo": PipelinePreset(
         image_tokenizer_steps=1000,
-        pretrain=dict(steps=850, eval_every=170, ckpt_every=170),
-        sft=dict(steps=300, response_mask_prob=1.0, response_only=True,
+        pretrain=dict(steps=650, eval_every=130, ckpt_every=130),
+        sft=dict(steps=450, response_mask_prob=1.0, response_only=True,
                  weights={"vqa": 3.0, "caption": 2.0, "t2i": 2.0, "edit": 1.0, "layout": 1.0}),
         sweep_num=32,
     ),
