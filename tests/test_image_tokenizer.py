@@ -413,6 +413,33 @@ def test_error_seeding_restarts_dead_codes_where_quantization_error_is_largest()
         VQConfig(**{**TINY, "seeding": "sometimes"})
 
 
+def test_roundtrip_objective_pulls_reconstructions_onto_the_teachers_codes():
+    import copy
+
+    from cm3leon.tokenizers.image_train import roundtrip_step
+
+    m = tiny_model(codebook_type="ema", codebook_size=16)
+    teacher = copy.deepcopy(m)
+    x = rand_images(4, seed=11)
+    codes = teacher.encode(x)
+    saved = ((m.decode(codes) + 1) * 127.5).round() / 127.5 - 1  # decoder frozen: the same all along
+
+    def kept():  # measured apart from the objective: re-encode the saved reconstruction
+        return (m.encode(saved) == codes).float().mean().item()
+
+    t = m.quantize.code_spacing()
+    opt = torch.optim.Adam(list(m.encoder.parameters()) + list(m.quant_conv.parameters()), lr=3e-3)
+    first, kept_first = roundtrip_step(m, teacher, x, t), kept()
+    for _ in range(80):
+        loss, _ = roundtrip_step(m, teacher, x, t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert roundtrip_step(m, teacher, x, t)[0].item() < 0.05 * first[0].item()
+    assert kept_first < 0.5 and kept() > 0.9  # decoded images now re-encode to their codes
+    assert torch.equal(m.encode(x), codes)  # the image keeps its codes
+
+
 def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly(tmp_path, monkeypatch):
     from dataclasses import replace
 

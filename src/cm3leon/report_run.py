@@ -182,9 +182,9 @@ def _single_object_cfg(run: RunFolder) -> tuple[float | None, int | None, str]:
     cfg = ((summary or {}).get("methods") or {}).get("cfg")
     if isinstance(cfg, dict):
         one = (cfg.get("by_num_objects") or {}).get("1")
-        if isinstance(one, dict) and _num(one.get("accuracy_both", one.get("both"))) is not None:
-            found.append((_num(one.get("accuracy_both", one.get("both"))), one.get("n"),
-                          "generate/summary.json: cfg, single-object prompts"))
+        v_one = _num(one.get("accuracy_both", one.get("both"))) if isinstance(one, dict) else None
+        if v_one is not None:
+            found.append((v_one, one.get("n"), "generate/summary.json: cfg, single-object prompts"))
         elif _num(cfg.get("accuracy_both")) is not None:
             found.append((_num(cfg.get("accuracy_both")), cfg.get("n"), "generate/summary.json: cfg accuracy_both"))
     d = run.final_eval_dir()

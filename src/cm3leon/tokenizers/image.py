@@ -299,6 +299,12 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
 
+def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances [N, M] between rows of a [N, D] and b [M, D]:
+    ||a||^2 + ||b||^2 - 2 a.b, the same expression as taming / Chameleon (so codes match)."""
+    return (a ** 2).sum(1, keepdim=True) + (b ** 2).sum(1) - 2 * (a @ b.t())
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup with a straight-through gradient.
 
@@ -328,10 +334,21 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Index of the closest code for each row of z_flat [N, D] (already prepared)."""
-        e = self.codebook()
-        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, the same expression as taming / Chameleon
-        d = (z_flat ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * (z_flat @ e.t())
-        return d.argmin(1)
+        return _sq_dist(z_flat, self.codebook()).argmin(1)
+
+    def code_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents z [B, D, h, w] -> squared distances to every code [B*h*w, K]; gradients
+        reach z only, never the codebook."""
+        z_flat = self._prepare(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
+        return _sq_dist(z_flat, self.codebook().detach())
+
+    @torch.no_grad()
+    def code_spacing(self) -> float:
+        """Median squared distance from each code to its nearest other code."""
+        e = self.codebook().float()
+        d = _sq_dist(e, e)
+        d.fill_diagonal_(float("inf"))
+        return d.min(1).values.median().item()
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] -> quantised latents [B, D, h, w]."""
@@ -375,9 +392,6 @@ class VectorQuantizer(nn.Module):
             if dead.numel():
                 self._reseed(dead, z_flat)
 
-    def _sq_dist(self, z_flat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return ((z_flat ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * (z_flat @ e.t())).clamp(min=0)
-
     def _pick(self, z_flat: torch.Tensor, n: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Indices of `n` rows of z_flat to seed codes on: uniform ("random") or with probability
         proportional to the squared distance to the nearest kept code ("error")."""
@@ -386,7 +400,7 @@ class VectorQuantizer(nn.Module):
             if exclude is not None:
                 keep[exclude] = False
             if keep.any():
-                err = self._sq_dist(z_flat, self.codebook()[keep]).min(1).values
+                err = _sq_dist(z_flat, self.codebook()[keep]).min(1).values.clamp(min=0)
                 if err.sum() > 0:
                     return torch.multinomial(err, n, replacement=n > err.count_nonzero().item())
         return torch.randint(0, z_flat.shape[0], (n,), device=z_flat.device)
@@ -404,7 +418,7 @@ class VectorQuantizer(nn.Module):
     def _kmeans_pp(self, z_flat: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
         """k-means++ seeding (in chunks of `chunk` centres drawn at once, to stay fast)."""
         pick = torch.randint(0, z_flat.shape[0], (1,), device=z_flat.device)
-        best = self._sq_dist(z_flat, z_flat[pick]).squeeze(1)
+        best = _sq_dist(z_flat, z_flat[pick]).squeeze(1).clamp(min=0)
         while pick.numel() < k:
             n = min(chunk, k - pick.numel())
             if best.count_nonzero() < n:  # fewer distinct latents than codes: the rest at random
@@ -412,7 +426,7 @@ class VectorQuantizer(nn.Module):
                 return torch.cat([pick, extra])
             new = torch.multinomial(best, n, replacement=False)
             pick = torch.cat([pick, new])
-            best = torch.minimum(best, self._sq_dist(z_flat, z_flat[new]).min(1).values)
+            best = torch.minimum(best, _sq_dist(z_flat, z_flat[new]).min(1).values.clamp(min=0))
         return pick
 
     @torch.no_grad()
@@ -431,8 +445,7 @@ class VectorQuantizer(nn.Module):
         centers = z_flat[pick] + 1e-3 * torch.randn(k, z_flat.shape[1], device=z_flat.device)
         centers = self._prepare(centers)
         for _ in range(iters):
-            d = (z_flat ** 2).sum(1, keepdim=True) + (centers ** 2).sum(1) - 2 * z_flat @ centers.t()
-            idx = d.argmin(1)
+            idx = _sq_dist(z_flat, centers).argmin(1)
             counts = torch.bincount(idx, minlength=k).float()
             sums = torch.zeros_like(centers).index_add_(0, idx, z_flat)
             live = counts > 0

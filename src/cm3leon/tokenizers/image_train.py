@@ -232,30 +232,14 @@ def roundtrip_step(model: VQModel, teacher: VQModel, x: torch.Tensor, temperatur
     """Loss of the round-trip phase on a batch x, and the fraction of its codes that survive
     encode -> decode -> 8-bit -> encode before this step. The target codes are those of
     `teacher` (the model as the phase began), so that they cannot drift."""
-    q = model.quantize
-    e = q.codebook().detach()
-
-    def logits(images):
-        z = model.latents(images)
-        z_flat = q._prepare(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
-        return -((z_flat ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * (z_flat @ e.t())) / temperature
-
     with torch.no_grad():
         codes = teacher.encode(x)
         recon = ((model.decode(codes) + 1) * 127.5).round() / 127.5 - 1.0  # saved as 8 bits
     target = codes.reshape(-1)
-    lr = logits(recon)
-    kept = (lr.argmax(1) == target).float().mean().item()
-    return F.cross_entropy(logits(x), target) + F.cross_entropy(lr, target), kept
-
-
-def _code_spacing(model: VQModel) -> float:
-    """Median squared distance from each code to its nearest other code."""
-    with torch.no_grad():
-        e = model.quantize.codebook().float()
-        d = model.quantize._sq_dist(e, e)
-        d.fill_diagonal_(float("inf"))
-        return d.min(1).values.median().item()
+    logits_x = -model.quantize.code_distances(model.latents(x)) / temperature
+    logits_recon = -model.quantize.code_distances(model.latents(recon)) / temperature
+    kept = (logits_recon.argmax(1) == target).float().mean().item()
+    return F.cross_entropy(logits_x, target) + F.cross_entropy(logits_recon, target), kept
 
 
 def _adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
@@ -503,6 +487,7 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
     done = start  # completed steps (what a checkpoint records)
     total = tc.steps + tc.roundtrip_steps
     teacher = None  # the model as the round-trip phase began: the source of its target codes
+    rt_temperature = None
     if start > tc.steps:
         teacher = _load_teacher(ckpt_dir, model)
     bar = progress(total=total, desc="image tokenizer", unit="step", initial=start)
@@ -516,7 +501,9 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
                     group["lr"] = rt_lr
                 if teacher is None:
                     teacher = copy.deepcopy(model).eval()
-                loss, kept = roundtrip_step(model, teacher, x, tc.roundtrip_temperature * _code_spacing(model))
+                if rt_temperature is None:  # the codebook is frozen in this phase: measure once
+                    rt_temperature = tc.roundtrip_temperature * model.quantize.code_spacing()
+                loss, kept = roundtrip_step(model, teacher, x, rt_temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # reaches the encoder and quant_conv only
                 if tc.grad_clip:
