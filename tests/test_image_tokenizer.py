@@ -413,41 +413,83 @@ def test_error_seeding_restarts_dead_codes_where_quantization_error_is_largest()
         VQConfig(**{**TINY, "seeding": "sometimes"})
 
 
-def test_roundtrip_objective_pulls_reconstructions_onto_the_teachers_codes():
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder-only", "with-decoder"])
+def test_roundtrip_objective_pulls_reconstructions_onto_the_teachers_codes(decoder):
     import copy
 
     from cm3leon.tokenizers.image_train import roundtrip_step
 
-    m = tiny_model(codebook_type="ema", codebook_size=16)
+    m = tiny_model(codebook_type="cosine", codebook_size=16)
     teacher = copy.deepcopy(m)
+    codebook = m.quantize.codebook().detach().clone()
+    decoder_before = copy.deepcopy(m.decoder.state_dict())
     x = rand_images(4, seed=11)
     codes = teacher.encode(x)
-    saved = ((m.decode(codes) + 1) * 127.5).round() / 127.5 - 1  # decoder frozen: the same all along
 
-    def kept():  # measured apart from the objective: re-encode the saved reconstruction
+    def kept():  # measured apart from the objective: re-encode the 8-bit reconstruction
+        saved = ((m.decode(codes) + 1) * 127.5).round() / 127.5 - 1
         return (m.encode(saved) == codes).float().mean().item()
 
+    def anchor(recon, target):
+        return 30 * (recon - target).abs().mean()
+
     t = m.quantize.code_spacing()
-    opt = torch.optim.Adam(list(m.encoder.parameters()) + list(m.quant_conv.parameters()), lr=3e-3)
-    first, kept_first = roundtrip_step(m, teacher, x, t), kept()
+    params = list(m.encoder.parameters()) + list(m.quant_conv.parameters())
+    if decoder:
+        params += list(m.decoder.parameters()) + list(m.post_quant_conv.parameters()) + list(m.quantize.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    step = lambda: roundtrip_step(m, teacher, x, t, anchor if decoder else None)  # noqa: E731
+    first, kept_first = step(), kept()
     for _ in range(80):
-        loss, _ = roundtrip_step(m, teacher, x, t)
+        loss, _ = step()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert roundtrip_step(m, teacher, x, t)[0].item() < 0.05 * first[0].item()
+    assert step()[0].item() < 0.5 * first[0].item()
     assert kept_first < 0.5 and kept() > 0.9  # decoded images now re-encode to their codes
     assert torch.equal(m.encode(x), codes)  # the image keeps its codes
+    torch.testing.assert_close(m.quantize.codebook(), codebook)  # no gradient reaches the codebook
+    moved = any(not torch.equal(v, m.decoder.state_dict()[k]) for k, v in decoder_before.items())
+    assert moved == decoder  # the decoder learns only when asked to
 
 
-def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly(tmp_path, monkeypatch):
+def test_roundtrip_gradient_reaches_only_pixels_inside_the_8bit_range():
+    import copy
+
+    from cm3leon.tokenizers.image_train import roundtrip_step
+
+    m = tiny_model(codebook_type="cosine", codebook_size=16)
+    teacher = copy.deepcopy(m)
+    real, seen = m.decode_latents, {}
+
+    def decode_latents(z):  # a decoder whose pixels run from -3 to 3 across the image
+        y = real(z) + torch.linspace(-3, 3, m.config.resolution)
+        y.retain_grad()
+        seen["y"] = y
+        return y
+
+    m.decode_latents = decode_latents
+    loss, _ = roundtrip_step(m, teacher, rand_images(2, seed=3), m.quantize.code_spacing(),
+                             lambda recon, x: recon.sum() * 0)
+    loss.backward()
+    y = seen["y"]
+    outside = y.detach().abs() > 1
+    assert outside.any() and (~outside).any()
+    # a clamped pixel reads the same whatever the decoder does there: no push for nothing
+    assert (y.grad[outside] == 0).all() and y.grad[~outside].abs().sum() > 0
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder-only", "with-decoder"])
+def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly(tmp_path, monkeypatch, decoder):
     from dataclasses import replace
 
     from cm3leon.tokenizers.image_train import TRAIN_PRESETS, train_image_tokenizer
     from cm3leon.utils.logging import read_metrics
 
     data = write_shapes(tmp_path / "data", n=32)
-    tc = replace(TRAIN_PRESETS["tiny"], steps=10, roundtrip_steps=10, log_every=2, ckpt_every=4)
+    tc = replace(TRAIN_PRESETS["tiny"], steps=10, roundtrip_steps=10, log_every=2, ckpt_every=4,
+                 roundtrip_decoder=decoder, roundtrip_warmup=0.3)
+    trained = ("encoder.", "quant_conv.") + (("decoder.", "post_quant_conv.") if decoder else ())
     base = train_image_tokenizer(data, tmp_path / "base", preset="tiny", train_config=replace(tc, roundtrip_steps=0))
     full = train_image_tokenizer(data, tmp_path / "full", preset="tiny", train_config=tc)
     rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
@@ -455,11 +497,12 @@ def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly
     assert full["roundtrip_steps"] == 10 and full["steps_this_run"] == 20
     a, b = VQModel.from_pretrained(tmp_path / "base"), VQModel.from_pretrained(tmp_path / "full")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        if k.startswith(("encoder.", "quant_conv.")):
+        if k.startswith(trained):
             continue
-        torch.testing.assert_close(va, vb, msg=k)  # decoder and codebook are frozen in the phase
-    assert any(not torch.equal(va, vb) for k, va, vb in
-               zip(a.state_dict(), a.state_dict().values(), b.state_dict().values()) if k.startswith("encoder."))
+        torch.testing.assert_close(va, vb, msg=k)  # the codebook (and the decoder, unless asked) is frozen
+    for part in trained:
+        assert any(not torch.equal(va, vb) for k, va, vb in
+                   zip(a.state_dict(), a.state_dict().values(), b.state_dict().values()) if k.startswith(part)), part
 
     # interrupted inside the round-trip phase, a rerun resumes (with its teacher) bit-identically
     _interrupted(monkeypatch, 14, train_image_tokenizer, data, tmp_path / "resumed", preset="tiny", train_config=tc)

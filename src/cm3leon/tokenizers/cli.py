@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def register(sub) -> None:
     i.add_argument("--disc-start", type=int, default=None,
                    help="step at which the PatchGAN discriminator loss starts (default: the preset's; off on CPU presets)")
     i.add_argument("--roundtrip-steps", type=int, default=None,
-                   help="encoder-only steps after training so that decoded images re-encode to their own codes "
-                        "(default: the preset's; 0 = off)")
+                   help="steps after training that teach the encoder and decoder (codebook frozen) to make "
+                        "decoded images re-encode to their own codes (default: the preset's; 0 = off)")
+    i.add_argument("--roundtrip-decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether the decoder learns in the round-trip phase too (default: the preset's); needed "
+                        "to go past ~80%% of codes kept, with a phase of ~1,000+ steps")
     i.add_argument("--lpips-weights", default=None,
                    help="local LPIPS/VGG16 weights file enabling the perceptual loss (nothing is downloaded)")
     i.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -88,7 +92,8 @@ def _image(args) -> int:
     metrics = train_image_tokenizer(args.data, args.out, preset=args.preset, steps=args.steps,
                                     batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                     disc_start=args.disc_start, lpips_weights=args.lpips_weights,
-                                    roundtrip_steps=args.roundtrip_steps, device=args.device, threads=args.threads)
+                                    roundtrip_steps=args.roundtrip_steps,
+                                    roundtrip_decoder=args.roundtrip_decoder, device=args.device, threads=args.threads)
     print(json.dumps(metrics, indent=2))
     return 0
 
