@@ -15,7 +15,8 @@ from PIL import Image as PILImage
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.report import Grid
-from cm3leon.report_run import SECTION_TITLES, QualityBar, build_run_report, quality_bar_checks, run_report_sections
+from cm3leon.report_run import (SECTION_TITLES, QualityBar, build_run_report, quality_bar_checks, quality_bar_limits,
+                                run_report_sections)
 
 NUM_RECORDS = 12
 
@@ -243,6 +244,36 @@ def test_quality_bar_thresholds_are_config(tmp_path):
     _minimal_run(tmp_path, 0.85, 0.85, 75.0)
     checks = quality_bar_checks(tmp_path, QualityBar(text_to_image_cfg=0.9, captions=0.8, vqa=0.8))
     assert [c["met"] for c in checks] == [False, True, False]
+
+
+@pytest.mark.parametrize("ceiling,reachable", [(0.70, False), (0.92, True)])
+def test_a_missed_bar_comes_with_what_bounds_it_measured_in_the_run(tmp_path, ceiling, reachable):
+    _minimal_run(tmp_path, 0.05, 0.40, 76.0)
+    ev = _eval_metrics(0.05, 0.40, 76.0)
+    ev["metrics"]["shapes"]["by_num_objects"]["1"] = {"colour": 0.31, "shape": 0.10, "both": 0.05, "n": 100}
+    ev["metrics"]["cider"]["shapes"].update(colour=0.96, shape=0.43)
+    ev["metrics"]["vqa"]["by_type"] = {"color": {"vqa_accuracy": 100.0, "n": 20}, "shape": {"vqa_accuracy": 30.0, "n": 20}}
+    _write(tmp_path / "eval" / "sft" / "metrics.json", ev)
+    _write(tmp_path / "image_tokenizer" / "metrics.json", {"checker_recovered": 0.6, "tokens_per_image": 64,
+                                                           "checker_recovered_colour_shape": ceiling})
+    _write(tmp_path / "pretrain" / "train_summary.json", {"tokens_seen": 2_662_400, "steps": 650, "num_parameters": 3_637_248})
+    _write(tmp_path / "sft" / "train_summary.json", {"tokens_seen": 1_843_200, "steps": 450})
+    limits = quality_bar_limits(tmp_path)
+    assert len(limits) == 3
+    vq, attrs, lm = limits
+    assert f"{100 * ceiling:.1f}% of held-out objects" in vq  # colour+shape, not the stricter exact match
+    assert ("no language model can then reach" in vq) == (not reachable)
+    assert attrs.startswith("Shape is the weaker attribute in every task")
+    assert "captions colour 96.0%, shape 43.0%" in attrs and "VQA colour 100.0%, shape 30.0%" in attrs
+    assert "2.7M pretraining tokens (650 steps)" in lm and "1.8M SFT tokens (450 steps)" in lm
+    assert "What bounds these figures" in _sections(build_run_report(tmp_path).read_text(encoding="utf-8"))["Summary"]
+
+
+def test_no_limits_section_when_every_bar_is_met(tmp_path):
+    _minimal_run(tmp_path, 0.85, 0.85, 75.0)
+    _write(tmp_path / "image_tokenizer" / "metrics.json", {"checker_recovered_colour_shape": 0.9})
+    assert "What bounds" not in _sections(build_run_report(tmp_path).read_text(encoding="utf-8"))["Summary"]
+    assert quality_bar_limits(tmp_path)  # the findings exist; the report shows them only for a missed bar
 
 
 def test_missing_stages_give_not_run_notes(tmp_path):

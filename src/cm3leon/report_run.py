@@ -233,6 +233,49 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
     return rows
 
 
+def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[str]:
+    """What the run's own figures say bounds its quality bar, one sentence per finding: the
+    image tokenizer's ceiling on text->image, colour against shape in each task, and the
+    language model's training budget. Empty when nothing the bar needs was measured."""
+    bar = bar or QualityBar()
+    run = RunFolder(run_dir)
+    found: list[str] = []
+    vq = run.json("image_tokenizer", "metrics.json") or {}
+    ceiling = _num(vq.get("checker_recovered_colour_shape"))
+    if ceiling is not None:
+        tail = ("below the text-to-image bar, which no language model can then reach with this tokenizer"
+                if ceiling < bar.text_to_image_cfg else "room enough for the text-to-image bar")
+        found.append(f"Image tokenizer: the shapes checker finds colour and shape in {_pct(ceiling)} of held-out "
+                     f"objects after encode → decode alone ({vq.get('tokens_per_image', '?')} codes per image): {tail}.")
+    m = _eval_metrics(run.final_eval_dir())
+    shapes = m.get("shapes") or {}
+    one = (shapes.get("by_num_objects") or {}).get("1") or shapes
+    caps = (m.get("cider") or {}).get("shapes") or {}
+    vqa = (m.get("vqa") or {}).get("by_type") or {}
+    pairs = []
+    if _num(one.get("colour")) is not None and _num(one.get("shape")) is not None:
+        pairs.append(("text to image (CFG)", one["colour"], one["shape"]))
+    if _num(caps.get("colour")) is not None and _num(caps.get("shape")) is not None:
+        pairs.append(("captions", caps["colour"], caps["shape"]))
+    vc, vs = ((vqa.get(k) or {}).get("vqa_accuracy") for k in ("color", "shape"))
+    if _num(vc) is not None and _num(vs) is not None:
+        pairs.append(("VQA", vc / 100.0, vs / 100.0))
+    if pairs:
+        weaker = {"shape" if s < c else "colour" for _, c, s in pairs}
+        lead = (f"{weaker.pop().capitalize()} is the weaker attribute in every task: " if len(weaker) == 1
+                else "Colour against shape: ")
+        found.append(lead + "; ".join(f"{name} colour {_pct(c)}, shape {_pct(s)}" for name, c, s in pairs) + ".")
+    pre, sft = run.json("pretrain", "train_summary.json") or {}, run.json("sft", "train_summary.json") or {}
+    if _num(pre.get("tokens_seen")) is not None:
+        params = _num(pre.get("num_parameters"))
+        found.append("Language model: " + (f"{params / 1e6:.1f}M parameters, " if params else "")
+                     + f"{pre['tokens_seen'] / 1e6:.1f}M pretraining tokens ({pre.get('steps', '?')} steps)"
+                     + (f" and {sft['tokens_seen'] / 1e6:.1f}M SFT tokens ({sft.get('steps', '?')} steps)"
+                        if _num(sft.get("tokens_seen")) is not None else "")
+                     + "; the paper's smallest model saw 1.4T pretraining tokens.")
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 
@@ -292,6 +335,9 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
         verdict = "Quality bar met on every criterion."
     blocks.append(Text(verdict))
     blocks.append(Table(checks, ["criterion", "figure", "bar", "verdict", "n", "source"], caption="Quality bar"))
+    limits = quality_bar_limits(run.root, bar) if failed else []
+    if limits:
+        blocks.append(Text("What bounds these figures, measured in this run:\n\n" + "\n\n".join(limits)))
 
     after_dir = run.final_eval_dir()
     if after_dir is not None:
@@ -484,6 +530,7 @@ def _image_tokenizer(run: RunFolder, bar: QualityBar) -> list:
                 ("codes_used", "codes used"), ("codebook_size", "codebook size"), ("perplexity", "code perplexity"),
                 ("tokens_per_image", "tokens per image"),
                 ("checker_recovered", "objects recovered exactly (shapes checker)"),
+                ("checker_recovered_colour_shape", "objects recovered by colour and shape"),
                 ("checker_recovered_colour_cell", "objects recovered by colour and cell"),
                 ("num_eval_images", "evaluation images"), ("eval_split", "evaluation split"), ("steps", "steps"),
                 ("train_time_s", "training time (s)"), ("parameters", "parameters")]

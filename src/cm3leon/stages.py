@@ -159,7 +159,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
 
 def run_metrics(ctx: PipelineContext) -> dict:
     """The run's headline numbers, gathered from the stage folders, with the quality bar."""
-    from cm3leon.report_run import quality_bar_checks
+    from cm3leon.report_run import quality_bar_checks, quality_bar_limits
 
     def load(rel: str) -> dict | None:
         f = ctx.out / rel
@@ -175,6 +175,7 @@ def run_metrics(ctx: PipelineContext) -> dict:
         "eval_pretrain": load("eval/pretrain/metrics.json"),
         "quality_bar": checks,
         "quality_bar_summary": {c["criterion"]: {"figure": c["figure"], "met": c["met"]} for c in checks},
+        "quality_bar_limits": quality_bar_limits(ctx.out) if any(c["met"] is False for c in checks) else [],
     }
 
 
