@@ -511,3 +511,24 @@ def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly
     c = VQModel.from_pretrained(tmp_path / "resumed")
     for (k, va), vc in zip(b.state_dict().items(), c.state_dict().values()):
         torch.testing.assert_close(va, vc, msg=k)
+
+
+def test_checker_recovery_counts_exact_colour_shape_and_colour_cell_matches_apart():
+    import numpy as np
+
+    from cm3leon.data.shapes import ShapeObject, render_scene
+    from cm3leon.tokenizers.image_train import checker_recovery
+
+    def u8(objects):
+        return torch.from_numpy(np.asarray(render_scene(objects, 32).convert("RGB"))).permute(2, 0, 1)[None]
+
+    red_circle = ShapeObject("circle", "red", "large", (1, 1))
+    originals = torch.cat([u8([red_circle])] * 3)
+    recons = torch.cat([u8([red_circle]),  # the same object
+                        u8([ShapeObject("circle", "red", "large", (0, 0))]),  # moved: colour+shape only
+                        u8([ShapeObject("square", "red", "large", (1, 1))])])  # reshaped: colour+cell only
+    got = checker_recovery(originals, recons)
+    assert got["checker_objects"] == 3
+    assert got["checker_recovered"] == pytest.approx(1 / 3, abs=1e-4)
+    assert got["checker_recovered_colour_shape"] == pytest.approx(2 / 3, abs=1e-4)
+    assert got["checker_recovered_colour_cell"] == pytest.approx(2 / 3, abs=1e-4)

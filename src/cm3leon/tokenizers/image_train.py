@@ -381,9 +381,9 @@ def checker_recovery(originals_u8: torch.Tensor, recons_u8: torch.Tensor) -> dic
     except ImportError:
         return None
     found = 0
-    matched = {"checker_recovered": 0, "checker_recovered_colour_shape": 0, "checker_recovered_colour_cell": 0}
     views = {"checker_recovered": lambda d: d.key(), "checker_recovered_colour_shape": lambda d: (d.color, d.shape),
              "checker_recovered_colour_cell": lambda d: (d.color, d.cell)}
+    matched = dict.fromkeys(views, 0)
     for a, b in zip(tensor_to_images(_to_float(originals_u8)), tensor_to_images(_to_float(recons_u8))):
         da, db = detect_objects(a), detect_objects(b)
         found += len(da)
