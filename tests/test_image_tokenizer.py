@@ -520,7 +520,7 @@ def test_checker_recovery_counts_exact_colour_shape_and_colour_cell_matches_apar
     from cm3leon.tokenizers.image_train import checker_recovery
 
     def u8(objects):
-        return torch.from_numpy(np.asarray(render_scene(objects, 32).convert("RGB"))).permute(2, 0, 1)[None]
+        return torch.from_numpy(np.array(render_scene(objects, 32).convert("RGB"))).permute(2, 0, 1)[None]
 
     red_circle = ShapeObject("circle", "red", "large", (1, 1))
     originals = torch.cat([u8([red_circle])] * 3)
