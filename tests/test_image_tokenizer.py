@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.tokenizers.image import (PRESETS, VQConfig, VQModel, codebook_stats, get_preset, images_to_tensor,
-                                      tensor_to_images)
+from cm3leon.tokenizers.image import (PRESETS, VQConfig, VQModel, as_8bit, codebook_stats, get_preset,
+                                      images_to_tensor, tensor_to_images)
 
 TINY = dict(resolution=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
             z_channels=8, embed_dim=4, codebook_size=32, norm_groups=4)
@@ -427,7 +427,7 @@ def test_roundtrip_objective_pulls_reconstructions_onto_the_teachers_codes(decod
     codes = teacher.encode(x)
 
     def kept():  # measured apart from the objective: re-encode the 8-bit reconstruction
-        saved = ((m.decode(codes) + 1) * 127.5).round() / 127.5 - 1
+        saved = as_8bit(m.decode(codes))
         return (m.encode(saved) == codes).float().mean().item()
 
     def anchor(recon, target):
@@ -480,7 +480,7 @@ def test_roundtrip_gradient_reaches_only_pixels_inside_the_8bit_range():
 
 
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder-only", "with-decoder"])
-def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly(tmp_path, monkeypatch, decoder):
+def test_roundtrip_phase_trains_what_it_should_starts_a_fresh_optimizer_and_resumes_exactly(tmp_path, monkeypatch, decoder):
     from dataclasses import replace
 
     from cm3leon.tokenizers.image_train import TRAIN_PRESETS, train_image_tokenizer
@@ -503,6 +503,11 @@ def test_roundtrip_phase_trains_only_the_encoder_keeps_codes_and_resumes_exactly
     for part in trained:
         assert any(not torch.equal(va, vb) for k, va, vb in
                    zip(a.state_dict(), a.state_dict().values(), b.state_dict().values()) if k.startswith(part)), part
+    # the phase's optimizer began afresh: Adam has counted its 10 steps only, with torch's betas
+    opt = torch.load(tmp_path / "full" / "checkpoint" / "train_state.pt", weights_only=True)["optimizer"]
+    assert {float(st["step"]) for st in opt["state"].values()} == {10.0}
+    assert all(tuple(g["betas"]) == (0.9, 0.999) for g in opt["param_groups"])
+    assert TRAIN_PRESETS["tiny"].betas != (0.9, 0.999)  # so the check above can tell
 
     # interrupted inside the round-trip phase, a rerun resumes (with its teacher) bit-identically
     _interrupted(monkeypatch, 14, train_image_tokenizer, data, tmp_path / "resumed", preset="tiny", train_config=tc)

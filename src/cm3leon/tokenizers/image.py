@@ -724,6 +724,11 @@ def tensor_to_images(x: torch.Tensor) -> list:
     return [Image.fromarray(im) for im in a]
 
 
+def as_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as they come back from an 8-bit file (clamped, rounded to 1/255)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
+
+
 def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict:
     """Usage (fraction of codes ever used) and perplexity (exp of the code entropy)."""
     counts = torch.bincount(torch.as_tensor(codes).reshape(-1).long(), minlength=codebook_size).double()
@@ -762,7 +767,7 @@ def code_stability(vq: VQModel, images, batch_size: int = 256, round_pixels: boo
             codes = vq.encode(x)
             recon = vq.decode(codes)
             if round_pixels:
-                recon = ((recon + 1) * 127.5).round() / 127.5 - 1.0
+                recon = as_8bit(recon)
             same += (vq.encode(recon) == codes).sum().item()
             total += codes.numel()
     finally:
@@ -771,4 +776,4 @@ def code_stability(vq: VQModel, images, batch_size: int = 256, round_pixels: boo
 
 
 __all__ = ["VQConfig", "VQModel", "PRESETS", "get_preset", "images_to_tensor", "tensor_to_images",
-           "codebook_stats", "code_stability", "config_from_taming_yaml"]
+           "as_8bit", "codebook_stats", "code_stability", "config_from_taming_yaml"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.tokenizers.image import (VQConfig, VQModel, code_stability, codebook_stats, get_preset,
+from cm3leon.tokenizers.image import (VQConfig, VQModel, as_8bit, code_stability, codebook_stats, get_preset,
                                       tensor_to_images)
 from cm3leon.utils.io import atomic_path, read_json, write_json
 from cm3leon.utils.logging import MetricsLogger, progress
@@ -242,11 +242,6 @@ def foreground_weights(x: torch.Tensor, weight: float, threshold: float) -> torc
     return 1.0 + weight * fg
 
 
-def _as_8bit(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] as they come back from an 8-bit file."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
-
-
 def pixel_losses(recon: torch.Tensor, x: torch.Tensor, tc: VQTrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reconstruction loss of training (l1_weight x L1 + l2_weight x L2, both
     foreground-weighted), and its L1 and L2."""
@@ -272,7 +267,7 @@ def roundtrip_step(model: VQModel, teacher: VQModel, x: torch.Tensor, temperatur
     target = codes.reshape(-1)
     if decoder_loss is None:
         with torch.no_grad():
-            recon = _as_8bit(model.decode(codes))
+            recon = as_8bit(model.decode(codes))
         anchor = None
     else:
         dec = model.decode_latents(model.quantize.lookup(codes).detach())
@@ -280,7 +275,7 @@ def roundtrip_step(model: VQModel, teacher: VQModel, x: torch.Tensor, temperatur
         # saved as 8 bits, straight through where the pixel is in range: past it the clamp makes
         # a change invisible, and a gradient there would push the decoder for nothing
         inside = dec.clamp(-1, 1)
-        recon = inside + (_as_8bit(dec) - inside).detach()
+        recon = inside + (as_8bit(dec) - inside).detach()
     logits_x = -model.quantize.code_distances(model.latents(x)) / temperature
     logits_recon = -model.quantize.code_distances(model.latents(recon)) / temperature
     kept = (logits_recon.argmax(1) == target).float().mean().item()
@@ -537,6 +532,7 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
     total = tc.steps + tc.roundtrip_steps
     teacher = None  # the model as the round-trip phase began: the source of its target codes
     rt_temperature = None
+    rt_warmup = max(1, round(tc.roundtrip_warmup * tc.roundtrip_steps))  # steps of linear warmup
     anchor = (lambda r, x: tc.roundtrip_recon_weight * pixel_losses(r, x, tc)[0]) if tc.roundtrip_decoder else None
     if start > tc.steps:
         teacher = _load_teacher(ckpt_dir, model)
@@ -547,8 +543,7 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
             x = _batch(train_u8, step, tc.batch_size, seed, tc.hflip).to(device)
             if step >= tc.steps:  # the round-trip phase: codebook frozen
                 rt_step = step - tc.steps
-                warmup = max(1, round(tc.roundtrip_warmup * tc.roundtrip_steps))
-                rt_lr = (tc.roundtrip_lr * min(1.0, (rt_step + 1) / warmup)
+                rt_lr = (tc.roundtrip_lr * min(1.0, (rt_step + 1) / rt_warmup)
                          * 0.5 * (1 + math.cos(math.pi * rt_step / tc.roundtrip_steps)))
                 for group in opt.param_groups:
                     group["lr"] = rt_lr
