@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from cm3leon.decode.generate import attention_mask, decode_one_token, generate, left_pad, prefill
+from cm3leon.decode.generate import attention_mask, decode_one_token, generate, left_pad, position_ids, prefill
 from cm3leon.decode.guidance import Guidance, cfg_logits
+from cm3leon.model.positions import next_positions
 from cm3leon.decode.processors import ImageConstraint, SamplerSettings, sample
 from cm3leon.model.config import ModelConfig
 from cm3leon.model.transformer import CM3LeonTransformer
@@ -46,8 +47,10 @@ def cfg_two_passes(model_c, model_u, cond, uncond, constraint, sampler, scale, s
         tokens, pad = left_pad(prompts, 0, device)
         total = tokens.size(1) + steps
         m.setup_caches(len(prompts), total, device=device)
-        logits = prefill(m, tokens, pad, total)
-        states.append([m, pad, torch.tensor([tokens.size(1)], device=device), attention_mask(pad, 1, total), logits])
+        positions = position_ids(tokens, pad, m.config)
+        logits = prefill(m, tokens, pad, total, positions)
+        states.append([m, [positions[:, -1], tokens[:, -1]], torch.tensor([tokens.size(1)], device=device),
+                       attention_mask(pad, 1, total), logits])
     for step in range(steps):
         mask = constraint.mask(step, device)
         nxt = sample(cfg_logits(states[0][4].float(), states[1][4].float(), scale) + mask, sampler, gen)
@@ -55,8 +58,10 @@ def cfg_two_passes(model_c, model_u, cond, uncond, constraint, sampler, scale, s
         if step + 1 == steps:
             break
         for st in states:
-            m, pad, pos, amask, _ = st
-            st[4] = decode_one_token(m, nxt[:, None], pos, pad, amask)
+            m, last, pos, amask, _ = st
+            last[0] = next_positions(last[0], last[1], m.config)
+            last[1] = nxt
+            st[4] = decode_one_token(m, nxt[:, None], pos, last[0][:, None], amask)
             pos += 1
     for m in (model_c, model_u):
         m.reset_caches()

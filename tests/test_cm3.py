@@ -147,3 +147,34 @@ def test_invert_rejects_a_span_without_eoss():
     seq = np.array([1, t, VOCAB.mask_id(0), 1, VOCAB.mask_id(0), t + 1])
     with pytest.raises(CM3LeonError, match="no <eoss>"):
         invert_cm3(seq, VOCAB)
+
+
+def test_whole_segment_span_masks_the_query_caption_as_one_span():
+    """whole_segment_prob=1, segment -2 (the query caption): `<mask:0> <break> image <eos>
+    <mask:0> caption <eoss>`, the unconditional image prompt and the captioning-by-infilling
+    form in one sequence; the document is recovered by inverting it."""
+    t, i = VOCAB.text_to_ids([3, 4, 5]).tolist(), VOCAB.image_to_ids([1, 2]).tolist()
+    doc = np.array([VOCAB.eos_id] + t + [VOCAB.break_id] + i + [VOCAB.eos_id])
+    cfg = CM3Config(poisson_lambda=0.0, whole_segment_prob=1.0, whole_segments=[-2])
+    ex = cm3_transform(doc, VOCAB, np.random.default_rng(0), cfg)
+    m0 = VOCAB.mask_id(0)
+    assert ex.tokens.tolist() == [VOCAB.eos_id, m0, VOCAB.break_id] + i + [VOCAB.eos_id, m0] + t + [VOCAB.eoss_id]
+    assert ex.spans == [(1, 4)]
+    assert np.array_equal(invert_cm3(ex, VOCAB), doc)
+
+
+def test_whole_segment_prob_zero_draws_exactly_as_before_and_spans_add_on_top():
+    for doc, ex in transformed(50, CM3Config(poisson_lambda=2.0, whole_segment_prob=0.0)):
+        ref = cm3_transform(doc, VOCAB, np.random.default_rng(0), CM3Config(poisson_lambda=2.0))
+        got = cm3_transform(doc, VOCAB, np.random.default_rng(0), CM3Config(poisson_lambda=2.0, whole_segment_prob=0.0))
+        assert np.array_equal(ref.tokens, got.tokens)
+    rng = np.random.default_rng(5)
+    cfg = CM3Config(poisson_lambda=0.0, min_spans=2, max_spans=3, whole_segment_prob=1.0, whole_segments=[-2])
+    for _ in range(50):
+        doc = random_document(rng)
+        ex = cm3_transform(doc, VOCAB, rng, cfg)
+        assert len(ex.spans) <= 3 and np.array_equal(invert_cm3(ex, VOCAB), doc)
+    with pytest.raises(CM3LeonError, match="whole_segment_prob"):
+        CM3Config(whole_segment_prob=1.5)
+    with pytest.raises(CM3LeonError, match="whole_segments"):
+        CM3Config(whole_segments="query")

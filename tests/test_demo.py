@@ -40,3 +40,21 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     again = json.loads((out / "pipeline.json").read_text())
     assert all(v["status"].startswith("skipped") for v in again["stages"].values())
+
+
+@pytest.mark.slow
+def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path):
+    """A user's folder with nothing but captions.jsonl and images: instruction tuning adapts to
+    the tasks the data has (captions and text-to-image), and every stage finishes."""
+    from cm3leon.data.shapes import synthesize
+
+    data = tmp_path / "mine"
+    synthesize(data, num=200, size=48, max_objects=1, seed=5)
+    for name in ("vqa.jsonl", "edits.jsonl", "layouts.jsonl", "annotations.jsonl", "dataset.json"):
+        (data / name).unlink()
+    out = tmp_path / "run"
+    assert main(["pipeline", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    pipe = json.loads((out / "pipeline.json").read_text())
+    assert pipe["finished"] is True and all(v["status"] == "done" for v in pipe["stages"].values())
+    sft = json.loads((out / "sft" / "sft_summary.json").read_text())
+    assert set(sft["tasks"]) == {"caption", "t2i"}

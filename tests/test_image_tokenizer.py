@@ -537,3 +537,50 @@ def test_checker_recovery_counts_exact_colour_shape_and_colour_cell_matches_apar
     assert got["checker_recovered"] == pytest.approx(1 / 3, abs=1e-4)
     assert got["checker_recovered_colour_shape"] == pytest.approx(2 / 3, abs=1e-4)
     assert got["checker_recovered_colour_cell"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def _patch_config(**kw) -> VQConfig:
+    return get_preset("patch48", **{"resolution": 16, "patch_size": 4, "embed_dim": 48, "z_channels": 48,
+                                    "codebook_size": 8, **kw})
+
+
+def test_patch_tokenizer_codes_are_pixel_patches_and_decode_pastes_them():
+    """architecture="patch": a code is a patch of pixels; decoding pastes the codebook's
+    patches, so decode(codes) equals the lookup of the codes, rearranged to pixels."""
+    vq = VQModel(_patch_config()).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    codes = vq.encode(x)
+    assert codes.shape == (2, 4, 4) and vq.num_parameters == 8 * 48
+    patches = vq.quantize.embedding.weight[codes]  # (B, h, w, 3*4*4)
+    expected = torch.nn.functional.pixel_shuffle(patches.permute(0, 3, 1, 2), 4)
+    assert torch.equal(vq.decode(codes), expected.clamp(-1, 1))
+
+
+def test_patch_tokenizer_fit_is_lossless_with_enough_codes_and_clusters_otherwise(tmp_path):
+    from cm3leon.tokenizers.image_train import fit_patch_codebook
+
+    g = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 256, (5, 3, 4, 4), generator=g, dtype=torch.uint8)  # 5 distinct patches
+    pick = torch.randint(0, 5, (20, 4, 4), generator=g)
+    images = tiles[pick].permute(0, 3, 1, 4, 2, 5).reshape(20, 3, 16, 16)  # (B, C, h*4, w*4)
+    vq = VQModel(_patch_config())
+    fit = fit_patch_codebook(vq, images, iters=10, max_vectors=1000, seed=0)
+    assert fit == {"distinct_patches": 5, "kmeans_vectors": 5, "lossless": True}
+    x = images.float() / 127.5 - 1
+    assert torch.allclose(vq.decode(vq.encode(x)), x, atol=1e-6)
+    small = VQModel(_patch_config(codebook_size=3))
+    assert fit_patch_codebook(small, images, iters=10, max_vectors=1000, seed=0)["lossless"] is False
+    assert small.encode(x).unique().numel() == 3
+    small.save_pretrained(tmp_path / "vq")
+    assert torch.equal(VQModel.from_pretrained(tmp_path / "vq").encode(x), small.encode(x))
+
+
+def test_patch_tokenizer_config_errors_name_the_field():
+    with pytest.raises(CM3LeonError, match="in_channels x patch_size"):
+        _patch_config(embed_dim=12)
+    with pytest.raises(CM3LeonError, match="codebook_type"):
+        _patch_config(codebook_type="ema")
+    with pytest.raises(CM3LeonError, match="divisible by patch_size"):
+        _patch_config(resolution=18)
+    with pytest.raises(CM3LeonError, match="architecture"):
+        VQConfig(architecture="vit")

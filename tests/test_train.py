@@ -60,7 +60,7 @@ def _split_losses(model, batches, vocab: Vocab) -> dict[str, float]:
 
     sums, counts = {"all": 0.0, "text": 0.0, "image": 0.0}, {"all": 0, "text": 0, "image": 0}
     with torch.no_grad():
-        for tokens, targets in batches:
+        for tokens, targets, *_ in batches:
             logits, _ = model(tokens)
             ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
             t = targets.flatten().numpy()

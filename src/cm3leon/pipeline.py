@@ -128,7 +128,8 @@ def _pipeline(args) -> int:
 
 
 def demo_data_settings(quick: bool) -> dict:
-    return {"num": 600, "size": 32, "max_objects": 1} if quick else {"num": 4000, "size": 32, "max_objects": 1}
+    # 48 px: the patch48 tokenizer's 8-px patches tile the scenes' 3x3 layout (config.py)
+    return {"num": 600, "size": 48, "max_objects": 1} if quick else {"num": 4000, "size": 48, "max_objects": 1}
 
 
 def _demo(args) -> int:

@@ -133,7 +133,9 @@ def model_config_from_opt(hf: dict[str, Any], source: str = "config.json") -> Mo
     # name for; the OPT fields stay authoritative (the config.json may have been edited).
     saved = hf.get("cm3leon")
     if isinstance(saved, dict):
-        for key in ("pos_init_std", "pad_vocab_to_multiple"):
+        # segment positions: OPTForCausalLM computes the same logits when given these
+        # models' position ids (`position_ids=cm3leon.model.positions.document_positions(...)`)
+        for key in ("pos_init_std", "pad_vocab_to_multiple", "segment_positions", "segment_delimiters"):
             if key in saved:
                 values[key] = saved[key]
         if saved.get("d_ff") == ffn:

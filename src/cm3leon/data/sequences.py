@@ -146,9 +146,9 @@ class BlockStream(IterableDataset):
         logical = (worker + rotation) % num_workers
         epoch, cursor = positions.get(logical, (0, 0))
         shard, num_shards = self.rank * num_workers + logical, self.world * num_workers
-        for tokens, targets, ep, cur in self._blocks(shard, num_shards, int(epoch), int(cursor)):
+        for tokens, targets, ep, cur, *pos in self._blocks(shard, num_shards, int(epoch), int(cursor)):
             yield (torch.from_numpy(tokens), torch.from_numpy(targets),
-                   torch.tensor([logical, ep, cur], dtype=torch.int64))
+                   torch.tensor([logical, ep, cur], dtype=torch.int64), *(torch.from_numpy(p) for p in pos))
 
 
 class MapBlockStream(BlockStream):
@@ -187,6 +187,14 @@ class PackedStream(BlockStream):
             raise CM3LeonError(f"seq_len must be >= 2, got {seq_len}")
         self.seq_len, self.pad_id, self.shuffle = int(seq_len), int(pad_id), shuffle
         self.skipped = 0  # examples too long for a block (counted in this process only)
+        self.position_config = None  # set_positions: blocks also carry position ids
+
+    def set_positions(self, model_config) -> None:
+        """Make every block carry the position ids of its documents (each from 0, in the
+        model's scheme: `cm3leon.model.positions`) as a 4th array, so that the trainer can
+        keep packed documents apart. An example whose positions would pass the model's
+        context is skipped like one too long for a block."""
+        self.position_config = model_config
 
     @property
     def num_items(self) -> int:
@@ -208,31 +216,47 @@ class PackedStream(BlockStream):
         while self.epochs is None or epoch < self.epochs:
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             mine = order[shard::num_shards]
-            tokens, targets, used, emitted = [], [], 0, 0
+            tokens, targets, positions, used, emitted = [], [], [], 0, 0
             for i in range(cursor, len(mine)):
                 ex = self.example(int(mine[i]), epoch)
                 if ex is None:
                     continue
+                pos = self._positions(ex)
+                if pos is not None and pos[-1] >= self.position_config.max_seq_len:
+                    self._skip(int(mine[i]))
+                    continue
                 if used + len(ex) > L:
                     # Block full: its position says "resume at item i" (re-made deterministically).
-                    yield (*self._pad(tokens, targets, used), epoch, i)
-                    tokens, targets, used = [], [], 0
+                    yield self._block(tokens, targets, positions, used, epoch, i)
+                    tokens, targets, positions, used = [], [], [], 0
                     emitted += 1
                 tokens.append(ex.tokens)
                 targets.append(ex.targets)
+                positions.append(pos)
                 used += len(ex)
             if used:
-                yield (*self._pad(tokens, targets, used), epoch + 1, 0)
+                yield self._block(tokens, targets, positions, used, epoch + 1, 0)
                 emitted += 1
             if not emitted and cursor == 0:
                 raise CM3LeonError(f"no item of shard {shard} fits a {L}-token block; raise seq_len")
             epoch, cursor = epoch + 1, 0
 
-    def _pad(self, tokens: list, targets: list, used: int) -> tuple[np.ndarray, np.ndarray]:
+    def _positions(self, ex: CM3Example) -> np.ndarray | None:
+        if self.position_config is None:
+            return None
+        from cm3leon.model.positions import document_positions
+
+        return document_positions(ex.tokens, self.position_config).numpy()
+
+    def _block(self, tokens: list, targets: list, positions: list, used: int, epoch: int, cursor: int) -> tuple:
+        """(tokens, targets, epoch, cursor[, positions]) of one block, padded to seq_len;
+        padding gets position 0 (each pad its own document)."""
         rest = self.seq_len - used
         tok = np.concatenate(tokens + [np.full(rest, self.pad_id, np.int64)])
         tgt = np.concatenate(targets + [np.full(rest, IGNORE_INDEX, np.int64)])
-        return tok, tgt
+        if self.position_config is None:
+            return tok, tgt, epoch, cursor
+        return tok, tgt, epoch, cursor, np.concatenate(positions + [np.zeros(rest, np.int64)])
 
 
 class CM3PretrainStream(PackedStream):

@@ -2,8 +2,8 @@
 runs the prompts once, `decode_one_token` feeds one token per row, `generate` loops.
 
 Prompts of different lengths run as one LEFT-PADDED batch: each row's positions start at 0
-at its first real token (`position_ids`) and its padding is masked out of attention
-(`attn_mask`). Guidance streams (CFG / CD-K / editing) are extra rows of the same batch: for
+at its first real token (`position_ids`, in the model's scheme: `cm3leon.model.positions`)
+and its padding is masked out of attention (`attn_mask`). Guidance streams (CFG / CD-K / editing) are extra rows of the same batch: for
 B prompts and S streams the model sees S*B rows, `Guidance.combine` folds their logits into
 B rows of scores, and the sampled token is appended to every stream of its sample.
 
@@ -48,20 +48,26 @@ def attention_mask(pad: torch.Tensor, num_queries: int, num_keys: int) -> torch.
     return key_ok[:, None, None, :].expand(-1, 1, num_queries, num_keys)
 
 
-def position_ids(pad: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-    """(B, Tq) positions counted from each row's first real token (padding gets 0)."""
-    return (query_pos[None, :] - pad[:, None]).clamp(min=0)
+def position_ids(tokens: torch.Tensor, pad: torch.Tensor, config=None) -> torch.Tensor:
+    """(B, T) position ids of left-padded rows, counted from each row's first real token in
+    the model config's scheme (plain or segment positions); padding gets 0."""
+    from cm3leon.model.positions import document_positions
+
+    out = torch.zeros_like(tokens)
+    for i, p in enumerate(pad.tolist()):
+        out[i, p:] = document_positions(tokens[i, p:].cpu(), config).to(tokens.device)
+    return out
 
 
 @torch.no_grad()
-def prefill(model, tokens: torch.Tensor, pad: torch.Tensor, cache_len: int) -> torch.Tensor:
-    """Run the padded prompts (B, T) into the KV cache; return the last logits (B, V)."""
+def prefill(model, tokens: torch.Tensor, pad: torch.Tensor, cache_len: int, positions: torch.Tensor) -> torch.Tensor:
+    """Run the padded prompts (B, T) at their position ids (B, T) into the KV cache; return
+    the last logits (B, V)."""
     T = tokens.size(1)
-    input_pos = torch.arange(T, device=tokens.device)
     logits, _ = model(
         tokens,
-        input_pos=input_pos,
-        position_ids=position_ids(pad, input_pos),
+        input_pos=torch.arange(T, device=tokens.device),
+        position_ids=positions,
         attn_mask=attention_mask(pad, T, cache_len),
     )
     return logits[:, -1]
@@ -69,19 +75,17 @@ def prefill(model, tokens: torch.Tensor, pad: torch.Tensor, cache_len: int) -> t
 
 @torch.no_grad()
 def decode_one_token(
-    model, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor, attn_mask: torch.Tensor
+    model, token: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Feed one token per row (B, 1) at cache slot `input_pos` (1,); return logits (B, V)."""
-    logits, _ = model(
-        token, input_pos=input_pos, position_ids=position_ids(pad, input_pos), attn_mask=attn_mask
-    )
+    """Feed one token per row (B, 1) at cache slot `input_pos` (1,) and position ids
+    `positions` (B, 1); return logits (B, V)."""
+    logits, _ = model(token, input_pos=input_pos, position_ids=positions, attn_mask=attn_mask)
     return logits[:, -1]
 
 
-def _uncached_logits(model, buf: torch.Tensor, pad: torch.Tensor, cur: int) -> torch.Tensor:
+def _uncached_logits(model, buf: torch.Tensor, pad: torch.Tensor, cur: int, positions: torch.Tensor) -> torch.Tensor:
     """Full forward over the first `cur` tokens (no cache): the reference path."""
-    q = torch.arange(cur, device=buf.device)
-    logits, _ = model(buf[:, :cur], position_ids=position_ids(pad, q), attn_mask=attention_mask(pad, cur, cur))
+    logits, _ = model(buf[:, :cur], position_ids=positions[:, :cur], attn_mask=attention_mask(pad, cur, cur))
     return logits[:, -1]
 
 
@@ -171,16 +175,24 @@ def generate(
             return logits.float() + mask
         return guidance.combine(logits.view(S, B, -1), mask)
 
+    from cm3leon.model.positions import next_positions
+
+    positions = position_ids(tokens, pad, cfg)  # (S*B, T)
+    last_pos, last_tok = positions[:, -1], tokens[:, -1]  # the next token's position follows these
+    if int(positions.max()) >= cfg.max_seq_len:
+        raise CM3LeonError(f"the prompts' position ids reach {int(positions.max())}, past the model's position "
+                           f"table (max_seq_len={cfg.max_seq_len}); shorten the prompt")
     if use_cache:
         model.setup_caches(max_batch_size=S * B, max_seq_len=total, device=device)
     try:
         if use_cache:
-            logits = prefill(model, tokens, pad, total)
+            logits = prefill(model, tokens, pad, total, positions)
             input_pos = torch.tensor([T], dtype=torch.long, device=device)
             step_mask = attention_mask(pad, 1, total)  # fixed for every decode step
         else:
             buf = torch.cat([tokens, torch.full((S * B, steps), pad_id, dtype=torch.long, device=device)], dim=1)
-            logits = _uncached_logits(model, buf, pad, T)
+            pbuf = torch.cat([positions, torch.zeros((S * B, steps), dtype=torch.long, device=device)], dim=1)
+            logits = _uncached_logits(model, buf, pad, T, pbuf)
 
         out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -197,12 +209,15 @@ def generate(
             if n == steps:
                 break
             row_tokens = nxt.repeat(S)  # the same token continues every stream of a sample
+            last_pos = next_positions(last_pos, last_tok, cfg).clamp(max=cfg.max_seq_len - 1)
+            last_tok = row_tokens
             if use_cache:
-                logits = decode_one_token(model, row_tokens[:, None], input_pos, pad, step_mask)
+                logits = decode_one_token(model, row_tokens[:, None], input_pos, last_pos[:, None], step_mask)
                 input_pos += 1
             else:
                 buf[:, T + step] = row_tokens
-                logits = _uncached_logits(model, buf, pad, T + step + 1)
+                pbuf[:, T + step] = last_pos
+                logits = _uncached_logits(model, buf, pad, T + step + 1, pbuf)
     finally:
         if use_cache:
             model.reset_caches()  # free the cache; the model is back to plain forward

@@ -43,7 +43,8 @@ def sequence_logprob(
         tokens, pad = left_pad(seqs, pad_id, device)  # (b, T)
         T = tokens.size(1)
         q = torch.arange(T, device=device)
-        logits, _ = model(tokens, position_ids=position_ids(pad, q), attn_mask=attention_mask(pad, T, T))
+        logits, _ = model(tokens, position_ids=position_ids(tokens, pad, model.config),
+                          attn_mask=attention_mask(pad, T, T))
         logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # predicts tokens[:, 1:]
         tok_logp = logp.gather(-1, tokens[:, 1:, None])[..., 0]  # (b, T-1)
         lens = torch.tensor([len(c) for c in cont], device=device)

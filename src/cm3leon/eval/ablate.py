@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -160,7 +160,8 @@ def ablation_spec(preset: str, run_dir: str | os.PathLike | None = None, steps: 
                             num_prompts=32)
     else:
         p = get_pipeline_preset(run_preset_name(run_dir) if run_dir is not None else "demo")
-        cfg = TrainConfig.from_preset(p.model, **p.pretrain)
+        train_keys = {f.name for f in fields(TrainConfig)}  # the preset also sets objective options
+        cfg = TrainConfig.from_preset(p.model, **{k: v for k, v in p.pretrain.items() if k in train_keys})
         paper = p.model in ("350m", "760m", "7b")
         keys = [k for k in BUDGET_KEYS if not (paper and k == "micro_batch_size")]  # per-size memory
         spec = AblationSpec(base_preset=p.model, budget={k: getattr(cfg, k) for k in keys},

@@ -7,7 +7,7 @@ absolute positions, truncated-normal init and a 4096-token context.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cm3leon.errors import CM3LeonError
@@ -53,6 +53,16 @@ class ModelConfig:
     # Embedding rows are padded to a multiple of this for efficient matmuls and sharding.
     # The padded rows are never seen: `forward` slices logits to `vocab_size` columns.
     pad_vocab_to_multiple: int = 64
+    # Position ids: 0 = the usual 0, 1, 2, ... from the document's start (OPT, the paper).
+    # N > 0 = segment positions: a token's position is (segment number) x N + (its index in
+    # the segment, at most N - 1), segments being separated by the `segment_delimiters` tokens
+    # (`<break>`, `<eos>`). An image code's position then names its cell of the code grid and
+    # a caption's words sit at the same positions in every document, whatever the lengths of
+    # the text before them; a small model learns to place objects from the first minutes
+    # (cm3leon.model.positions). Callers pass these position ids; HF OPT takes them as
+    # `position_ids`.
+    segment_positions: int = 0
+    segment_delimiters: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to_multiple"):
@@ -67,6 +77,14 @@ class ModelConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise CM3LeonError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.segment_positions, int) or self.segment_positions < 0:
+            raise CM3LeonError(f"ModelConfig.segment_positions must be an integer >= 0, got {self.segment_positions!r}")
+        self.segment_delimiters = [int(t) for t in self.segment_delimiters]
+        if self.segment_positions and not self.segment_delimiters:
+            raise CM3LeonError("ModelConfig.segment_positions needs segment_delimiters (the <break> and <eos> ids)")
+        if self.segment_positions > self.max_seq_len:
+            raise CM3LeonError(f"ModelConfig.segment_positions ({self.segment_positions}) exceeds max_seq_len "
+                               f"({self.max_seq_len})")
         for name in ("init_std", "pos_init_std", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise CM3LeonError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")

@@ -55,6 +55,14 @@ class CM3Config:
     # appended `<mask:i> span <eoss>` part); a position counts if the token it predicts is
     # in a listed segment. Pretraining uses "all"; instruction tuning may use e.g. [-1].
     loss_on: str | list[int | str] = "all"
+    # Whole-segment spans: with probability `whole_segment_prob` each segment listed in
+    # `whole_segments` is masked as one span before the Poisson spans are drawn. With [-2]
+    # (the query caption in text-first order) one sequence trains both prompts the decoder
+    # uses besides plain text->image: the unconditional stream of classifier-free guidance,
+    # `<mask:0> <break> image` (Sec. 3), and captioning by infilling, `... <eos> <mask:0>
+    # caption <eoss>` (Sec. 2). 0 = off (the paper's objective, and every draw unchanged).
+    whole_segment_prob: float = 0.0
+    whole_segments: list[int] = field(default_factory=lambda: [-2])
 
     def __post_init__(self) -> None:
         if not self.poisson_lambda >= 0:
@@ -74,6 +82,15 @@ class CM3Config:
                 raise CM3LeonError(
                     f"CM3Config.loss_on must be 'all' or a list of segment numbers and 'spans', got {self.loss_on!r}")
             self.loss_on = [s if s == "spans" else int(s) for s in self.loss_on]
+        if not 0.0 <= self.whole_segment_prob <= 1.0:
+            raise CM3LeonError(f"CM3Config.whole_segment_prob must be in [0, 1], got {self.whole_segment_prob!r}")
+        if isinstance(self.whole_segments, str) or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in self.whole_segments):
+            raise CM3LeonError(f"CM3Config.whole_segments must be a list of segment numbers, got {self.whole_segments!r}")
+        self.whole_segments = [int(s) for s in self.whole_segments]
+        if self.whole_segment_prob > 0 and len(self.whole_segments) > self.max_spans:
+            raise CM3LeonError(f"CM3Config: {len(self.whole_segments)} whole_segments need max_spans >= that, "
+                               f"got {self.max_spans}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,9 +146,16 @@ def cm3_transform(tokens: np.ndarray, vocab: Vocab, rng: np.random.Generator,
     free = ~_is_delimiter(x, vocab)
     if config.mask_segments != "all":
         free &= _select_segments(seg, config.mask_segments)
-    n = int(np.clip(rng.poisson(config.poisson_lambda), config.min_spans, config.max_spans))
     spans: list[tuple[int, int]] = []
-    for _ in range(n):
+    if config.whole_segment_prob > 0:
+        for s in config.whole_segments:
+            if rng.random() < config.whole_segment_prob:
+                where = np.flatnonzero(free & _select_segments(seg, [s]))
+                if where.size:  # a segment's maskable tokens are contiguous (its delimiter is last)
+                    spans.append((int(where[0]), int(where[-1]) + 1))
+                    free[where] = False
+    n = int(np.clip(rng.poisson(config.poisson_lambda), config.min_spans, config.max_spans))
+    for _ in range(min(n, config.max_spans - len(spans))):  # Poisson spans come on top, within max_spans
         candidates = np.flatnonzero(free)
         if not candidates.size:
             break

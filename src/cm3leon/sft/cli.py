@@ -90,17 +90,21 @@ def _fixed_batches(stream, micro_batch_size: int, count: int) -> list:
     """The first `count` micro-batches of a stream (a fixed set to compare models on)."""
     import torch
 
-    out, toks, tgts = [], [], []
-    for tokens, targets, _ in stream:
-        toks.append(tokens)
-        tgts.append(targets)
-        if len(toks) == micro_batch_size:
-            out.append((torch.stack(toks), torch.stack(tgts)))
-            toks, tgts = [], []
+    out, rows = [], []
+
+    def batch():
+        cols = list(zip(*rows))  # tokens, targets[, position ids]
+        return (torch.stack(cols[0]), torch.stack(cols[1]), torch.stack(cols[2]) if len(cols) > 2 else None)
+
+    for tokens, targets, _, *positions in stream:
+        rows.append((tokens, targets, *positions))
+        if len(rows) == micro_batch_size:
+            out.append(batch())
+            rows = []
             if len(out) == count:
                 return out
-    if toks:
-        out.append((torch.stack(toks), torch.stack(tgts)))
+    if rows:
+        out.append(batch())
     return out
 
 
@@ -187,15 +191,22 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
     has_val = any(len(ix) for ix in sft.task_indices("val").values())
     val_data = SFTStream(sft, "val", mix=False, shuffle=False, epochs=1, **stream_kw) if has_val else None
 
-    # Fixed batches to compare the model before and after (fp32, rank 0 only).
+    # Fixed batches to compare the model before and after (fp32, rank 0 only), positioned as
+    # the trainer positions its blocks.
     is_main = int(os.environ.get("RANK", "0")) == 0
     fixed = {}
     if is_main:
+        from cm3leon.model.config import ModelConfig
+
+        model_config = ModelConfig.from_dict(model_cfg)
         sample = SFTStream(sft, "train", mix=True, shuffle=False, epochs=1, **{**stream_kw, "seed": cfg.seed + 1})
-        fixed["train"] = _fixed_batches(sample, cfg.micro_batch_size, cfg.eval_batches)
+        fixed_streams = {"train": sample}
         if val_data is not None:
-            fixed["val"] = _fixed_batches(SFTStream(sft, "val", mix=False, shuffle=False, epochs=1, **stream_kw),
-                                          cfg.micro_batch_size, cfg.eval_batches)
+            fixed_streams["val"] = SFTStream(sft, "val", mix=False, shuffle=False, epochs=1, **stream_kw)
+        for name, stream in fixed_streams.items():
+            if cfg.document_masking or model_config.segment_positions:
+                stream.set_positions(model_config)
+            fixed[name] = _fixed_batches(stream, cfg.micro_batch_size, cfg.eval_batches)
     before = {k: _loss(init, b, device) for k, b in fixed.items()}
 
     extra_files = {name: init / name for name in MODEL_DIR_PARTS if (init / name).exists()}
@@ -212,7 +223,7 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
     after = {k: _loss(out_dir, b, device) for k, b in fixed.items()}
     metrics = {"train_loss_before": before.get("train"), "train_loss_after": after.get("train"),
                "val_loss_before": before.get("val"), "val_loss_after": after.get("val"),
-               "eval_tokens": {k: int(sum(int((t != -100).sum()) for _, t in b)) for k, b in fixed.items()},
+               "eval_tokens": {k: int(sum(int((t != -100).sum()) for _, t, _ in b)) for k, b in fixed.items()},
                "skipped_too_long": train_data.skipped}
     summary["sft"] = metrics
     if is_main:

@@ -27,7 +27,7 @@ def register(sub) -> None:
     i.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, metrics.json, ...)")
     i.add_argument("--data", help="dataset to train on (any reader format)")
     i.add_argument("--preset", default="demo32",
-                   help="model + training preset: demo32 (default), demo64, tiny, cm3leon, chameleon")
+                   help="model + training preset: demo32 (default), demo64, patch48 (k-means patch codes, seconds), tiny, cm3leon, chameleon")
     i.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     i.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
     i.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")

@@ -67,7 +67,11 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
             raise CM3LeonError(f"--init {init}: its vocab.json differs from the vocabulary of {codes_dir}")
         model: Any = init
     else:
-        model = ModelConfig.from_preset(preset, **{"vocab_size": vocab.size, **overrides.get("model", {})})
+        # segment positions (when the preset or --set model.segment_positions asks) restart
+        # after the vocabulary's <break> and <eos>
+        model = ModelConfig.from_preset(preset, **{"vocab_size": vocab.size,
+                                                   "segment_delimiters": [vocab.break_id, vocab.eos_id],
+                                                   **overrides.get("model", {})})
 
     num_retrieved = overrides.get("num_retrieved")
     if num_retrieved is None:

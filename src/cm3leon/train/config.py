@@ -54,6 +54,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     parallel: str = "auto"  # "none" | "ddp" | "fsdp2" | "auto" (fsdp2 under torchrun, else none)
     num_workers: int = 0  # DataLoader workers per rank (resume needs the same number)
+    # Packed blocks keep their documents apart: each document's positions start at 0 and it
+    # attends only to itself (as if trained alone; Llama 3 does the same). Always on with the
+    # model's segment positions. False: a block is one sequence (positions run across documents).
+    document_masking: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)

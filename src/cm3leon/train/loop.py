@@ -101,6 +101,18 @@ def _as_stream(data, cfg: TrainConfig, info: DistInfo, epochs: int | None, shuff
     return stream
 
 
+def _set_positions(data, cfg: TrainConfig, model_config) -> None:
+    """Packed streams carry position ids (documents kept apart) with document masking or
+    segment positions; a stream that cannot is an error rather than silently wrong positions."""
+    wanted = cfg.document_masking or bool(getattr(model_config, "segment_positions", 0))
+    if not wanted or data is None:
+        return
+    if not hasattr(data, "set_positions"):
+        raise CM3LeonError(f"document_masking / segment_positions need packed streams that carry position ids "
+                           f"(cm3leon.data.sequences.PackedStream); got {type(data).__name__}")
+    data.set_positions(model_config)
+
+
 class _Batches:
     """Micro-batches from a DataLoader, remembering the stream position for checkpoints."""
 
@@ -125,12 +137,20 @@ class _Batches:
             batch = next(self.it)
         except StopIteration:
             raise CM3LeonError("the training data ran out; use an infinite stream or a map-style dataset") from None
-        tokens, targets = (batch["tokens"], batch["targets"]) if isinstance(batch, dict) else batch[:2]
+        tokens, targets, positions = _unpack(batch)
         if not isinstance(batch, dict) and len(batch) > 2:
             pos = batch[2][-1].tolist()  # (logical worker, epoch, cursor) after this batch
             self.state["positions"][str(pos[0])] = pos[1:]
         self.state["batches"] += 1
-        return tokens, targets
+        return tokens, targets, positions
+
+
+def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, targets, position ids or None) of a DataLoader batch: a dict, or a
+    BlockStream's (tokens, targets, stream position[, position ids])."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch["targets"], batch.get("position_ids")
+    return batch[0], batch[1], batch[3] if len(batch) > 3 else None
 
 
 def _check_block(tokens: torch.Tensor, targets: torch.Tensor, seq_len: int, max_len: int | None) -> None:
@@ -165,17 +185,17 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[tup
     each, clip, optimizer step. Returns the step's mean `loss` over all its target tokens on
     all ranks, `text_loss` / `image_loss` (with `vocab`), perplexities and `grad_norm`."""
     per_token = _per_token(net) if per_token is None else per_token
-    kinds, counts = zip(*(_counts(t, vocab) for _, t in micro))
+    kinds, counts = zip(*(_counts(m[1], vocab) for m in micro))
     step_counts = all_reduce_sum([sum(c[j] for c in counts) for j in range(3)], info)
     # The step's loss is the mean over all its target tokens on all ranks; ranks' gradients
     # are averaged by DDP / FSDP, hence the world_size factor.
     scale = info.world_size / max(step_counts[0], 1.0)
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)
-    for i, (tokens, targets) in enumerate(micro):
+    for i, (tokens, targets, *positions) in enumerate(micro):
         with _grad_sync(net, parallel, i == len(micro) - 1):
             with autocast():
                 total, s = _loss_sums(net, tokens.to(info.device), targets.to(info.device),
-                                      kinds[i].to(info.device), per_token)
+                                      kinds[i].to(info.device), per_token, *positions)
             (total * scale).backward()
         sums += s.double()
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
@@ -208,17 +228,24 @@ def _counts(targets: torch.Tensor, vocab: Vocab | None) -> tuple[torch.Tensor, l
 
 
 def _loss_sums(net: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
-               per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               per_token: bool, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward: (sum of the token losses, with grad; detached [sum, text sum, image sum]).
-    The modality sums come from the same per-token losses: no second pass."""
+    The modality sums come from the same per-token losses: no second pass. With `positions`
+    (packed documents, each from position 0) every document attends only to itself."""
+    extra = {}
+    if positions is not None:
+        from cm3leon.model.positions import document_mask
+
+        positions = positions.to(tokens.device)
+        extra = {"position_ids": positions, "attn_mask": document_mask(positions)}
     if per_token:
-        _, losses = net(tokens, targets, reduction="none")  # (B, T), 0 where ignored
+        _, losses = net(tokens, targets, reduction="none", **extra)  # (B, T), 0 where ignored
         total = losses.sum()
         d = losses.detach()
         # Masked sums rather than boolean indexing: no device sync.
         sums = torch.stack([total.detach(), (d * (kinds == 1)).sum(), (d * (kinds == 2)).sum()])
         return total, sums
-    _, loss = net(tokens, targets)
+    _, loss = net(tokens, targets, **extra)
     total = loss * (targets != IGNORE_INDEX).sum()
     nan = torch.full((), float("nan"), device=total.device)
     return total, torch.stack([total.detach().float(), nan, nan])
@@ -245,11 +272,11 @@ def evaluate_losses(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     model.eval()
     per_token = _per_token(model)
     sums, counts = torch.zeros(3, dtype=torch.float64), [0.0, 0.0, 0.0]
-    for tokens, targets in batches:
+    for tokens, targets, *positions in batches:
         kinds, c = _counts(targets, vocab)
         with autocast():
             _, s = _loss_sums(model, tokens.to(info.device), targets.to(info.device), kinds.to(info.device),
-                              per_token)
+                              per_token, *positions)
         sums += s.double().cpu()
         counts = [a + b for a, b in zip(counts, c)]
     reduced = all_reduce_sum(sums.tolist() + counts, info)
@@ -275,12 +302,11 @@ def _val_batches(val_data, cfg: TrainConfig, info: DistInfo, limit: int | None =
     for batch in loader:
         if len(out) >= limit:
             break
-        tokens, targets = (batch["tokens"], batch["targets"]) if isinstance(batch, dict) else batch[:2]
-        out.append((tokens, targets))
+        out.append(_unpack(batch))
     n = all_reduce_max(len(out), info)
     while len(out) < n:
         shape = out[0][0].shape if out else (cfg.micro_batch_size, cfg.seq_len)
-        out.append((torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)))
+        out.append((torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long), None))
     return out
 
 
@@ -372,6 +398,8 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
 
     accum = cfg.grad_accum_steps(info.world_size)
     stream = _as_stream(train_data, cfg, info, epochs=None, shuffle=True)
+    for data in [stream, *val_sets.values()]:
+        _set_positions(data, cfg, model_config)
     batches = _Batches(stream, cfg, data_state) if start_step < cfg.steps else None
     # The query-pair set is scored in full (its records are fixed by the caller), so runs
     # with different numbers of retrieved documents score the same tokens.
@@ -395,7 +423,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
                 g["lr"] = lr
             t0 = time.perf_counter()  # a step's time includes its data, not validation or checkpoints
             micro = [batches.next() for _ in range(accum)]
-            for tokens, targets in micro:
+            for tokens, targets, _ in micro:
                 _check_block(tokens, targets, cfg.seq_len, max_len)
             last = train_step(net, optimizer, micro, info, autocast, cfg.grad_clip, vocab, parallel, per_token)
             grad_norm = last.pop("grad_norm")
