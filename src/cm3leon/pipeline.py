@@ -103,8 +103,8 @@ def register(sub) -> None:
     p = sub.add_parser("pipeline", help="run every stage on a dataset, then the report")
     p.add_argument("--data", required=True, help="dataset folder (captions.jsonl, .tar shards or COCO JSON)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--preset", default="demo", help="size preset (default demo)")
-    p.add_argument("--quick", action="store_true", help="smallest settings: a smoke run in minutes")
+    p.add_argument("--preset", default=None, help="size preset (default demo; quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="smallest settings (the quick preset): a smoke run in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="re-run finished stages")
     p.set_defaults(func=_pipeline)
@@ -121,7 +121,8 @@ def _pipeline(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"--data: {data} does not exist")
-    ctx = PipelineContext(data=data, out=Path(args.out), preset=args.preset, quick=args.quick, seed=args.seed)
+    preset = args.preset or ("quick" if args.quick else "demo")
+    ctx = PipelineContext(data=data, out=Path(args.out), preset=preset, quick=args.quick, seed=args.seed)
     summary = run_pipeline(ctx, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0
