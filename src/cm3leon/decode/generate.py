@@ -3,9 +3,10 @@ runs the prompts once, `decode_one_token` feeds one token per row, `generate` lo
 
 Prompts of different lengths run as one LEFT-PADDED batch: each row's positions start at 0
 at its first real token (`position_ids`, in the model's scheme: `cm3leon.model.positions`)
-and its padding is masked out of attention (`attn_mask`). Guidance streams (CFG / CD-K / editing) are extra rows of the same batch: for
-B prompts and S streams the model sees S*B rows, `Guidance.combine` folds their logits into
-B rows of scores, and the sampled token is appended to every stream of its sample.
+and its padding is masked out of attention (`attn_mask`). Guidance streams (CFG / CD-K /
+editing) are extra rows of the same batch: for B prompts and S streams the model sees S*B
+rows, `Guidance.combine` folds their logits into B rows of scores, and the sampled token is
+appended to every stream of its sample.
 
 The loop never calls `.item()`: finished rows are tracked with tensor ops and the host looks
 at them once every `check_every` steps (image generation has a fixed length and never looks).

@@ -58,9 +58,9 @@ class ModelConfig:
     # the segment, at most N - 1), segments being separated by the `segment_delimiters` tokens
     # (`<break>`, `<eos>`). An image code's position then names its cell of the code grid and
     # a caption's words sit at the same positions in every document, whatever the lengths of
-    # the text before them; a small model learns to place objects from the first minutes
-    # (cm3leon.model.positions). Callers pass these position ids; HF OPT takes them as
-    # `position_ids`.
+    # the text before them (cm3leon.model.positions). On the CPU demo it lowered the image loss
+    # but drew worse samples (cm3leon/config.py), so no preset turns it on. Callers pass these
+    # position ids; HF OPT takes them as `position_ids`.
     segment_positions: int = 0
     segment_delimiters: list[int] = field(default_factory=list)
 

@@ -4,8 +4,8 @@ Plain positions count tokens from the document's start (OPT; CM3Leon Sec. 3). Se
 positions (`ModelConfig.segment_positions = N`) restart at every segment, the run of tokens
 after a `<break>` / `<eos>`: position = segment number x N + index in the segment (at most
 N - 1). The k-th code of every image then has the same position whatever text precedes it, so
-the model reads its cell of the code grid from its position instead of counting tokens back
-to the `<break>`. The layout `<eos> (text <break> image <break>)*k text <break> image <eos>`
+the model can read its cell of the code grid from its position instead of counting tokens
+back to the `<break>`. The layout `<eos> (text <break> image <break>)*k text <break> image <eos>`
 (Sec. 2) fixes the segment number of every part of a document.
 
 Everything that runs the decoder on documents computes its positions here: the training
@@ -36,15 +36,13 @@ def document_positions(tokens: Sequence[int] | torch.Tensor, config) -> torch.Te
     return seg * stride + (steps - first).clamp(max=stride - 1)
 
 
-def next_positions(prev_pos: torch.Tensor, prev_token: torch.Tensor, config,
-                   delimiters: torch.Tensor | None = None) -> torch.Tensor:
+def next_positions(prev_pos: torch.Tensor, prev_token: torch.Tensor, config) -> torch.Tensor:
     """Position ids of the tokens that follow `prev_token` at `prev_pos` (any shape): what
     `document_positions` gives the next token, one step at a time for decoding."""
     stride = int(getattr(config, "segment_positions", 0) or 0)
     if not stride:
         return prev_pos + 1
-    if delimiters is None:
-        delimiters = torch.tensor(config.segment_delimiters, dtype=torch.long, device=prev_token.device)
+    delimiters = torch.tensor(config.segment_delimiters, dtype=torch.long, device=prev_token.device)
     start = torch.div(prev_pos, stride, rounding_mode="floor") * stride
     return torch.where(torch.isin(prev_token, delimiters), start + stride,
                        torch.minimum(prev_pos + 1, start + stride - 1))

@@ -197,6 +197,7 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
     fixed = {}
     if is_main:
         from cm3leon.model.config import ModelConfig
+        from cm3leon.train.loop import set_stream_positions
 
         model_config = ModelConfig.from_dict(model_cfg)
         sample = SFTStream(sft, "train", mix=True, shuffle=False, epochs=1, **{**stream_kw, "seed": cfg.seed + 1})
@@ -204,8 +205,7 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
         if val_data is not None:
             fixed_streams["val"] = SFTStream(sft, "val", mix=False, shuffle=False, epochs=1, **stream_kw)
         for name, stream in fixed_streams.items():
-            if cfg.document_masking or model_config.segment_positions:
-                stream.set_positions(model_config)
+            set_stream_positions(stream, cfg, model_config)
             fixed[name] = _fixed_batches(stream, cfg.micro_batch_size, cfg.eval_batches)
     before = {k: _loss(init, b, device) for k, b in fixed.items()}
 

@@ -101,7 +101,7 @@ def _as_stream(data, cfg: TrainConfig, info: DistInfo, epochs: int | None, shuff
     return stream
 
 
-def _set_positions(data, cfg: TrainConfig, model_config) -> None:
+def set_stream_positions(data, cfg: TrainConfig, model_config) -> None:
     """Packed streams carry position ids (documents kept apart) with document masking or
     segment positions; a stream that cannot is an error rather than silently wrong positions."""
     wanted = cfg.document_masking or bool(getattr(model_config, "segment_positions", 0))
@@ -399,7 +399,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
     accum = cfg.grad_accum_steps(info.world_size)
     stream = _as_stream(train_data, cfg, info, epochs=None, shuffle=True)
     for data in [stream, *val_sets.values()]:
-        _set_positions(data, cfg, model_config)
+        set_stream_positions(data, cfg, model_config)
     batches = _Batches(stream, cfg, data_state) if start_step < cfg.steps else None
     # The query-pair set is scored in full (its records are fixed by the caller), so runs
     # with different numbers of retrieved documents score the same tokens.
