@@ -147,7 +147,7 @@ def test_presets_and_bad_arguments(run, tmp_path, capsys):
     quick = ablation_spec("quick")
     assert [s[0] for s in quick.sizes] == ["xs", "demo-small", "demo"] and quick.ks == (0, 1, 2)
     full = ablation_spec("full", run_dir)  # the run's pipeline preset (quick): its pretraining budget
-    assert full.budget["steps"] == 60 and full.base_preset == "demo-small"
+    assert full.budget["steps"] == 120 and full.base_preset == "demo-small"
     with pytest.raises(CM3LeonError, match="unknown ablation preset"):
         ablation_spec("huge")
     with pytest.raises(CM3LeonError, match="unknown"):

@@ -66,6 +66,13 @@ def test_best_of_n_keeps_every_candidate_half_cfg_half_cdk_ranked_by_score(m):
     assert all(np.isfinite(scores))
 
 
+def test_clip_scorer_without_a_retriever_or_an_unknown_scorer_is_a_clear_error(m):
+    with pytest.raises(CM3LeonError, match="retriever"):
+        m.sample_images("a red circle", method="best_of_n", num_candidates=2, scorer="clip")
+    with pytest.raises(CM3LeonError, match="scorer"):
+        m.sample_images_batch(["a red circle"], method="best_of_n", num_candidates=2, scorer="vibes")
+
+
 def test_text_tasks_return_strings(m, picture):
     caption = m.image_to_text(picture, max_new_tokens=6)
     answer = m.answer(picture, "what colour is the circle?", max_new_tokens=6)
@@ -205,3 +212,10 @@ def test_retrieved_documents_go_into_both_streams_and_clip_score_reranks(m, monk
     assert [s.scorer for s in samples] == ["clip"] * 4
     bright = [float(np.asarray(s.image).mean()) for s in samples]
     assert bright == sorted(bright, reverse=True)
+    # scorer="likelihood" ranks by the model's own caption likelihood even with a retriever
+    own = m.sample_images("a red circle", n=4, method="best_of_n", num_candidates=4, seed=0, scorer="likelihood")
+    assert [s.scorer for s in own] == ["likelihood"] * 4
+    text = m.prompts.text("a red circle") + [m.vocab.eoss_id]
+    direct = [float(api.sequence_logprob(m.model, [m.prompts.caption(s.codes, len(text)).cond], [text])[0])
+              for s in own]
+    assert [s.score for s in own] == pytest.approx(direct, rel=1e-4) and direct == sorted(direct, reverse=True)

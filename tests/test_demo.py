@@ -27,8 +27,15 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
         for part in ("config.json", "model.safetensors", "vocab.json", "text_tokenizer", "image_tokenizer",
                      "retriever", "index"):
             assert (out / model / part).exists(), f"{model}/{part}"
+    # the CPU recipe: image-code embeddings from the codebook, shared segment positions, and
+    # the dtype measured at start
+    config = json.loads((out / "pretrain" / "config.json").read_text())
+    assert config["image_embedding_init"] > 0 and config["segment_positions"] and config["segment_numbers"]
+    assert json.loads((out / "pretrain" / "train_summary.json").read_text())["dtype"] in ("bf16", "fp32")
     gen = json.loads((out / "generate" / "summary.json").read_text())
     assert set(gen["methods"]) == {"topp", "cfg", "cdk", "best_of_n"}
+    rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
+    assert rows and not any(r["retrieved"] for r in rows)  # the preset's decoding: num_retrieved 0
     assert all(0.0 <= m["accuracy_both"] <= 1.0 for m in gen["methods"].values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0
@@ -43,10 +50,17 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path):
+def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatch):
     """A user's folder with nothing but captions.jsonl and images: instruction tuning adapts to
-    the tasks the data has (captions and text-to-image), and every stage finishes."""
+    the tasks the data has (captions and text-to-image), and every stage finishes. The preset's
+    shared decoding options reach generation."""
+    from dataclasses import replace
+
+    from cm3leon import config
     from cm3leon.data.shapes import synthesize
+
+    monkeypatch.setitem(config.PIPELINE_PRESETS, "quick",
+                        replace(config.PIPELINE_PRESETS["quick"], decoding={"num_retrieved": 1}))
 
     data = tmp_path / "mine"
     synthesize(data, num=200, size=48, max_objects=1, seed=5)
@@ -58,3 +72,5 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path):
     assert pipe["finished"] is True and all(v["status"] == "done" for v in pipe["stages"].values())
     sft = json.loads((out / "sft" / "sft_summary.json").read_text())
     assert set(sft["tasks"]) == {"caption", "t2i"}
+    rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
+    assert rows and any(r["retrieved"] for r in rows) and all(len(r["retrieved"]) <= 1 for r in rows)

@@ -130,6 +130,7 @@ def test_ground_truth_outputs_score_near_perfect_and_shuffled_prompts_score_low(
                          metrics="shapes,cider,vqa,edit,fid", fid_features="pixelstats")
     m = res["metrics"]
     assert m["shapes"]["n"] == 20 and m["shapes"]["both"] >= 0.95 and m["shapes"]["all"] >= 0.9
+    assert m["shapes"]["count"] >= 0.95 and m["shapes"]["both_and_count"] >= 0.9  # no extra objects drawn
     assert m["shapes"]["scene"]["exact_scene"] >= 0.9 and m["shapes"]["scene"]["recall"] >= 0.95
     assert m["cider"]["shapes"]["correct"] == 1.0 and m["cider"]["BLEU-4"] > 0.99
     assert m["vqa"]["vqa_accuracy"] == 100.0
@@ -177,6 +178,18 @@ def test_sweep_writes_one_row_per_setting_and_plots_against_cfg_and_n(model_with
     assert "best-of-2" in (out / "sweep.md").read_text()
 
 
+def test_sweep_shares_its_decoding_options_with_every_setting(model_dir, shapes_dir, tmp_path, monkeypatch):
+    import cm3leon.eval.evaluate as ev
+
+    seen = []
+    real = ev.generate_images
+    monkeypatch.setattr(ev, "generate_images", lambda m, p, d, *a, **k: seen.append(d) or real(m, p, d, *a, **k))
+    sweep_decoding(model_dir, shapes_dir, tmp_path / "s", cfg_scales=(2,), best_of=(2,), num_prompts=2, split="train",
+                   decoding={"num_retrieved": 0, "scorer": "likelihood"})
+    assert [d["method"] for d in seen] == ["topp", "cfg", "cdk", "best_of_n"]
+    assert all(d["num_retrieved"] == 0 and d["scorer"] == "likelihood" for d in seen)
+
+
 def test_sweep_identical_settings_give_identical_rows(shapes_dir, tmp_path):
     # TopP and TopP+CFG at scale 1 decode the same distribution with the same seeds, and an
     # oracle ignores decoding: every metric must then agree across settings.
@@ -208,6 +221,10 @@ def test_bad_arguments_raise_clear_errors(model_dir, shapes_dir, tmp_path):
         evaluate_model(model_dir, shapes_dir, tmp_path, decoding={"cfg_sclae": 2.0})
     with pytest.raises(CM3LeonError, match="cfg_scales"):
         sweep_decoding(model_dir, shapes_dir, tmp_path, cfg_scales="1,x")
+    with pytest.raises(CM3LeonError, match="method"):  # each setting names its own method
+        sweep_decoding(model_dir, shapes_dir, tmp_path, decoding={"method": "cfg"})
+    with pytest.raises(CM3LeonError, match="num_retreived"):
+        sweep_decoding(model_dir, shapes_dir, tmp_path, decoding={"num_retreived": 0})
 
 
 def test_batched_api_matches_one_at_a_time(model_dir, shapes_dir):

@@ -52,6 +52,29 @@ def test_init_follows_paper():
     assert pos.abs().max().item() <= 3 * 0.0002 + 1e-9
 
 
+@pytest.mark.parametrize("code_dim", [8, 200])  # fewer and more codebook dims than d_model (32)
+def test_image_embeddings_start_from_the_codebook(code_dim):
+    """image_embedding_init: codes with alike codebook vectors start with alike embedding
+    rows (nearest neighbours kept), at the asked std; text rows keep the paper's init."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, image_embedding_init=0.05)
+    model = CM3LeonTransformer(cfg)
+    before = model.tok_embeddings.weight.clone()
+    centres = torch.randn(5, code_dim) * 3
+    codebook = centres.repeat_interleave(8, 0) + 0.05 * torch.randn(40, code_dim)  # 5 clusters of 8 codes
+    model.init_image_embeddings(codebook, image_offset=50, std=0.05)
+    rows = model.tok_embeddings.weight[50:90]
+    assert torch.equal(model.tok_embeddings.weight[:50], before[:50])
+    assert torch.equal(model.tok_embeddings.weight[90:], before[90:])
+    assert (rows - before[50:90]).std().item() == pytest.approx(0.05, rel=0.05)
+    nearest = torch.cdist(rows, rows).fill_diagonal_(float("inf")).argmin(1)
+    assert torch.equal(nearest // 8, torch.arange(40) // 8)  # same cluster as in the codebook
+    with pytest.raises(CM3LeonError, match="do not fit"):
+        model.init_image_embeddings(codebook, image_offset=80, std=0.05)
+    with pytest.raises(CM3LeonError, match="image_embedding_init"):
+        ModelConfig.from_preset("tiny", vocab_size=VOCAB, image_embedding_init=-1.0)
+
+
 def test_logits_have_true_vocab_size_not_padded(tiny):
     assert tiny.tok_embeddings.weight.shape[0] == 128  # padded to a multiple of 64
     logits, loss = tiny(torch.randint(0, VOCAB, (2, 7)))

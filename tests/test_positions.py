@@ -22,14 +22,14 @@ EOS, BRK = VOCAB.eos_id, VOCAB.break_id
 STRIDE = 8
 
 
-def _config(stride: int = STRIDE) -> ModelConfig:
+def _config(stride: int = STRIDE, numbers: bool = True) -> ModelConfig:
     return ModelConfig.from_preset("tiny", vocab_size=VOCAB.size, segment_positions=stride,
-                                   segment_delimiters=[BRK, EOS])
+                                   segment_delimiters=[BRK, EOS], segment_numbers=numbers)
 
 
-def _model(stride: int = STRIDE) -> CM3LeonTransformer:
+def _model(stride: int = STRIDE, numbers: bool = True) -> CM3LeonTransformer:
     torch.manual_seed(0)
-    m = CM3LeonTransformer(_config(stride)).eval()
+    m = CM3LeonTransformer(_config(stride, numbers)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.3)
@@ -49,13 +49,24 @@ def test_segment_positions_restart_after_every_delimiter_and_clamp_inside_a_segm
     assert document_positions(doc, ModelConfig.from_preset("tiny", vocab_size=VOCAB.size)).tolist() == list(range(10))
 
 
-def test_next_positions_one_step_at_a_time_equals_the_whole_document():
+def test_without_segment_numbers_every_image_shares_its_positions_and_only_the_start_is_zero():
+    t, i = VOCAB.text_offset, VOCAB.image_offset
+    doc = [EOS, t + 1, t + 2, BRK, i, i + 1, i + 2, BRK, t + 3, t + 4, t + 5, BRK, i, i + 1, i + 2, EOS]
+    pos = document_positions(doc, _config(numbers=False)).tolist()
+    assert pos == [0, 1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]
+    assert pos[4:7] == pos[12:15]  # the k-th code of both images, whatever came before
+    assert pos.count(0) == 1  # packed documents are still found by their first position
+    assert document_positions([EOS] + [t + 1] * 12, _config(numbers=False)).tolist()[-3:] == [7, 7, 7]
+
+
+@pytest.mark.parametrize("numbers", [True, False])
+def test_next_positions_one_step_at_a_time_equals_the_whole_document(numbers):
     rng = np.random.default_rng(0)
     doc = [EOS] + list(rng.choice([BRK, EOS] + list(range(VOCAB.text_offset, VOCAB.size)), size=60))
-    whole = document_positions(doc, _config())
+    whole = document_positions(doc, _config(numbers=numbers))
     pos, steps = torch.tensor(0), [0]
     for prev in doc[:-1]:
-        pos = next_positions(pos, torch.tensor(prev), _config())
+        pos = next_positions(pos, torch.tensor(prev), _config(numbers=numbers))
         steps.append(int(pos))
     assert steps == whole.tolist()
 
@@ -72,8 +83,9 @@ def _image_prompts():
     return [[EOS, t + 1, t + 2, BRK], [EOS, t + 3, BRK, i, i + 1, BRK, t + 4, t + 5, t + 6, BRK]]
 
 
-def test_cached_generation_equals_uncached_with_segment_positions():
-    model = _model()
+@pytest.mark.parametrize("numbers", [True, False])
+def test_cached_generation_equals_uncached_with_segment_positions(numbers):
+    model = _model(numbers=numbers)
     s = SamplerSettings(temperature=1.0, top_p=0.9)
     for c in (ImageConstraint(VOCAB, VOCAB.size, tokens_per_image=16), AnyConstraint(VOCAB, VOCAB.size)):
         a = generate(model, _image_prompts(), c, max_new_tokens=20, sampler=s, seed=3)
@@ -121,11 +133,11 @@ class _Docs(PackedStream):
         return CM3Example(tokens=d, targets=tgt, loss_mask=(tgt != IGNORE_INDEX).astype(np.uint8))
 
 
-@pytest.mark.parametrize("stride", [0, STRIDE])
-def test_packed_documents_train_exactly_as_each_alone(stride):
+@pytest.mark.parametrize("stride,numbers", [(0, True), (STRIDE, True), (STRIDE, False)])
+def test_packed_documents_train_exactly_as_each_alone(stride, numbers):
     """With positions from the stream, a packed block's loss is the sum of its documents'
     losses computed alone: no document sees another or inherits its positions."""
-    model = _model(stride) if stride else CM3LeonTransformer(
+    model = _model(stride, numbers) if stride else CM3LeonTransformer(
         ModelConfig.from_preset("tiny", vocab_size=VOCAB.size)).eval()
     docs = [[EOS, VOCAB.text_offset + 1, BRK, VOCAB.image_offset + 2, VOCAB.image_offset + 3, EOS],
             [EOS, VOCAB.text_offset + 5, VOCAB.text_offset + 6, BRK, VOCAB.image_offset + 1, EOS]]

@@ -350,3 +350,29 @@ def test_torchrun_two_processes_fsdp2_and_ddp_agree_and_export_a_model(tmp_path)
         batches += loop._val_batches(val, cfg, info)
     assert loop.evaluate(exported, batches, info, loop.nullcontext) == pytest.approx(summary["final_val_loss"],
                                                                                      rel=1e-5)
+
+
+def test_dtype_auto_takes_the_faster_of_bf16_and_fp32_as_measured(monkeypatch):
+    """`dtype: auto` measures both matmul rates and takes bf16 only where it is faster by a
+    margin (CPUs with bf16 units), fp32 where bf16 is slower or barely faster; the run's
+    summary records the choice and the probe."""
+    from cm3leon.train import flops
+
+    rates = {}
+    monkeypatch.setattr(flops, "measure_matmul_tflops", lambda dev, dtype, size, min_seconds: rates[dtype])
+    for fp32, bf16, want in ((0.06, 0.001, "fp32"), (0.06, 0.36, "bf16"), (0.06, 0.062, "fp32")):
+        rates.update({torch.float32: fp32, torch.bfloat16: bf16})
+        dtype, probe = loop.resolve_dtype("auto", loop.setup_distributed())
+        assert dtype == want and probe == {"fp32_gflops": fp32 * 1e3, "bf16_gflops": bf16 * 1e3}
+    assert loop.resolve_dtype("fp32", loop.setup_distributed()) == ("fp32", {})
+    with pytest.raises(CM3LeonError, match="dtype"):
+        TrainConfig(dtype="fp16")
+
+
+def test_pretrain_with_dtype_auto_records_the_measured_choice(tmp_path):
+    codes = make_codes(tmp_path)
+    summary = pretrain(codes, tmp_path / "run", preset="tiny", steps=2, dtype="auto", eval_every=0)
+    assert summary["dtype"] in ("bf16", "fp32")
+    assert set(summary["dtype_probe"]) == {"fp32_gflops", "bf16_gflops"}
+    faster = "bf16" if summary["dtype_probe"]["bf16_gflops"] > 1.1 * summary["dtype_probe"]["fp32_gflops"] else "fp32"
+    assert summary["dtype"] == faster

@@ -29,6 +29,7 @@ from cm3leon.decode.tasks import Document, PromptBuilder, TaskPrompt, box_to_reg
 from cm3leon.errors import CM3LeonError
 
 IMAGE_METHODS = ("topp", "cfg", "cdk", "best_of_n")
+SCORERS = ("auto", "clip", "likelihood")  # best-of-N re-ranking (CM3Leon.rerank)
 
 # What each part of a model directory is, for error messages.
 REQUIRED_FILES = (
@@ -245,7 +246,7 @@ class CM3Leon:
     def sample_images(
         self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
-        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None,
+        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None, scorer: str = "auto",
     ) -> list[ImageSample]:
         """Images for a text prompt, with their metadata.
 
@@ -253,7 +254,8 @@ class CM3Leon:
         "cdk" (contrastive decoding, temperature only: its plausibility set replaces top-p),
         "best_of_n" (`num_candidates` samples, half TopP+CFG, half CD-K, ranked by CLIP score
         or by the model's own caption likelihood; the best `n` are returned, best first).
-        num_retrieved: documents retrieved into the prompt when the model has an index."""
+        num_retrieved: documents retrieved into the prompt when the model has an index.
+        scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood"."""
         if method not in IMAGE_METHODS:
             raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -281,7 +283,7 @@ class CM3Leon:
         samples = draw(n_cfg, cfg, topp, "cfg", seed)
         if n_cdk:
             samples += draw(n_cdk, cdk, cdk_sampler, "cdk", seed + 1)
-        return self.rerank(prompt, samples)[:n]
+        return self.rerank(prompt, samples, scorer)[:n]
 
     def _text_to_image_prompt(self, prompt: str, num_retrieved: int) -> tuple[TaskPrompt, list[str]]:
         """The text->image prompt (with retrieved documents when the model has an index) and
@@ -307,7 +309,7 @@ class CM3Leon:
     def sample_images_batch(
         self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
-        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None,
+        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None, scorer: str = "auto",
     ) -> list[ImageSample]:
         """One image per prompt, every prompt in one batch (options as `sample_images`).
 
@@ -342,16 +344,22 @@ class CM3Leon:
             more = self._draw_images([r for r in rows for _ in range(n_cdk)], cdk, cdk_sampler, "cdk", seed + 1)
             for i in range(len(rows)):
                 by_prompt[i] += more[i * n_cdk:(i + 1) * n_cdk]
-        return [self.rerank(p, s)[0] for p, s in zip(prompts, by_prompt)]
+        return [self.rerank(p, s, scorer)[0] for p, s in zip(prompts, by_prompt)]
 
     def text_to_image_batch(self, prompts: Sequence[str], **kwargs) -> list:
         """One PIL image per prompt, generated in one batch (options: `sample_images_batch`)."""
         return [s.image for s in self.sample_images_batch(prompts, **kwargs)]
 
-    def rerank(self, prompt: str, samples: list[ImageSample]) -> list[ImageSample]:
-        """Score every sample (CLIP score with a retriever, else the model's likelihood of the
-        prompt as the image's caption) and return them all, best first."""
-        if self.retriever is not None:
+    def rerank(self, prompt: str, samples: list[ImageSample], scorer: str = "auto") -> list[ImageSample]:
+        """Score every sample and return them all, best first. scorer: "clip" (the retriever's
+        CLIP score, paper Sec. 3), "likelihood" (the model's own mean log-likelihood of the
+        prompt as the image's caption, by infilling: a model that captions well judges its
+        own images without a second model), "auto" (clip with a retriever, else likelihood)."""
+        if scorer not in SCORERS:
+            raise CM3LeonError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        if scorer == "clip" and self.retriever is None:
+            raise CM3LeonError("scorer 'clip' needs a retriever in the model directory (retriever/)")
+        if scorer == "clip" or (scorer == "auto" and self.retriever is not None):
             scores = self.retriever.clip_score([s.image for s in samples], [prompt] * len(samples)).tolist()
             scorer = "clip"
         else:

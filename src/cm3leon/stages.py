@@ -126,7 +126,8 @@ def generate(ctx: PipelineContext, out: Path) -> dict:
     for method in p.generate_methods:
         d = out / method
         d.mkdir(parents=True, exist_ok=True)
-        samples = model.sample_images_batch(prompts, method=method, cfg_scale=p.cfg_scale, seed=ctx.seed)
+        samples = model.sample_images_batch(prompts, method=method, cfg_scale=p.cfg_scale, seed=ctx.seed,
+                                            **p.decoding)
         rows, ok_by_count = [], {}
         for i, s in enumerate(samples):
             f = d / f"{i:03d}.png"
@@ -158,7 +159,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
     from cm3leon.eval.evaluate import evaluate_model
 
     p = _preset(ctx)
-    decoding = {"method": "cfg", "cfg_scale": p.cfg_scale}
+    decoding = {"method": "cfg", "cfg_scale": p.cfg_scale, **p.decoding}
     results = {"sft": evaluate_model(ctx.stage_dir("sft"), ctx.data, out / "sft", num_prompts=p.eval_num,
                                      decoding=decoding, seed=ctx.seed)}
     if p.eval_before_sft:
@@ -168,7 +169,9 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
     if p.sweep:
         from cm3leon.eval.sweep import sweep_decoding
 
-        sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", num_prompts=p.sweep_num, seed=ctx.seed)
+        scales = sorted({1.0, 2.0, 3.0, 5.0, 7.0, float(p.cfg_scale)})  # the paper's range and the run's own
+        sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", num_prompts=p.sweep_num, seed=ctx.seed,
+                       cfg_scales=scales, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding)
     headline = run_metrics(ctx)
     write_json(ctx.out / "metrics.json", headline)
     return headline.get("quality_bar_summary", {})

@@ -49,6 +49,9 @@ def register(sub) -> None:
     t.add_argument("--num-candidates", type=int, default=8, help="best_of_n: samples drawn (default 8)")
     t.add_argument("--num-retrieved", type=int, default=2,
                    help="documents retrieved into the prompt when the model has an index (default 2)")
+    t.add_argument("--scorer", choices=("auto", "clip", "likelihood"), default="auto",
+                   help="best_of_n ranking: the retriever's CLIP score, the model's own caption likelihood, "
+                        "or auto (clip when the model has a retriever)")
     t.set_defaults(func=_image)
 
     c = gsub.add_parser("caption", help="image -> text (infilling)")
@@ -145,6 +148,7 @@ def _image(args) -> int:
         m, _read_prompts(args), out, n=args.n, method=args.method, seed=args.seed, cfg_scale=args.cfg_scale,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, cdk_alpha=args.cdk_alpha,
         cdk_k=args.cdk_k, num_candidates=args.num_candidates, num_retrieved=args.num_retrieved,
+        scorer=args.scorer,
     )
     print(f"wrote {len(rows)} image(s) and {out / SAMPLES_FILE}", file=sys.stderr)
     return 0

@@ -37,7 +37,7 @@ DEFAULT_METRICS = METRICS
 DEFAULT_DECODING = {"method": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "top_p": 0.9}
 # The text->image options `CM3Leon.sample_images_batch` takes.
 DECODING_KEYS = ("method", "cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_candidates",
-                 "num_retrieved")
+                 "num_retrieved", "scorer")
 GRID_MAX = 32  # images per sample grid
 
 # ---- data -----------------------------------------------------------------------------------
@@ -178,7 +178,8 @@ def score_shapes_images(images: Sequence[Any], prompts: Sequence[str],
     """Checker accuracy of generated images against their prompts (shapes captions).
 
     Returns (summary, per-image verdicts). Summary: prompt accuracy ("colour", "shape",
-    "both", "size", "position", "all", "n"), also `by_num_objects`; `scene`: object
+    "both", "size", "position", "all", "count": as many objects drawn as asked,
+    "both_and_count": both and count, "n"), also `by_num_objects`; `scene`: object
     precision / recall and exact scene on (colour, shape) for prompts naming every object
     of the true scene, by number of objects; `scene_layout`: the same on all four attributes
     (shape, colour, size, cell) for prompts that state every size and position. Prompts that
@@ -207,6 +208,10 @@ def score_shapes_images(images: Sequence[Any], prompts: Sequence[str],
     f = acc["fields"]
     summary: dict[str, Any] = {"colour": acc["colour"], "shape": acc["shape"], "both": acc["both"],
                                "size": f["size_ok"], "position": f["position_ok"], "all": f["all_ok"],
+                               # as many objects as asked, and colour + shape right: no extras
+                               "count": f["count_ok"],
+                               "both_and_count": sum(bool(verdicts[i]["colour_ok"] and verdicts[i]["shape_ok"]
+                                                          and verdicts[i]["count_ok"]) for i in idx) / len(idx),
                                "n": acc["n"], "unparsed": len(prompts) - len(idx)}
     for v in verdicts:
         if v is not None:

@@ -70,11 +70,12 @@ def sweep_decoding(
     clip_retriever: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
     device: str = "auto",
+    decoding: dict | None = None,
 ) -> dict:
     """Compare decoding settings on the same prompts (the first `num_prompts` captions of
     `split`, same seeds for every setting); write sweep.json, sweep.md and
-    sweep_<metric>_vs_cfg.png / sweep_<metric>_vs_n.png into `out_dir`. Returns sweep.json's
-    content: {"rows": [one per setting], "metrics": [...], ...}."""
+    sweep_<metric>_vs_cfg.png / sweep_<metric>_vs_n.png into `out_dir`. `decoding`: options
+    every setting shares (e.g. num_retrieved, scorer). Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
     from cm3leon.eval.evaluate import (
         FDScorer, clip_scores, fd_extractor, generate_images, load_eval_data, load_model, retriever_name,
         score_shapes_images, scoring_retriever, _check_num,
@@ -83,6 +84,12 @@ def sweep_decoding(
     from cm3leon.utils.io import atomic_path, write_json, write_text
     from cm3leon.utils.logging import MetricsLogger
 
+    from cm3leon.eval.evaluate import DECODING_KEYS
+
+    bad = sorted(set(decoding or {}) - set(DECODING_KEYS) | set(decoding or {}) & {"method", "num_candidates"})
+    if bad:
+        raise CM3LeonError(f"sweep decoding: option(s) {bad} cannot be shared by every setting; "
+                           f"expected some of {', '.join(k for k in DECODING_KEYS if k not in ('method', 'num_candidates'))}")
     cfg_scales = _check_list(cfg_scales, "cfg_scales", float, 0.0)
     best_of = [int(n) for n in _check_list(best_of, "best_of", int, 1)]
     _check_num(num_prompts)
@@ -115,7 +122,8 @@ def sweep_decoding(
     with MetricsLogger(out / "sweep_log.jsonl") as log:
         for s in decoding_settings(cfg_scales, best_of, temperature, top_p, cdk_alpha, cdk_k, best_of_cfg_scale):
             t0 = time.perf_counter()
-            generated = generate_images(model, prompts, s["decoding"], seed, batch_size, desc=s["setting"])
+            generated = generate_images(model, prompts, {**(decoding or {}), **s["decoding"]}, seed, batch_size,
+                                        desc=s["setting"])
             row = {"setting": s["setting"], "method": s["decoding"]["method"], "cfg_scale": s["cfg_scale"],
                    "num_candidates": s["num_candidates"]}
             if data_.is_shapes:

@@ -58,11 +58,21 @@ class ModelConfig:
     # the segment, at most N - 1), segments being separated by the `segment_delimiters` tokens
     # (`<break>`, `<eos>`). An image code's position then names its cell of the code grid and
     # a caption's words sit at the same positions in every document, whatever the lengths of
-    # the text before them (cm3leon.model.positions). On the CPU demo it lowered the image loss
-    # but drew worse samples (cm3leon/config.py), so no preset turns it on. Callers pass these
-    # position ids; HF OPT takes them as `position_ids`.
+    # the text before them (cm3leon.model.positions). The CPU pipeline presets turn it on
+    # (measured in cm3leon/config.py); the paper presets keep plain positions. Callers pass
+    # these position ids; HF OPT takes them as `position_ids`.
     segment_positions: int = 0
     segment_delimiters: list[int] = field(default_factory=list)
+    # With segment positions: False drops the segment number, so positions restart at 1 in
+    # every segment (0 stays the document's first token) and every image's k-th code shares
+    # one position, whichever document of the sequence it is in.
+    segment_numbers: bool = True
+    # > 0: the image codes' embedding rows start from the image tokenizer's codebook (its
+    # principal directions, this std per element) instead of noise alone, so codes of alike
+    # patches start alike (`CM3LeonTransformer.init_image_embeddings`, applied by `cm3leon
+    # pretrain` to a fresh model). 0: the paper's init for every row.
+    image_embedding_init: float = 0.0
+    image_embedding_power: float = 1.0  # each principal direction's spread ** power (0.5: flatter)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "pad_vocab_to_multiple"):
@@ -85,6 +95,8 @@ class ModelConfig:
         if self.segment_positions > self.max_seq_len:
             raise CM3LeonError(f"ModelConfig.segment_positions ({self.segment_positions}) exceeds max_seq_len "
                                f"({self.max_seq_len})")
+        if not isinstance(self.image_embedding_init, (int, float)) or self.image_embedding_init < 0:
+            raise CM3LeonError(f"ModelConfig.image_embedding_init must be a number >= 0, got {self.image_embedding_init!r}")
         for name in ("init_std", "pos_init_std", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise CM3LeonError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")

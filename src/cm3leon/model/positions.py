@@ -5,7 +5,9 @@ positions (`ModelConfig.segment_positions = N`) restart at every segment, the ru
 after a `<break>` / `<eos>`: position = segment number x N + index in the segment (at most
 N - 1). The k-th code of every image then has the same position whatever text precedes it, so
 the model can read its cell of the code grid from its position instead of counting tokens
-back to the `<break>`. The layout `<eos> (text <break> image <break>)*k text <break> image <eos>`
+back to the `<break>`. Without segment numbers (`ModelConfig.segment_numbers = False`) the
+position is 1 + the index in the segment (0 only for a document's first token, so packed
+documents stay apart): the k-th code of every image in the sequence shares one position. The layout `<eos> (text <break> image <break>)*k text <break> image <eos>`
 (Sec. 2) fixes the segment number of every part of a document.
 
 Everything that runs the decoder on documents computes its positions here: the training
@@ -33,6 +35,8 @@ def document_positions(tokens: Sequence[int] | torch.Tensor, config) -> torch.Te
     starts = torch.ones(T, dtype=torch.bool)
     starts[1:] = seg[1:] != seg[:-1]
     first = torch.cummax(torch.where(starts, steps, torch.zeros_like(steps)), 0).values
+    if not getattr(config, "segment_numbers", True):
+        return (steps - first + (seg > 0).long()).clamp(max=stride - 1)
     return seg * stride + (steps - first).clamp(max=stride - 1)
 
 
@@ -43,6 +47,9 @@ def next_positions(prev_pos: torch.Tensor, prev_token: torch.Tensor, config) -> 
     if not stride:
         return prev_pos + 1
     delimiters = torch.tensor(config.segment_delimiters, dtype=torch.long, device=prev_token.device)
+    if not getattr(config, "segment_numbers", True):
+        return torch.where(torch.isin(prev_token, delimiters), torch.ones_like(prev_pos),
+                           torch.clamp(prev_pos + 1, max=stride - 1))
     start = torch.div(prev_pos, stride, rounding_mode="floor") * stride
     return torch.where(torch.isin(prev_token, delimiters), start + stride,
                        torch.minimum(prev_pos + 1, start + stride - 1))

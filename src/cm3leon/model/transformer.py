@@ -144,6 +144,35 @@ class CM3LeonTransformer(nn.Module):
             else:
                 nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
 
+    @torch.no_grad()
+    def init_image_embeddings(self, codebook: torch.Tensor, image_offset: int, std: float,
+                              power: float = 1.0) -> None:
+        """Start the image codes' embedding rows from what the codes look like: the image
+        tokenizer's codebook vectors (K, D), centred, in their principal directions (padded
+        by a fixed random orthonormal map when D < d_model), each direction's spread raised to
+        `power` (1: the codebook's geometry; 0.5 lifts the small directions that tell alike
+        patches apart, e.g. a pattern under a dominant colour), scaled to `std` per element,
+        added to the random init. Codes of alike patches then start with alike embeddings
+        (and, tied, alike output rows). The paper is silent on it; `ModelConfig.
+        image_embedding_init` turns it on (used by `cm3leon pretrain` on a fresh model)."""
+        K, d = codebook.shape[0], self.config.d_model
+        if not 0 <= image_offset <= self.config.vocab_size - K:
+            raise CM3LeonError(f"init_image_embeddings: {K} codes at offset {image_offset} do not fit the "
+                               f"vocabulary of {self.config.vocab_size}")
+        c = codebook.detach().double().cpu()
+        c = c - c.mean(0)
+        u, sv, _ = torch.linalg.svd(c, full_matrices=False)
+        x = u * sv.pow(power)  # (K, r): principal coordinates, largest variance first
+        if x.shape[1] >= d:
+            x = x[:, :d]
+        else:
+            gen = torch.Generator().manual_seed(0)
+            q, _ = torch.linalg.qr(torch.randn(d, x.shape[1], generator=gen, dtype=torch.float64))
+            x = x @ q.T  # (K, d), distances kept
+        x = x * (std / x.std().clamp_min(1e-12))
+        w = self.tok_embeddings.weight
+        w[image_offset:image_offset + K] += x.to(w.dtype).to(w.device)
+
     # --- KV cache ------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:

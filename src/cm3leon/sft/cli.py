@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.train.config import DTYPES
 
 # What a model directory holds besides weights/config/vocab, copied into the SFT output.
 MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
@@ -265,7 +266,8 @@ def register(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step over all ranks")
     p.add_argument("--micro-batch-size", type=int, default=None, help="blocks per forward pass per rank")
     p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2"), default=None)
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="autocast dtype; auto: the faster of bf16 and fp32, measured at start")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_sft)

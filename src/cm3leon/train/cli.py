@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.train.config import DTYPES
 
 # Folders named in the code shards' meta.json that belong in the model directory.
 MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
@@ -24,6 +25,28 @@ DEFAULT_VAL_QUERY_RECORDS = 256  # validation records scored by the query-pair l
 def _resolve(codes_dir: Path, value: str) -> Path:
     p = Path(value)
     return p if p.is_absolute() or p.exists() else codes_dir / p
+
+
+def _fresh_model_with_codebook(config, seed: int, image_tokenizer: Path | None, vocab):
+    """A new model (seeded as the trainer seeds it) whose image-code embeddings start from the
+    image tokenizer's codebook (`ModelConfig.image_embedding_init`)."""
+    import torch
+
+    from cm3leon.model.transformer import CM3LeonTransformer
+    from cm3leon.tokenizers.image import VQModel
+
+    if image_tokenizer is None or not (Path(image_tokenizer) / "config.json").is_file():
+        raise CM3LeonError(f"model.image_embedding_init needs the image tokenizer named in the codes' meta.json; "
+                           f"found none at {image_tokenizer}")
+    codebook = VQModel.from_pretrained(image_tokenizer).quantize.codebook()
+    if codebook.shape[0] != vocab.image_vocab_size:
+        raise CM3LeonError(f"{image_tokenizer}: {codebook.shape[0]} codes, but the codes' vocabulary has "
+                           f"{vocab.image_vocab_size}")
+    torch.manual_seed(seed)
+    net = CM3LeonTransformer(config)
+    net.init_image_embeddings(codebook, vocab.image_offset, config.image_embedding_init,
+                              config.image_embedding_power)
+    return net
 
 
 def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", **overrides: Any) -> dict:
@@ -98,6 +121,8 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
         nb_meta = json.loads((codes_dir / "neighbors.json").read_text())
         sources.update({k: nb_meta[k] for k in ("retriever", "index") if nb_meta.get(k)})
     extra_files = {name: _resolve(codes_dir, sources[name]) for name in MODEL_DIR_PARTS if sources.get(name)}
+    if isinstance(model, ModelConfig) and model.image_embedding_init > 0:
+        model = _fresh_model_with_codebook(model, cfg.seed, extra_files.get("image_tokenizer"), vocab)
     summary = {"codes_dir": str(codes_dir), "preset": preset, "num_retrieved": num_retrieved,
                "order": data_kw["order"], "cm3": cm3.to_dict(),
                "init": str(overrides["init"]) if "init" in overrides else None,
@@ -135,7 +160,8 @@ def register(sub) -> None:
                    help="per-device peak TFLOP/s for MFU (default: measured by a matmul in the run's dtype)")
     p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2"), default=None,
                    help="auto: fsdp2 under torchrun, else none")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="autocast dtype; auto: the faster of bf16 and fp32, measured at start")
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")

@@ -15,7 +15,7 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.utils.dataclass_io import from_dict_strict
 
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
-DTYPES = ("bf16", "fp32")
+DTYPES = ("bf16", "fp32", "auto")
 DECAYS = ("linear", "cosine")
 VAL_LOSS_ON = ("all", "query", "both")
 
@@ -38,7 +38,9 @@ class TrainConfig:
     eps: float = 1e-8  # Adam epsilon
     weight_decay: float = 0.1  # AdamW, on matrices only (OPT)
     grad_clip: float = 1.0  # max global gradient norm (paper)
-    dtype: str = "bf16"  # autocast dtype: "bf16" (GPUs) or "fp32" (often faster on CPUs; the CPU presets use it)
+    # autocast dtype: "bf16" (GPUs), "fp32", or "auto": the faster of the two, measured by a
+    # short matmul probe at start (CPUs differ: bf16 is several times fp32 on some, slower on others)
+    dtype: str = "bf16"
     seed: int = 0  # model init and data order
     log_every: int = 10  # steps between metrics.jsonl rows
     eval_every: int = 500  # steps between validation passes (0: only at the end)
@@ -117,13 +119,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # tests: a few seconds on one CPU core
     "tiny": dict(steps=30, seq_len=128, micro_batch_size=4, batch_tokens=512, lr=3e-3, warmup_steps=5,
                  eval_every=10, eval_batches=2, ckpt_every=10, log_every=1, dtype="fp32"),
-    # CPU demo, ~4-6 minutes on 2 cores. fp32: bf16 matmuls measured slower than fp32 on
-    # CPUs here (~58 vs ~96 GFLOP/s per core). Rough speeds, 2 busy cores, 512-token blocks:
+    # CPU demo, ~4-6 minutes on 2 cores. dtype auto: bf16 matmuls are several times fp32 on
+    # some CPUs and far slower on others, so the run measures which. Rough fp32 speeds, 2 busy cores, 512-token blocks:
     # demo ~1.5k tokens/s, demo-small ~2.9k; an idle machine is 2-3x faster.
     "demo-small": dict(steps=400, seq_len=512, micro_batch_size=8, batch_tokens=4096, lr=2e-3, warmup_steps=40,
-                       eval_every=100, eval_batches=8, ckpt_every=100, log_every=10, dtype="fp32"),
+                       eval_every=100, eval_batches=8, ckpt_every=100, log_every=10, dtype="auto"),
     "demo": dict(steps=250, seq_len=512, micro_batch_size=8, batch_tokens=4096, lr=1.5e-3, warmup_steps=25,
-                 eval_every=50, eval_batches=8, ckpt_every=50, log_every=10, dtype="fp32"),
+                 eval_every=50, eval_batches=8, ckpt_every=50, log_every=10, dtype="auto"),
     # paper sizes (Sec. 3): 1.4T / 1.9T / 2.4T tokens in 8M-token steps
     "350m": _paper(6e-4, 1.4e12, micro_batch_size=8),
     "760m": _paper(5e-4, 1.9e12, micro_batch_size=4),

@@ -58,6 +58,21 @@ def measure_matmul_tflops(device: torch.device | str = "cpu", dtype: torch.dtype
     return _measure(str(torch.device(device)), dtype, int(size), float(min_seconds))
 
 
+def fastest_dtype(device: torch.device | str = "cpu", size: int = 512, margin: float = 1.1) -> tuple[str, dict]:
+    """"bf16" or "fp32", whichever multiplies `size` x `size` matrices faster on `device`
+    (bf16 must win by `margin`: it also rounds), and the measured GFLOP/s of each.
+
+    CPUs differ: some have bf16 matrix units (several times fp32), on others bf16 is
+    emulated and slower than fp32; GPUs with bf16 support take it without measuring."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), {}
+    rates = {name: measure_matmul_tflops(dev, DTYPES[name], size=size, min_seconds=0.05) * 1e3
+             for name in ("fp32", "bf16")}
+    return ("bf16" if rates["bf16"] > margin * rates["fp32"] else "fp32"), {
+        f"{k}_gflops": round(v, 1) for k, v in rates.items()}
+
+
 def mfu(flops_per_token: float, tokens_per_second: float, peak_tflops: float, num_devices: int = 1) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over `num_devices` x the peak."""
     return flops_per_token * tokens_per_second / (peak_tflops * 1e12 * num_devices)

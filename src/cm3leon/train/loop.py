@@ -31,7 +31,7 @@ from cm3leon.objectives.cm3 import IGNORE_INDEX
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.train import checkpoint as ckpt
 from cm3leon.train.config import TrainConfig
-from cm3leon.train.flops import measure_matmul_tflops, mfu
+from cm3leon.train.flops import fastest_dtype, measure_matmul_tflops, mfu
 from cm3leon.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, apply_parallelism, barrier,
                                     resolve_parallel, setup_distributed, teardown_distributed, unwrap)
 from cm3leon.train.schedule import lr_at
@@ -204,7 +204,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[tup
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step_sums = all_reduce_sum(sums.tolist(), info)  # the step's one device sync
-    return {**_means(step_sums, step_counts), "grad_norm": float(grad_norm)}
+    return {**_means(step_sums, step_counts), "grad_norm": float(grad_norm), "target_tokens": step_counts[0]}
 
 
 def _per_token(net: nn.Module) -> bool:
@@ -352,6 +352,16 @@ def _last(rows: list[dict], key: str):
     return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
+def resolve_dtype(dtype: str, info: DistInfo) -> tuple[str, dict]:
+    """The run's autocast dtype: `dtype`, or for "auto" the faster one measured here (every
+    rank must agree: bf16 only where all ranks measured it faster)."""
+    if dtype != "auto":
+        return dtype, {}
+    choice, probe = fastest_dtype(info.device)
+    (votes,) = all_reduce_sum([float(choice == "bf16")], info)
+    return ("bf16" if votes == info.world_size else "fp32"), probe
+
+
 def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: Vocab, extra_files: dict,
            extra_summary: dict, info: DistInfo) -> dict:
     parallel = resolve_parallel(cfg.parallel, info.world_size)
@@ -362,7 +372,8 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
     if max_len is not None and cfg.seq_len > max_len:
         raise CM3LeonError(f"seq_len {cfg.seq_len} exceeds the model's context max_seq_len={max_len}")
     num_params = sum(p.numel() for p in net.parameters())
-    bf16 = cfg.dtype == "bf16"
+    dtype, dtype_probe = resolve_dtype(cfg.dtype, info)
+    bf16 = dtype == "bf16"
     per_token = _per_token(net)
     val_sets = _val_sets(val_data, cfg)
     net = apply_parallelism(net, info, parallel, cfg.activation_checkpointing, cfg.compile, bf16)
@@ -415,7 +426,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
     last: dict[str, float | None] = {"loss": float("nan")}
     val_last: dict[str, float | None] = {}
     t_start = time.time()
-    step_seconds, time_log, tok_log = 0.0, 0.0, 0
+    step_seconds, time_log, tok_log, targets_seen = 0.0, 0.0, 0, 0.0
     try:
         for step in range(start_step, cfg.steps):
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.decay, cfg.min_lr_ratio)
@@ -427,6 +438,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
                 _check_block(tokens, targets, cfg.seq_len, max_len)
             last = train_step(net, optimizer, micro, info, autocast, cfg.grad_clip, vocab, parallel, per_token)
             grad_norm = last.pop("grad_norm")
+            targets_seen += last.pop("target_tokens")
             if last["loss"] is None or not math.isfinite(last["loss"]):
                 raise CM3LeonError(f"loss is not finite at step {step + 1}; lower the learning rate (--lr)")
             dt = time.perf_counter() - t0
@@ -491,7 +503,13 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
         "tokens_per_second": round(trained_tokens / max(train_seconds, 1e-9), 1),
         # Throughput of the training steps alone (no validation, checkpoints, start-up).
         "step_tokens_per_second": round(step_rate, 1) if step_rate else None,
+        # Positions with a loss (not padding, not context-only) per second of training steps:
+        # what packing and masking leave of the throughput.
+        "target_tokens_per_second": round(targets_seen / step_seconds, 1) if step_seconds else None,
+        "target_fraction": round(targets_seen / max(trained_tokens, 1), 4),
         "flops_per_token": fpt,
+        "dtype": dtype,
+        "dtype_probe": dtype_probe,
         "peak_tflops": peak,
         "peak_tflops_measured": not cfg.peak_tflops,
         "mfu": mfu(fpt, step_rate, peak, info.world_size) if fpt and step_rate else None,
