@@ -376,3 +376,40 @@ def test_pretrain_with_dtype_auto_records_the_measured_choice(tmp_path):
     assert set(summary["dtype_probe"]) == {"fp32_gflops", "bf16_gflops"}
     faster = "bf16" if summary["dtype_probe"]["bf16_gflops"] > 1.1 * summary["dtype_probe"]["fp32_gflops"] else "fp32"
     assert summary["dtype"] == faster
+
+
+def test_pretrain_starts_image_embeddings_from_the_tokenizers_codebook(tmp_path, monkeypatch):
+    """model.image_embedding_init: a fresh model's image rows are set from the codebook of the
+    image tokenizer the codes name, before the first step; a tokenizer that cannot be read is a
+    named error before training."""
+    from cm3leon.model.transformer import CM3LeonTransformer
+    from cm3leon.tokenizers.image import VQModel, get_preset
+    from test_sequences import CODEBOOK
+
+    codes = make_codes(tmp_path)
+    with pytest.raises(CM3LeonError, match="image_tokenizer"):  # make_codes names a stand-in folder
+        pretrain(codes, tmp_path / "bad", preset="tiny", steps=1, model={"image_embedding_init": 0.05})
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+    torch.manual_seed(0)
+    tok = VQModel(get_preset("patch48", codebook_size=CODEBOOK))
+    with torch.no_grad():
+        tok.quantize.embedding.weight.normal_()
+    tok.save_pretrained(tmp_path / "image_tokenizer")
+    calls = []
+    real = CM3LeonTransformer.init_image_embeddings
+
+    def spy(self, codebook, image_offset, std, power=1.0):
+        calls.append((codebook.clone(), image_offset, std, power))
+        return real(self, codebook, image_offset, std, power)
+
+    monkeypatch.setattr(CM3LeonTransformer, "init_image_embeddings", spy)
+    pretrain(codes, tmp_path / "run", preset="tiny", steps=1, eval_every=0,
+             model={"image_embedding_init": 0.05, "image_embedding_power": 0.5})
+    (codebook, offset, std, power), = calls
+    assert torch.equal(codebook, tok.quantize.codebook()) and (std, power) == (0.05, 0.5)
+    assert offset == Vocab.load(tmp_path / "run").image_offset
+    pretrain(codes, tmp_path / "plain", preset="tiny", steps=1, eval_every=0)
+    assert len(calls) == 1  # the paper's init unless asked
+    with pytest.raises(CM3LeonError, match="image_embedding_power"):
+        ModelConfig.from_preset("tiny", vocab_size=100, image_embedding_power=-0.5)

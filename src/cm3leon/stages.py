@@ -167,9 +167,9 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
                                              metrics=("shapes", "cider", "vqa"), num_prompts=p.eval_num,
                                              decoding=decoding, seed=ctx.seed)
     if p.sweep:
-        from cm3leon.eval.sweep import sweep_decoding
+        from cm3leon.eval.sweep import DEFAULT_CFG_SCALES, sweep_decoding
 
-        scales = sorted({1.0, 2.0, 3.0, 5.0, 7.0, float(p.cfg_scale)})  # the paper's range and the run's own
+        scales = sorted({*DEFAULT_CFG_SCALES, float(p.cfg_scale)})  # the usual range and the run's own
         sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", num_prompts=p.sweep_num, seed=ctx.seed,
                        cfg_scales=scales, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding)
     headline = run_metrics(ctx)

@@ -135,7 +135,8 @@ def model_config_from_opt(hf: dict[str, Any], source: str = "config.json") -> Mo
     if isinstance(saved, dict):
         # segment positions: OPTForCausalLM computes the same logits when given these
         # models' position ids (`position_ids=cm3leon.model.positions.document_positions(...)`)
-        for key in ("pos_init_std", "pad_vocab_to_multiple", "segment_positions", "segment_delimiters", "segment_numbers"):
+        for key in ("pos_init_std", "pad_vocab_to_multiple", "segment_positions", "segment_delimiters",
+                    "segment_numbers"):
             if key in saved:
                 values[key] = saved[key]
         if saved.get("d_ff") == ffn:

@@ -208,14 +208,13 @@ def score_shapes_images(images: Sequence[Any], prompts: Sequence[str],
     f = acc["fields"]
     summary: dict[str, Any] = {"colour": acc["colour"], "shape": acc["shape"], "both": acc["both"],
                                "size": f["size_ok"], "position": f["position_ok"], "all": f["all_ok"],
-                               # as many objects as asked, and colour + shape right: no extras
-                               "count": f["count_ok"],
-                               "both_and_count": sum(bool(verdicts[i]["colour_ok"] and verdicts[i]["shape_ok"]
-                                                          and verdicts[i]["count_ok"]) for i in idx) / len(idx),
+                               "count": f["count_ok"],  # as many objects drawn as asked
                                "n": acc["n"], "unparsed": len(prompts) - len(idx)}
     for v in verdicts:
         if v is not None:
             v["both_ok"] = bool(v["colour_ok"]) and bool(v["shape_ok"])
+    # colour + shape right and no extra object drawn
+    summary["both_and_count"] = sum(verdicts[i]["both_ok"] and bool(verdicts[i]["count_ok"]) for i in idx) / len(idx)
     by_n: dict[int, list[dict]] = defaultdict(list)
     for i in idx:
         by_n[len(parsed[i])].append(verdicts[i])

@@ -33,6 +33,11 @@ def _check_list(values, name: str, kind, minimum) -> list:
     return values
 
 
+DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)  # CFG scales alpha compared by default
+# Options a sweep may share across its settings (each setting names its own method and N).
+SHARED_DECODING_KEYS = ("cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_retrieved", "scorer")
+
+
 def decoding_settings(cfg_scales: Sequence[float], best_of: Sequence[int], temperature: float = 1.0,
                       top_p: float = 0.9, cdk_alpha: float = 0.1, cdk_k: int = 10,
                       best_of_cfg_scale: float = 3.0) -> list[dict]:
@@ -55,7 +60,7 @@ def sweep_decoding(
     model_dir,
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
-    cfg_scales: Sequence[float] | str = (1, 2, 3, 5, 7),
+    cfg_scales: Sequence[float] | str = DEFAULT_CFG_SCALES,
     best_of: Sequence[int] | str = (1, 2, 4, 8),
     num_prompts: int | None = 100,
     seed: int = 0,
@@ -75,7 +80,8 @@ def sweep_decoding(
     """Compare decoding settings on the same prompts (the first `num_prompts` captions of
     `split`, same seeds for every setting); write sweep.json, sweep.md and
     sweep_<metric>_vs_cfg.png / sweep_<metric>_vs_n.png into `out_dir`. `decoding`: options
-    every setting shares (e.g. num_retrieved, scorer). Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
+    every setting shares (SHARED_DECODING_KEYS, e.g. num_retrieved, scorer). Returns
+    sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
     from cm3leon.eval.evaluate import (
         FDScorer, clip_scores, fd_extractor, generate_images, load_eval_data, load_model, retriever_name,
         score_shapes_images, scoring_retriever, _check_num,
@@ -84,12 +90,10 @@ def sweep_decoding(
     from cm3leon.utils.io import atomic_path, write_json, write_text
     from cm3leon.utils.logging import MetricsLogger
 
-    from cm3leon.eval.evaluate import DECODING_KEYS
-
-    bad = sorted(set(decoding or {}) - set(DECODING_KEYS) | set(decoding or {}) & {"method", "num_candidates"})
+    bad = sorted(set(decoding or {}) - set(SHARED_DECODING_KEYS))
     if bad:
         raise CM3LeonError(f"sweep decoding: option(s) {bad} cannot be shared by every setting; "
-                           f"expected some of {', '.join(k for k in DECODING_KEYS if k not in ('method', 'num_candidates'))}")
+                           f"expected some of {', '.join(SHARED_DECODING_KEYS)}")
     cfg_scales = _check_list(cfg_scales, "cfg_scales", float, 0.0)
     best_of = [int(n) for n in _check_list(best_of, "best_of", int, 1)]
     _check_num(num_prompts)

@@ -95,8 +95,10 @@ class ModelConfig:
         if self.segment_positions > self.max_seq_len:
             raise CM3LeonError(f"ModelConfig.segment_positions ({self.segment_positions}) exceeds max_seq_len "
                                f"({self.max_seq_len})")
-        if not isinstance(self.image_embedding_init, (int, float)) or self.image_embedding_init < 0:
-            raise CM3LeonError(f"ModelConfig.image_embedding_init must be a number >= 0, got {self.image_embedding_init!r}")
+        for name in ("image_embedding_init", "image_embedding_power"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise CM3LeonError(f"ModelConfig.{name} must be a number >= 0, got {value!r}")
         for name in ("init_std", "pos_init_std", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise CM3LeonError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")

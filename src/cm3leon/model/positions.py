@@ -5,10 +5,11 @@ positions (`ModelConfig.segment_positions = N`) restart at every segment, the ru
 after a `<break>` / `<eos>`: position = segment number x N + index in the segment (at most
 N - 1). The k-th code of every image then has the same position whatever text precedes it, so
 the model can read its cell of the code grid from its position instead of counting tokens
-back to the `<break>`. Without segment numbers (`ModelConfig.segment_numbers = False`) the
-position is 1 + the index in the segment (0 only for a document's first token, so packed
-documents stay apart): the k-th code of every image in the sequence shares one position. The layout `<eos> (text <break> image <break>)*k text <break> image <eos>`
-(Sec. 2) fixes the segment number of every part of a document.
+back to the `<break>`. The layout `<eos> (text <break> image <break>)*k text <break> image <eos>`
+(Sec. 2) fixes the segment number of every part of a document. Without segment numbers
+(`ModelConfig.segment_numbers = False`) the position is 1 + the index in the segment (0 only
+for a document's first token, so packed documents stay apart): the k-th code of every image
+in the sequence shares one position.
 
 Everything that runs the decoder on documents computes its positions here: the training
 blocks (`cm3leon.data.sequences.PackedStream`), prompts and generated tokens

@@ -35,9 +35,9 @@ def _fresh_model_with_codebook(config, seed: int, image_tokenizer: Path | None, 
     from cm3leon.model.transformer import CM3LeonTransformer
     from cm3leon.tokenizers.image import VQModel
 
-    if image_tokenizer is None or not (Path(image_tokenizer) / "config.json").is_file():
-        raise CM3LeonError(f"model.image_embedding_init needs the image tokenizer named in the codes' meta.json; "
-                           f"found none at {image_tokenizer}")
+    if image_tokenizer is None:
+        raise CM3LeonError("model.image_embedding_init needs the image tokenizer, but the codes' meta.json "
+                           "names none")
     codebook = VQModel.from_pretrained(image_tokenizer).quantize.codebook()
     if codebook.shape[0] != vocab.image_vocab_size:
         raise CM3LeonError(f"{image_tokenizer}: {codebook.shape[0]} codes, but the codes' vocabulary has "

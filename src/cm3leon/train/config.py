@@ -120,8 +120,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(steps=30, seq_len=128, micro_batch_size=4, batch_tokens=512, lr=3e-3, warmup_steps=5,
                  eval_every=10, eval_batches=2, ckpt_every=10, log_every=1, dtype="fp32"),
     # CPU demo, ~4-6 minutes on 2 cores. dtype auto: bf16 matmuls are several times fp32 on
-    # some CPUs and far slower on others, so the run measures which. Rough fp32 speeds, 2 busy cores, 512-token blocks:
-    # demo ~1.5k tokens/s, demo-small ~2.9k; an idle machine is 2-3x faster.
+    # some CPUs and far slower on others, so the run measures which. Rough fp32 speeds, 2 busy
+    # cores, 512-token blocks: demo ~1.5k tokens/s, demo-small ~2.9k; an idle machine is 2-3x faster.
     "demo-small": dict(steps=400, seq_len=512, micro_batch_size=8, batch_tokens=4096, lr=2e-3, warmup_steps=40,
                        eval_every=100, eval_batches=8, ckpt_every=100, log_every=10, dtype="auto"),
     "demo": dict(steps=250, seq_len=512, micro_batch_size=8, batch_tokens=4096, lr=1.5e-3, warmup_steps=25,
