@@ -10,7 +10,16 @@ from cm3leon.pipeline import STAGES
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, capsys):
+def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from cm3leon.config import PIPELINE_PRESETS
+
+    # the paper's claims as the full demo shows them, at a tiny size: the sweep over sampling
+    # seeds after SFT with retrieval k compared, and the same settings before SFT
+    monkeypatch.setitem(PIPELINE_PRESETS, "quick", replace(
+        PIPELINE_PRESETS["quick"], eval_before_sft=True, sweep=True, sweep_num=2, sweep_seeds=2,
+        sweep_cfg_scales=(2.0,), sweep_best_of=(2,)))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     pipe = json.loads((out / "pipeline.json").read_text())
@@ -41,6 +50,15 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0
     html = (out / "report.html").read_text()
     assert "Text → image" in html and "data:image/png;base64," in html and "http://" not in html
+    after = json.loads((out / "eval" / "sweep" / "sweep.json").read_text())
+    before = json.loads((out / "eval" / "sweep_pretrain" / "sweep.json").read_text())
+    assert after["seeds"] == before["seeds"] == [0, 1]
+    k = PIPELINE_PRESETS["quick"].num_retrieved  # pretraining's k against the decoding's k = 0
+    assert [r["setting"] for r in after["rows"]] == ["TopP", "TopP+CFG a=1.5", "TopP+CFG a=2",
+                                                     f"TopP+CFG a=1.5 k={k}", "CD-K", "best-of-2"]
+    assert [r["setting"] for r in before["rows"]] == ["TopP", "TopP+CFG a=1.5", f"TopP+CFG a=1.5 k={k}"]
+    assert all(len(r["both_seeds"]) == 2 for r in after["rows"] + before["rows"])
+    assert "The paper&#x27;s claims" in html or "The paper's claims" in html
 
     # a second run resumes: every stage is skipped
     capsys.readouterr()

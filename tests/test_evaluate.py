@@ -190,6 +190,34 @@ def test_sweep_shares_its_decoding_options_with_every_setting(model_dir, shapes_
     assert all(d["num_retrieved"] == 0 and d["scorer"] == "likelihood" for d in seen)
 
 
+def test_sweep_over_seeds_reports_mean_and_spread_and_compares_retrieval_k(model_dir, shapes_dir, tmp_path,
+                                                                          monkeypatch):
+    import cm3leon.eval.evaluate as ev
+
+    calls = []
+    real = ev.generate_images
+    monkeypatch.setattr(ev, "generate_images",
+                        lambda m, p, d, seed, *a, **k: calls.append((d, seed)) or real(m, p, d, seed, *a, **k))
+    res = sweep_decoding(model_dir, shapes_dir, tmp_path / "s", cfg_scales=(2,), best_of=(), num_prompts=3,
+                         split="train", seeds=(5, 6, 7), retrieved=(1,), methods="topp,cfg",
+                         decoding={"num_retrieved": 0}, best_of_cfg_scale=1.5)
+    assert [r["setting"] for r in res["rows"]] == ["TopP", "TopP+CFG a=2", "TopP+CFG a=1.5 k=1"]
+    assert [seed for _, seed in calls] == [5, 6, 7] * 3  # every setting on every seed
+    assert [d["num_retrieved"] for d, _ in calls] == [0] * 6 + [1] * 3  # the k row overrides the shared k
+    for r in res["rows"]:
+        vals = r["both_seeds"]
+        assert len(vals) == 3 and r["both"] == pytest.approx(sum(vals) / 3)
+        assert r["both_std"] == pytest.approx(float(np.std(vals, ddof=1)))
+        assert r["seconds_per_image"] == pytest.approx(r["seconds"] / 3, abs=1e-3)
+    assert res["rows"][2]["num_retrieved"] == 1 and res["rows"][1]["num_retrieved"] is None
+    assert res["seeds"] == [5, 6, 7] and "seeds 5, 6, 7" in (tmp_path / "s" / "sweep.md").read_text()
+    assert " ± " in (tmp_path / "s" / "sweep.md").read_text()
+    with pytest.raises(CM3LeonError, match="distinct"):
+        sweep_decoding(model_dir, shapes_dir, tmp_path / "x", seeds=(1, 1))
+    with pytest.raises(CM3LeonError, match="methods"):
+        sweep_decoding(model_dir, shapes_dir, tmp_path / "x", methods="topp,beam")
+
+
 def test_sweep_identical_settings_give_identical_rows(shapes_dir, tmp_path):
     # TopP and TopP+CFG at scale 1 decode the same distribution with the same seeds, and an
     # oracle ignores decoding: every metric must then agree across settings.

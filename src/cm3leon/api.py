@@ -30,6 +30,7 @@ from cm3leon.errors import CM3LeonError
 
 IMAGE_METHODS = ("topp", "cfg", "cdk", "best_of_n")
 SCORERS = ("auto", "clip", "likelihood")  # best-of-N re-ranking (CM3Leon.rerank)
+DEFAULT_NUM_RETRIEVED = 2  # documents retrieved into a text->image prompt (paper Sec. 2: k = 2)
 
 # What each part of a model directory is, for error messages.
 REQUIRED_FILES = (
@@ -246,7 +247,7 @@ class CM3Leon:
     def sample_images(
         self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
-        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None, scorer: str = "auto",
+        num_candidates: int = 8, num_retrieved: int = DEFAULT_NUM_RETRIEVED, seed: int | None = None, scorer: str = "auto",
     ) -> list[ImageSample]:
         """Images for a text prompt, with their metadata.
 
@@ -309,7 +310,7 @@ class CM3Leon:
     def sample_images_batch(
         self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
-        num_candidates: int = 8, num_retrieved: int = 2, seed: int | None = None, scorer: str = "auto",
+        num_candidates: int = 8, num_retrieved: int = DEFAULT_NUM_RETRIEVED, seed: int | None = None, scorer: str = "auto",
     ) -> list[ImageSample]:
         """One image per prompt, every prompt in one batch (options as `sample_images`).
 

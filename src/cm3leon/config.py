@@ -33,6 +33,9 @@ class PipelinePreset:
     eval_before_sft: bool = True  # also evaluate the pretrained model (captions, VQA) to show SFT's effect
     sweep: bool = True  # the decoding sweep (CFG scale, best-of-N)
     sweep_num: int = 48
+    sweep_seeds: int = 3  # sampling seeds per sweep setting (the spread beside each figure)
+    sweep_cfg_scales: tuple[float, ...] | None = None  # None: eval.sweep.DEFAULT_CFG_SCALES (+ cfg_scale)
+    sweep_best_of: tuple[int, ...] = (1, 2, 4, 8)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,10 +99,10 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     ),
     "demo": PipelinePreset(
         image_tokenizer="patch48", model="demo-small",
-        pretrain=dict(_CPU_PRETRAIN, steps=720, eval_every=240, ckpt_every=240),
-        sft=dict(_CPU_SFT, steps=480, eval_every=160, ckpt_every=160), decoding=_CPU_DECODING,
+        pretrain=dict(_CPU_PRETRAIN, steps=600, eval_every=200, ckpt_every=200),
+        sft=dict(_CPU_SFT, steps=720, eval_every=240, ckpt_every=240), decoding=_CPU_DECODING,
         cfg_scale=_CPU_CFG_SCALE,
-        sweep_num=32,
+        sweep_num=32, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8),
     ),
     "350m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="350m", eval_num=1000, sweep_num=500),
     "760m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="760m", eval_num=1000, sweep_num=500),

@@ -46,9 +46,9 @@ SAMPLE_ROWS = 8  # caption / VQA sample rows shown as text
 class QualityBar:
     """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data."""
 
-    text_to_image_cfg: float = 0.80  # single-object prompts with colour and shape right, TopP+CFG
-    captions: float = 0.80  # captions naming the right colour and shape
-    vqa: float = 0.70  # VQAv2 accuracy
+    text_to_image_cfg: float = 0.90  # single-object prompts with colour and shape right, TopP+CFG
+    captions: float = 0.90  # captions naming the right colour and shape
+    vqa: float = 0.90  # VQAv2 accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,18 +698,69 @@ def _training(run: RunFolder, bar: QualityBar) -> list:
     return blocks or [Text("Not run: neither pretrain/ nor sft/ exists.")]
 
 
+def _sweep_table(s: dict, caption: str) -> Table | None:
+    from cm3leon.eval.sweep import spread_rows
+
+    rows = [r for r in s.get("rows") or [] if isinstance(r, dict)]
+    if not rows:
+        return None
+    metrics = [m for m in s.get("metrics") or [] if isinstance(m, str)]
+    cols = ["setting", *metrics, *(c for c in ("colour", "shape", "seconds_per_image") if c in rows[0])]
+    seeds = s.get("seeds") or [s.get("seed")]
+    spread = f", mean ± sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    return Table(spread_rows(rows, [*metrics, "colour", "shape"]), cols,
+                 caption=f"{caption}: the same {s.get('num_prompts', '?')} prompts and seeds for every setting"
+                         f"{spread} (scorer: {s.get('scorer') or 'shapes checker'})")
+
+
+def _claims(after: dict, before: dict | None) -> Table | None:
+    """The paper's claims on this run's model, from the sweeps: retrieval k, decoding methods,
+    before vs after SFT (each row's figure with its spread over the sweep's seeds)."""
+    from cm3leon.eval.sweep import with_spread
+
+    rows_a = [r for r in after.get("rows") or [] if isinstance(r, dict) and "both" in r]
+    if not rows_a:
+        return None
+    out = []
+
+    def add(claim: str, stage: str, r: dict) -> None:
+        out.append({"claim": claim, "model": stage, "setting": r.get("setting"), "both": with_spread(r, "both"),
+                    "seconds_per_image": r.get("seconds_per_image")})
+
+    rows_b = [r for r in (before or {}).get("rows") or [] if isinstance(r, dict) and "both" in r]
+    for stage, rows in (("after SFT", rows_a), ("before SFT", rows_b)):
+        for r in rows:
+            if r.get("num_retrieved") is not None:  # the k-retrieved row and its k = shared twin
+                twin = next((t for t in rows if t.get("method") == "cfg" and t.get("num_retrieved") is None
+                             and t.get("cfg_scale") == r.get("cfg_scale")), None)
+                for x in (twin, r):
+                    if x is not None:
+                        add("retrieval k", stage, x)
+    by_method: dict[str, list[dict]] = {}
+    for r in rows_a:
+        if r.get("num_retrieved") is None:
+            by_method.setdefault(str(r.get("method")), []).append(r)
+    for m in ("topp", "cfg", "cdk", "best_of_n"):
+        if by_method.get(m):
+            add("decoding (best of each)", "after SFT", max(by_method[m], key=lambda r: r["both"]))
+    after_by_setting = {r.get("setting"): r for r in rows_a}
+    for r in rows_b:  # the settings run before SFT, beside the same settings after it
+        if r.get("num_retrieved") is None and r.get("setting") in after_by_setting:
+            add("SFT", "before SFT", r)
+            add("SFT", "after SFT", after_by_setting[r["setting"]])
+    return Table(out, ["claim", "model", "setting", "both", "seconds_per_image"],
+                 caption="The paper's claims on this run (text→image colour+shape accuracy)") if out else None
+
+
 def _sweep(run: RunFolder, bar: QualityBar) -> list:
     d = run.path("eval", "sweep")
     s = run.json("eval", "sweep", "sweep.json")
     if not isinstance(s, dict):
         return [Text(f"Not run: no decoding sweep ({_rel(run, d / 'sweep.json')} does not exist).")]
-    blocks: list = []
-    rows = s.get("rows") or []
-    metrics = [m for m in s.get("metrics") or [] if isinstance(m, str)]
-    if rows:
-        cols = ["setting", *metrics, *(c for c in ("colour", "shape", "seconds") if c in rows[0])]
-        blocks.append(Table(rows, cols, caption=f"Decoding settings on the same {s.get('num_prompts', '?')} prompts "
-                                                f"and seeds (scorer: {s.get('scorer') or 'shapes checker'})"))
+    before = run.json("eval", "sweep_pretrain", "sweep.json")
+    before = before if isinstance(before, dict) else None
+    blocks: list = [b for b in (_claims(s, before), _sweep_table(s, "Decoding settings after SFT"),
+                                _sweep_table(before or {}, "Before SFT")) if b is not None]
     plots = [d / p for p in s.get("plots") or []] or sorted(d.glob("sweep_*_vs_*.png"))
     blocks += [Image(p, caption=p.stem.replace("_", " "), width=520) for p in plots if p.is_file()]
     for n in s.get("notes") or []:

@@ -167,11 +167,23 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
                                              metrics=("shapes", "cider", "vqa"), num_prompts=p.eval_num,
                                              decoding=decoding, seed=ctx.seed)
     if p.sweep:
+        from cm3leon.api import DEFAULT_NUM_RETRIEVED
         from cm3leon.eval.sweep import DEFAULT_CFG_SCALES, sweep_decoding
 
-        scales = sorted({*DEFAULT_CFG_SCALES, float(p.cfg_scale)})  # the usual range and the run's own
-        sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", num_prompts=p.sweep_num, seed=ctx.seed,
-                       cfg_scales=scales, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding)
+        # the usual range (or the preset's) and the run's own scale; retrieval compared at
+        # the pretraining k against the run's own k (paper Sec. 2); the paper's claims
+        # (retrieval, decoding, SFT) each over `sweep_seeds` sampling seeds
+        scales = sorted({*(p.sweep_cfg_scales or DEFAULT_CFG_SCALES), float(p.cfg_scale)})
+        shared_k = p.decoding.get("num_retrieved", DEFAULT_NUM_RETRIEVED)
+        retrieved = [k for k in sorted({0, p.num_retrieved}) if k != shared_k]
+        seeds = [ctx.seed + i for i in range(p.sweep_seeds)]
+        common = dict(num_prompts=p.sweep_num, seeds=seeds, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding,
+                      retrieved=retrieved)
+        sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", cfg_scales=scales, best_of=p.sweep_best_of,
+                       **common)
+        if p.eval_before_sft:  # the same prompts and seeds before SFT: what instruction tuning changed
+            sweep_decoding(ctx.stage_dir("pretrain"), ctx.data, out / "sweep_pretrain", cfg_scales=[p.cfg_scale],
+                           best_of=(), methods=("topp", "cfg"), **common)
     headline = run_metrics(ctx)
     write_json(ctx.out / "metrics.json", headline)
     return headline.get("quality_bar_summary", {})

@@ -98,7 +98,17 @@ def register(sub) -> None:
     model_args(w, 100)
     w.add_argument("--cfg-scales", default="1,2,3,5,7", help="CFG scales α (default 1,2,3,5,7)")
     w.add_argument("--best-of", default="1,2,4,8", help="best-of-N candidate counts (default 1,2,4,8)")
-    w.add_argument("--best-of-cfg-scale", type=float, default=3.0, help="CFG scale of best-of-N's TopP+CFG half")
+    w.add_argument("--best-of-cfg-scale", type=float, default=3.0,
+                   help="CFG scale of best-of-N's TopP+CFG half and of the --retrieved settings")
+    w.add_argument("--seeds", default=None,
+                   help="sampling seeds, comma-separated: each figure is the mean over them, with its spread "
+                        "(default: --seed alone)")
+    w.add_argument("--methods", default="topp,cfg,cdk,best_of_n", help="decoding families to compare")
+    w.add_argument("--num-retrieved", type=int, default=None,
+                   help="documents retrieved into every setting's prompt (default: the API's)")
+    w.add_argument("--retrieved", default="",
+                   help="k values, comma-separated: extra TopP+CFG settings with k retrieved documents "
+                        "(retrieval k vs the shared --num-retrieved)")
     w.set_defaults(func=_sweep)
 
 
@@ -281,12 +291,16 @@ def _sweep(args) -> int:
     from cm3leon.eval.report import markdown_table
     from cm3leon.eval.sweep import sweep_decoding
 
+    from cm3leon.eval.sweep import spread_rows
+
     num, split = _num_and_split(args)
+    shared = {} if args.num_retrieved is None else {"num_retrieved": args.num_retrieved}
     res = sweep_decoding(args.model, args.data, args.out, cfg_scales=args.cfg_scales, best_of=args.best_of,
                          num_prompts=num, seed=args.seed, split=split, batch_size=args.batch_size,
                          temperature=args.temperature, top_p=args.top_p, best_of_cfg_scale=args.best_of_cfg_scale,
                          fid_features=args.fid_features, clip_retriever=args.clip_retriever, images=args.images,
-                         device=args.device)
-    print(markdown_table(res["rows"], ["setting", *res["metrics"], "seconds"]))
+                         device=args.device, decoding=shared, seeds=args.seeds, retrieved=args.retrieved,
+                         methods=args.methods)
+    print(markdown_table(spread_rows(res["rows"], res["metrics"]), ["setting", *res["metrics"], "seconds_per_image"]))
     print(f"wrote {Path(args.out) / 'sweep.json'}, sweep.md and {len(res['plots'])} plot(s)")
     return 0

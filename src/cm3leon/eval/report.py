@@ -231,9 +231,12 @@ def plot_xy(
     xlabel: str | None = None,
     ylabel: str | None = None,
     logx: bool = False,
+    yerr_suffix: str | None = None,
 ) -> Path:
     """A metric against a setting (e.g. accuracy vs CFG scale α, vs number of samples N):
-    one line per `y` key, or per distinct value of the `series` field (e.g. the decoder)."""
+    one line per `y` key, or per distinct value of the `series` field (e.g. the decoder).
+    yerr_suffix: rows holding `<key><suffix>` (e.g. "_std", a spread over seeds) draw it as
+    error bars."""
     ys = [y] if isinstance(y, str) else list(y)
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
@@ -244,12 +247,18 @@ def plot_xy(
     plotted = 0
     for label, rs in groups.items():
         for key in ys:
-            pts = sorted((r[x], r[key]) for r in rs if x in r and isinstance(r.get(key), (int, float)))
+            err = f"{key}{yerr_suffix}" if yerr_suffix else None
+            pts = sorted((r[x], r[key], r.get(err, 0.0) if err else 0.0)
+                         for r in rs if x in r and isinstance(r.get(key), (int, float)))
             if not pts:
                 continue
-            xs_, ys_ = zip(*pts)
+            xs_, ys_, es_ = zip(*pts)
             name = " ".join(s for s in (f"{series}={label}" if series else "", key if len(ys) > 1 else "") if s)
-            ax.plot(xs_, ys_, marker="o", label=name or key)
+            if any(isinstance(e, (int, float)) and e > 0 for e in es_):
+                ax.errorbar(xs_, ys_, yerr=[e if isinstance(e, (int, float)) else 0.0 for e in es_], marker="o",
+                            capsize=3, label=name or key)
+            else:
+                ax.plot(xs_, ys_, marker="o", label=name or key)
             plotted += 1
     if not plotted:
         raise CM3LeonError(f"no rows with {x!r} and any of {ys} to plot")

@@ -1,13 +1,16 @@
 """The decoding comparison (CM3Leon Sec. 3, Figure 4): the same prompts decoded with TopP
 alone, TopP + CFG over a range of guidance scales α, CD-K, and best-of-N (N candidates, half
 TopP+CFG and half CD-K, re-ranked by CLIP score or, without a retriever, by the model's own
-caption likelihood), each scored by the shapes checker (prompt accuracy "both": colour and
-shape right) and, with a retriever, by FD in its feature space and CLIP score.
+caption likelihood), and optionally TopP + CFG with k retrieved documents in the prompt
+(Sec. 2's retrieval, compared with the shared setting's k), each scored by the shapes checker
+(prompt accuracy "both": colour and shape right) and, with a retriever, by FD in its feature
+space and CLIP score. With several sampling seeds each figure is the mean over the seeds,
+with its standard deviation and per-seed values beside it (`<metric>_std`, `<metric>_seeds`).
 
     cm3leon eval sweep --model runs/demo/sft/model --data data/shapes --out runs/demo/sweep
 
 Writes sweep.json (one row per setting), sweep.md and plots of each metric against α and
-against N. Best-of-N re-ranks with the same retriever that computes the CLIP score, so its
+against N (with the seeds' spread as error bars). Best-of-N re-ranks with the same retriever that computes the CLIP score, so its
 CLIP score is optimistic by construction: judge it by the checker and FD.
 """
 
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from cm3leon.api import IMAGE_METHODS
 from cm3leon.errors import CM3LeonError
 
 
@@ -38,22 +42,59 @@ DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)  # CFG scales alpha compared by d
 SHARED_DECODING_KEYS = ("cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_retrieved", "scorer")
 
 
+METHODS = IMAGE_METHODS  # the decoding families a sweep can compare
+
+
 def decoding_settings(cfg_scales: Sequence[float], best_of: Sequence[int], temperature: float = 1.0,
                       top_p: float = 0.9, cdk_alpha: float = 0.1, cdk_k: int = 10,
-                      best_of_cfg_scale: float = 3.0) -> list[dict]:
+                      best_of_cfg_scale: float = 3.0, retrieved: Sequence[int] = (),
+                      methods: Sequence[str] = METHODS) -> list[dict]:
     """The settings compared, each {"setting": label, "decoding": options for
-    `sample_images_batch`, "cfg_scale", "num_candidates"} (the last two None where unused)."""
+    `sample_images_batch`, "cfg_scale", "num_candidates", "num_retrieved"} (None where
+    unused). `retrieved`: k values for extra TopP+CFG settings (at `best_of_cfg_scale`) that
+    put k retrieved documents in the prompt. `methods`: which families of METHODS to include
+    (the retrieval settings count as "cfg")."""
     base = {"temperature": temperature, "top_p": top_p}
-    out = [{"setting": "TopP", "decoding": {"method": "topp", **base}, "cfg_scale": None, "num_candidates": None}]
-    out += [{"setting": f"TopP+CFG a={a:g}", "decoding": {"method": "cfg", "cfg_scale": float(a), **base},
-             "cfg_scale": float(a), "num_candidates": None} for a in cfg_scales]
-    out.append({"setting": "CD-K", "decoding": {"method": "cdk", "temperature": temperature, "cdk_alpha": cdk_alpha,
-                                                "cdk_k": cdk_k}, "cfg_scale": None, "num_candidates": None})
-    out += [{"setting": f"best-of-{n}", "decoding": {"method": "best_of_n", "num_candidates": int(n),
-                                                      "cfg_scale": best_of_cfg_scale, "cdk_alpha": cdk_alpha,
-                                                      "cdk_k": cdk_k, **base},
-             "cfg_scale": best_of_cfg_scale, "num_candidates": int(n)} for n in best_of]
+    none = {"cfg_scale": None, "num_candidates": None, "num_retrieved": None}
+    out = []
+    if "topp" in methods:
+        out.append({"setting": "TopP", "decoding": {"method": "topp", **base}, **none})
+    if "cfg" in methods:
+        out += [{"setting": f"TopP+CFG a={a:g}", "decoding": {"method": "cfg", "cfg_scale": float(a), **base},
+                 **none, "cfg_scale": float(a)} for a in cfg_scales]
+        out += [{"setting": f"TopP+CFG a={best_of_cfg_scale:g} k={k}",
+                 "decoding": {"method": "cfg", "cfg_scale": float(best_of_cfg_scale), "num_retrieved": int(k), **base},
+                 **none, "cfg_scale": float(best_of_cfg_scale), "num_retrieved": int(k)} for k in retrieved]
+    if "cdk" in methods:
+        out.append({"setting": "CD-K", "decoding": {"method": "cdk", "temperature": temperature,
+                                                    "cdk_alpha": cdk_alpha, "cdk_k": cdk_k}, **none})
+    if "best_of_n" in methods:
+        out += [{"setting": f"best-of-{n}", "decoding": {"method": "best_of_n", "num_candidates": int(n),
+                                                          "cfg_scale": best_of_cfg_scale, "cdk_alpha": cdk_alpha,
+                                                          "cdk_k": cdk_k, **base},
+                 **none, "cfg_scale": best_of_cfg_scale, "num_candidates": int(n)} for n in best_of]
     return out
+
+
+def with_spread(row: dict, metric: str, fmt: str = ".3g") -> str:
+    """A row's figure as text: "mean ± std" when the row holds several seeds' values."""
+    v = row.get(metric)
+    if not isinstance(v, (int, float)):
+        return "—"
+    std = row.get(f"{metric}_std")
+    return f"{v:{fmt}} ± {std:.2g}" if isinstance(std, (int, float)) and len(row.get(f"{metric}_seeds") or ()) > 1 \
+        else f"{v:{fmt}}"
+
+
+def spread_rows(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
+    """`rows` with each of `metrics` written as `with_spread` text (for tables)."""
+    return [{**r, **{m: with_spread(r, m) for m in metrics if m in r}} for r in rows]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
 
 
 def sweep_decoding(
@@ -76,12 +117,18 @@ def sweep_decoding(
     images: str | os.PathLike | None = None,
     device: str = "auto",
     decoding: dict | None = None,
+    seeds: Sequence[int] | str | None = None,
+    retrieved: Sequence[int] | str = (),
+    methods: Sequence[str] | str = METHODS,
 ) -> dict:
     """Compare decoding settings on the same prompts (the first `num_prompts` captions of
     `split`, same seeds for every setting); write sweep.json, sweep.md and
     sweep_<metric>_vs_cfg.png / sweep_<metric>_vs_n.png into `out_dir`. `decoding`: options
-    every setting shares (SHARED_DECODING_KEYS, e.g. num_retrieved, scorer). Returns
-    sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
+    every setting shares (SHARED_DECODING_KEYS, e.g. num_retrieved, scorer). `seeds`: the
+    sampling seeds each setting is run with (default: `seed` alone); a row's figures are the
+    means over them. `retrieved`: k values compared as extra TopP+CFG settings with k
+    retrieved documents in the prompt. `methods`: the decoding families (METHODS) to run.
+    Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
     from cm3leon.eval.evaluate import (
         FDScorer, clip_scores, fd_extractor, generate_images, load_eval_data, load_model, retriever_name,
         score_shapes_images, scoring_retriever, _check_num,
@@ -96,6 +143,13 @@ def sweep_decoding(
                            f"expected some of {', '.join(SHARED_DECODING_KEYS)}")
     cfg_scales = _check_list(cfg_scales, "cfg_scales", float, 0.0)
     best_of = [int(n) for n in _check_list(best_of, "best_of", int, 1)]
+    seeds = [seed] if seeds is None else [int(v) for v in _check_list(seeds, "seeds", int, 0)]
+    retrieved = [int(k) for k in _check_list(retrieved, "retrieved", int, 0)]
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CM3LeonError(f"seeds: give one or more distinct seeds, got {seeds}")
+    if not methods or set(methods) - set(METHODS):
+        raise CM3LeonError(f"methods: expected some of {', '.join(METHODS)}, got {methods}")
     _check_num(num_prompts)
     if batch_size < 1:
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
@@ -122,25 +176,44 @@ def sweep_decoding(
     if not data_.is_shapes and fd is None and retriever is None:
         raise CM3LeonError("nothing to score the sweep with: not a shapes dataset and no retriever / FD features")
 
+    def score(generated) -> dict:
+        fig: dict = {}
+        if data_.is_shapes:
+            summary, _ = score_shapes_images(generated, prompts, [c.objects for c in data_.images])
+            fig.update({"both": summary["both"], "colour": summary["colour"], "shape": summary["shape"]})
+        if retriever is not None:
+            cs = clip_scores(retriever, generated, prompts)
+            fig["clip_score"] = sum(cs) / len(cs)
+        if fd is not None:
+            fig[fd.name] = fd(generated)["value"]
+        return fig
+
     rows = []
+    settings = decoding_settings(cfg_scales, best_of, temperature, top_p, cdk_alpha, cdk_k, best_of_cfg_scale,
+                                 retrieved, methods)
+    if not settings:
+        raise CM3LeonError(f"nothing to sweep: methods {methods} with cfg_scales {cfg_scales} and best_of {best_of}")
     with MetricsLogger(out / "sweep_log.jsonl") as log:
-        for s in decoding_settings(cfg_scales, best_of, temperature, top_p, cdk_alpha, cdk_k, best_of_cfg_scale):
-            t0 = time.perf_counter()
-            generated = generate_images(model, prompts, {**(decoding or {}), **s["decoding"]}, seed, batch_size,
-                                        desc=s["setting"])
+        for s in settings:
             row = {"setting": s["setting"], "method": s["decoding"]["method"], "cfg_scale": s["cfg_scale"],
-                   "num_candidates": s["num_candidates"]}
-            if data_.is_shapes:
-                summary, _ = score_shapes_images(generated, prompts, [c.objects for c in data_.images])
-                row.update({"both": summary["both"], "colour": summary["colour"], "shape": summary["shape"]})
-            if retriever is not None:
-                cs = clip_scores(retriever, generated, prompts)
-                row["clip_score"] = sum(cs) / len(cs)
-            if fd is not None:
-                row[fd.name] = fd(generated)["value"]
-            row["seconds"] = round(time.perf_counter() - t0, 2)
+                   "num_candidates": s["num_candidates"], "num_retrieved": s["num_retrieved"]}
+            per_seed, seconds = [], []
+            for sd in seeds:
+                t0 = time.perf_counter()
+                generated = generate_images(model, prompts, {**(decoding or {}), **s["decoding"]}, sd, batch_size,
+                                            desc=s["setting"] + (f" seed {sd}" if len(seeds) > 1 else ""))
+                seconds.append(time.perf_counter() - t0)
+                per_seed.append(score(generated))
+                log.log(setting=s["setting"], seed=sd, seconds=round(seconds[-1], 2), **per_seed[-1])
+            for m in per_seed[0]:
+                mean, std = _mean_std([f[m] for f in per_seed])
+                row[m] = mean
+                if len(seeds) > 1:
+                    row[f"{m}_std"] = std
+                    row[f"{m}_seeds"] = [f[m] for f in per_seed]
+            row["seconds"] = round(sum(seconds) / len(seconds), 2)  # per seed: all prompts once
+            row["seconds_per_image"] = round(row["seconds"] / len(prompts), 4)
             rows.append(row)
-            log.log(**row)
             k = min(16, len(generated))
             grid = image_grid(generated[:k], captions=prompts[:k])
             with atomic_path(out / "grids" / f"{s['setting'].replace(' ', '_').replace('=', '')}.png") as tmp:
@@ -149,31 +222,34 @@ def sweep_decoding(
 
     plots = []
     labels = {"both": "shapes accuracy (colour and shape right)", "clip_score": "CLIP score"}
-    cfg_rows = [r for r in rows if r["method"] == "cfg"]
+    cfg_rows = [r for r in rows if r["method"] == "cfg" and r["num_retrieved"] is None]
     n_rows = [r for r in rows if r["method"] == "best_of_n"]
     for m in metrics:
         slug = m.lower().replace("-", "_").replace(" ", "_")
         if cfg_rows:
             p = plot_xy(cfg_rows, "cfg_scale", m, out / f"sweep_{slug}_vs_cfg.png",
                         title=f"{m} vs CFG scale (TopP+CFG)",
-                        xlabel="CFG scale α", ylabel=labels.get(m, m))
+                        xlabel="CFG scale α", ylabel=labels.get(m, m), yerr_suffix="_std")
             plots.append(p.name)
         if n_rows:
             p = plot_xy(n_rows, "num_candidates", m, out / f"sweep_{slug}_vs_n.png",
                         title=f"{m} vs N (best-of-N: ½ TopP+CFG, ½ CD-K)", xlabel="N (candidates)",
-                        ylabel=labels.get(m, m))
+                        ylabel=labels.get(m, m), yerr_suffix="_std")
             plots.append(p.name)
     result = {
         "model": str(model_dir) if isinstance(model_dir, (str, os.PathLike)) else type(model_dir).__name__,
-        "data": str(data), "split": split, "num_prompts": len(prompts), "seed": seed,
+        "data": str(data), "split": split, "num_prompts": len(prompts), "seed": seeds[0], "seeds": seeds,
+        "shared_decoding": dict(decoding or {}),
         "scorer": retriever_name(retriever) if retriever is not None else None,
         "metrics": metrics, "rows": rows, "plots": plots, "notes": notes,
     }
     write_json(out / "sweep.json", result)
-    cols = ["setting", *metrics, *(c for c in ("colour", "shape") if c in rows[0]), "seconds"]
+    cols = ["setting", *metrics, *(c for c in ("colour", "shape") if c in rows[0]), "seconds_per_image"]
+    spread = (f"seeds {', '.join(map(str, seeds))} (mean ± standard deviation over the seeds)" if len(seeds) > 1
+              else f"seed {seeds[0]}")
     md = [f"# Decoding comparison: {result['model']}", "",
-          f"{len(prompts)} prompts from {data} (split {split}), seed {seed}; same prompts and seeds for every setting.",
-          "", markdown_table(rows, cols), ""]
+          f"{len(prompts)} prompts from {data} (split {split}), {spread}; same prompts and seeds for every setting.",
+          "", markdown_table(spread_rows(rows, [*metrics, "colour", "shape"]), cols), ""]
     if retriever is not None:
         md.append("Best-of-N is re-ranked by the same retriever that computes the CLIP score: its CLIP score is "
                   "optimistic by construction.")
