@@ -4,6 +4,7 @@ disjoint worker / rank splits, seeded shuffle, resize + centre crop, `cm3leon da
 import collections
 import io
 import json
+import os
 import resource
 import struct
 import tarfile
@@ -15,9 +16,10 @@ import pytest
 from PIL import Image
 
 from cm3leon.cli import main
+from cm3leon.data import readers
 from cm3leon.data.readers import (
     SKIP_REASONS, SPLITS, check_dataset, collate_records, hash_split, iter_texts, load_image,
-    open_dataset, read_jsonl_images, resize_center_crop,
+    open_dataset, outside_root_allowed, read_jsonl_images, resize_center_crop,
 )
 from cm3leon.errors import CM3LeonError
 
@@ -186,6 +188,91 @@ def test_every_bad_tar_record_and_shard_is_skipped_and_counted(tmp_path):
         missing_caption=2, missing_image=1, bad_caption_encoding=1, malformed_json=1, empty_caption=1,
         empty_file=1, not_an_image=1, truncated_image=1, truncated_shard=1, bad_shard=1)
     assert check_dataset(root, size=SIZE)["skipped_by_reason"] == dict(reader.stats)
+
+
+# --- confined inputs ------------------------------------------------------------------------
+
+def _outside_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A dataset folder whose captions name files outside it (absolute, "..", a symlink out),
+    a FIFO, an oversized caption and an oversized JSONL line, beside two good records."""
+    root = tmp_path / "data"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_png(_image(7)))
+    _write_folder(root, items=GOOD[:2])
+    (root / "images" / "link.png").symlink_to(outside / "secret.png")
+    (root / "images" / "dirlink").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(root / "images" / "pipe.png")
+    rows = [{"image": "../outside/secret.png", "text": "dot-dot"},
+            {"image": str(outside / "secret.png"), "text": "absolute"},
+            {"image": "images/link.png", "text": "a symlink out"},
+            {"image": "images/dirlink/secret.png", "text": "through a symlinked folder"},
+            {"image": "../outside/absent.png", "text": "an outside file that does not exist"},
+            {"image": "images/pipe.png", "text": "a FIFO"},
+            {"image": "images/img000.png", "text": "x" * (readers.MAX_CAPTION_CHARS + 1)}]
+    with open(root / "captions.jsonl", "ab") as f:
+        for r in rows:
+            f.write(json.dumps(r).encode() + b"\n")
+        f.write(b'{"image": "images/img001.png", "text": "' + b"y" * (readers.MAX_LINE_BYTES + 10) + b'"}\n')
+        f.write(json.dumps({"image": "images/img001.png", "text": "the line after the long one"}).encode() + b"\n")
+    return root, outside
+
+
+def test_paths_that_leave_the_dataset_folder_are_skipped_without_revealing_what_exists(tmp_path):
+    root, _ = _outside_folder(tmp_path)
+    reader = open_dataset(root, size=SIZE)
+    texts = [r.text for r in reader]  # returns: a FIFO must not hang the reader
+    assert sorted(texts) == sorted([GOOD[0][1], GOOD[1][1], "the line after the long one"])
+    # five paths out (existing or not: the same reason), the FIFO, the long caption, the long line
+    assert reader.stats == collections.Counter(outside_root=5, not_a_file=1, too_large=2)
+    assert check_dataset(root, size=SIZE)["skipped_by_reason"] == dict(reader.stats)
+    # captions only: the same records, no image opened
+    assert sorted(iter_texts(root)) == sorted(texts + ["a FIFO"])  # the FIFO is only found when opened
+
+
+def test_allow_outside_root_reads_paths_out_of_the_folder(tmp_path, capsys):
+    root, _ = _outside_folder(tmp_path)
+    with outside_root_allowed(True):
+        reader = open_dataset(root, size=SIZE)
+        texts = [r.text for r in reader]
+    assert {"dot-dot", "absolute", "a symlink out", "through a symlinked folder"} <= set(texts)
+    assert reader.stats["outside_root"] == 0 and reader.stats["missing_file"] == 1
+    assert main(["data", "check", str(root), "--size", str(SIZE)]) == 0
+    assert "outside_root: 5" in capsys.readouterr().out
+    assert main(["--allow-outside-root", "data", "check", str(root), "--size", str(SIZE)]) == 0
+    assert "outside_root:" not in capsys.readouterr().out
+
+
+def test_coco_file_names_and_instruction_rows_are_confined_too(tmp_path):
+    ann = _write_coco(tmp_path / "coco", items=GOOD[:2])
+    (tmp_path / "coco" / "secret.png").write_bytes(_png(_image(3)))
+    data = json.loads(ann.read_text())
+    data["images"].append({"id": 7, "file_name": "../secret.png"})
+    data["annotations"].append({"id": 9, "image_id": 7, "caption": "outside"})
+    ann.write_text(json.dumps(data))
+    reader = open_dataset(ann, size=SIZE)
+    assert len(list(reader)) == 2 and reader.stats == collections.Counter(outside_root=1)
+
+    folder = _write_folder(tmp_path / "sft", items=GOOD[:1])
+    (folder / "vqa.jsonl").write_text(json.dumps({"image": "images/img000.png", "question": "q", "answer": "a"}) + "\n"
+                                      + json.dumps({"image": "../coco/secret.png", "question": "q", "answer": "a"}) + "\n")
+    stats = collections.Counter()
+    assert len(list(read_jsonl_images(folder, "vqa.jsonl", size=SIZE, stats=stats))) == 1
+    assert stats == collections.Counter(outside_root=1)
+
+
+def test_oversized_tar_members_are_skipped_unread(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w:gz") as tf:
+        _add(tf, "ok.png", _png(_image(1)))
+        _add(tf, "ok.txt", b"a fine caption")
+        _add(tf, "bomb.png", _png(_image(2)))
+        _add(tf, "bomb.txt", b"a" * (readers.MAX_TEXT_BYTES + 1))  # inflates past the cap
+    assert (root / "00000.tar").stat().st_size < 20_000
+    reader = open_dataset(root, size=SIZE)
+    assert [r.text for r in reader] == ["a fine caption"]
+    assert reader.stats == collections.Counter(too_large=1)
 
 
 # --- images ---------------------------------------------------------------------------------

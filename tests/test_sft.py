@@ -319,28 +319,38 @@ def test_tiny_sft_run_lowers_val_loss_and_writes_a_loadable_model(pretrained, tm
 
 
 def test_sft_reads_user_task_lines_and_skips_bad_ones(pretrained, tmp_path):
+    from cm3leon.data.readers import outside_root_allowed
     from cm3leon.sft.data import read_sources
 
     _, data = pretrained
-    lines = [
-        {"task": "vqa", "image": str(data / "images/000000.png"), "question": "what?", "answer": "red"},
-        {"task": "edge2img", "image": str(data / "images/000001.png"),
-         "condition_image": str(data / "images/000002.png"), "caption": "a cross", "split": "val"},
-        {"task": "layout", "image": str(data / "images/000000.png"), "caption": "c",
+    lines = [  # image paths relative to the file's folder
+        {"task": "vqa", "image": "images/000000.png", "question": "what?", "answer": "red"},
+        {"task": "edge2img", "image": "images/000001.png",
+         "condition_image": "images/000002.png", "caption": "a cross", "split": "val"},
+        {"task": "layout", "image": "images/000000.png", "caption": "c",
          "objects": [{"name": "red circle", "bbox": [0, 0, 16, 16]}]},  # 32 px image
         {"task": "vqa", "image": "x.png", "question": "what?"},  # no answer
         {"task": "juggle", "image": "x.png"},
+        {"task": "vqa", "image": str(data / "images/000000.png"), "question": "q", "answer": "a"},  # absolute
+        {"task": "vqa", "image": "../elsewhere.png", "question": "q", "answer": "a"},  # climbs out
     ]
-    f = tmp_path / "mine.jsonl"
+    f = data / "mine.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
     stats = collections.Counter()
-    recs = read_sources([f], stats=stats)
+    try:
+        recs = read_sources([f], stats=stats)
+        with outside_root_allowed(True):
+            allowed = read_sources([f])
+    finally:
+        f.unlink()
     assert [r.task for r in recs] == ["vqa", "edge2img", "layout"]
     assert recs[1].split == "val"
     assert recs[2].text["segmentations"] == "red circle at <0,0,50,50>"
-    assert stats["missing_field"] == 1 and stats["unknown_task"] == 1 and sum(stats.values()) == 3
-    with pytest.raises(CM3LeonError, match="unknown SFT task"):
-        read_sources([f], tasks=["juggle"])
+    assert stats["missing_field"] == 1 and stats["unknown_task"] == 1 and stats["outside_root"] == 2
+    assert sum(stats.values()) == 5
+    assert [r.task for r in allowed] == ["vqa", "edge2img", "layout", "vqa", "vqa"]
+    with pytest.raises(CM3LeonError, match="unknown SFT task"):  # checked before any file is read
+        read_sources([data], tasks=["juggle"])
 
 
 def test_cli_weights_option_parses_task_shares():

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="CM3Leon: text<->image generation with one decoder-only transformer.",
     )
     parser.add_argument("--version", action="version", version=f"cm3leon {__version__}")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="let image paths a dataset names leave its folder (absolute paths, '..', symlinks "
+                             "out); by default such records are skipped and counted as outside_root")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -47,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        from cm3leon.data.readers import outside_root_allowed
+
+        with outside_root_allowed(args.allow_outside_root):
+            rc = args.func(args)
     except (CM3LeonError, FileNotFoundError, MissingDependencyError) as e:
         if os.environ.get("CM3LEON_DEBUG"):
             raise

@@ -33,12 +33,16 @@ from `SKIP_REASONS`.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import glob
 import hashlib
 import io
 import json
+import os
 import random
 import re
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -61,6 +65,45 @@ DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTIONS_FILE = "captions.jsonl"
 DEFAULT_SHUFFLE_BUFFER = 1000
+# Size caps: a record over one is skipped ("too_large") before it is read whole.
+MAX_CAPTION_CHARS = 8192
+MAX_LINE_BYTES = 1 << 20  # one JSONL record
+MAX_TEXT_BYTES = 1 << 20  # a tar .txt / .json member
+MAX_IMAGE_BYTES = 64 << 20  # an image file or tar image member
+
+# Paths a dataset names resolve inside its root unless a caller allows otherwise
+# (`cm3leon --allow-outside-root ...`, or `outside_root_allowed(True)` around the reads).
+_ALLOW_OUTSIDE_ROOT = contextvars.ContextVar("cm3leon_allow_outside_root", default=False)
+
+
+@contextlib.contextmanager
+def outside_root_allowed(allow: bool = True):
+    """Within the block, image paths of folder and COCO datasets may leave the dataset root
+    (absolute paths, "..", symlinks out); by default they are skipped as "outside_root"."""
+    token = _ALLOW_OUTSIDE_ROOT.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE_ROOT.reset(token)
+
+
+def confined_path(root: Path | None, name: str) -> Path | None:
+    """`root / name`, refused (SkipRecord "outside_root") when it leaves `root`: an absolute
+    name, ".." that climbs out, or a symlink (anywhere on the way) that points out. Decided
+    from the path alone, so the skip counts never tell whether an outside file exists.
+    root None (captions only, no image folder): the name alone is checked; returns None."""
+    if _ALLOW_OUTSIDE_ROOT.get():
+        return None if root is None else root / name
+    if Path(name).is_absolute() or Path(name).drive:
+        raise SkipRecord("outside_root", f"{name}: an absolute path")
+    if os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise SkipRecord("outside_root", f"{name}: climbs out of the dataset folder")
+    if root is None:
+        return None
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise SkipRecord("outside_root", f"{name}: a symlink out of {root}")
+    return path
 
 # Every reason a record can be skipped for (the keys of `DatasetReader.stats`).
 SKIP_REASONS = (
@@ -78,6 +121,9 @@ SKIP_REASONS = (
     "missing_image",         # tar: caption without an image member; COCO: caption of an unknown image
     "bad_shard",             # tar: the shard cannot be opened as a tar archive
     "truncated_shard",       # tar: the shard ends mid-archive (records after the cut are lost)
+    "outside_root",          # a path that leaves the dataset folder (absolute, "..", a symlink out)
+    "not_a_file",            # the path names a FIFO, device, socket or folder, not a regular file
+    "too_large",             # a caption, JSONL line, image file or tar member over its size cap
 )
 
 
@@ -184,14 +230,17 @@ def load_image(source: str | Path | bytes, size: int | None = 64,
         return _decode(io.BytesIO(source), size, max_pixels)
     path = Path(source)
     try:
+        st = path.stat()  # before opening: opening a FIFO would block
+        if not stat.S_ISREG(st.st_mode):
+            raise SkipRecord("not_a_file", f"{path} is not a regular file")
+        if st.st_size == 0:
+            raise SkipRecord("empty_file", str(path))
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise SkipRecord("too_large", f"{path}: {st.st_size} bytes > {MAX_IMAGE_BYTES}")
         with open(path, "rb") as f:  # our own handle: closed even when decoding fails
-            if path.stat().st_size == 0:
-                raise SkipRecord("empty_file", str(path))
             return _decode(f, size, max_pixels)
     except (FileNotFoundError, NotADirectoryError):
         raise SkipRecord("missing_file", str(path)) from None
-    except IsADirectoryError:
-        raise SkipRecord("not_an_image", f"{path} is a folder") from None
 
 
 def _decode(fp, size: int | None, max_pixels: int) -> Image.Image:
@@ -248,6 +297,8 @@ def _clean_caption(value) -> str:
     value = value.strip()
     if not value:
         raise SkipRecord("empty_caption")
+    if len(value) > MAX_CAPTION_CHARS:
+        raise SkipRecord("too_large", f"caption of {len(value)} characters > {MAX_CAPTION_CHARS}")
     return value
 
 
@@ -268,7 +319,14 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict | SkipRecor
     """Yield (line number, object) for each non-blank line of a JSONL file, lazily; a line
     that is not UTF-8 or not a JSON object comes as a SkipRecord in place of the object."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:  # never held whole: the rest of the line is read in pieces
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(MAX_LINE_BYTES + 1)
+                yield lineno, SkipRecord("too_large", f"{path}:{lineno}: a line over {MAX_LINE_BYTES} bytes")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -317,10 +375,20 @@ class _FolderSource:
                 continue
             key = str(obj.get("key") or image.rsplit(".", 1)[0])
             meta = {k: v for k, v in obj.items() if k not in ("image", "text", "caption", "key", "split")}
-            yield _Item(key, stem, text, split, meta, (self.root / image) if with_images else None)
+            try:
+                path = confined_path(self.root, image)
+            except SkipRecord as s:
+                yield s
+                continue
+            yield _Item(key, stem, text, split, meta, path if with_images else None)
 
 
 _PRESENT = object()  # a tar member that exists but whose bytes were not needed
+
+
+@dataclass(frozen=True)
+class _TooLarge:  # a tar member over its size cap, left unread
+    detail: str
 
 
 class _TarSource:
@@ -347,7 +415,11 @@ class _TarSource:
                             yield self._item(key, group)
                         key, group = k, {}
                     wanted = ext in ("txt", "json") or (with_images and ext in IMAGE_EXTS)
-                    group[ext] = tf.extractfile(m).read() if wanted else _PRESENT
+                    cap = MAX_TEXT_BYTES if ext in ("txt", "json") else MAX_IMAGE_BYTES
+                    if m.size > cap:  # the header's (inflated) size: never read
+                        group[ext] = _TooLarge(f"{m.name}: {m.size} bytes > {cap}")
+                    else:
+                        group[ext] = tf.extractfile(m).read() if wanted else _PRESENT
         except (tarfile.TarError, OSError, EOFError) as e:
             yield SkipRecord("truncated_shard" if n_members else "bad_shard", f"{unit}: {e}")
             return
@@ -357,6 +429,9 @@ class _TarSource:
     @staticmethod
     def _item(key: str, group: dict) -> _Item | SkipRecord:
         image_ext = next((e for e in IMAGE_EXTS if e in group), None)
+        big = next((v for v in group.values() if isinstance(v, _TooLarge)), None)
+        if big is not None:
+            return SkipRecord("too_large", big.detail)
         try:
             if image_ext is None:
                 raise SkipRecord("missing_image", key)
@@ -464,7 +539,12 @@ class _CocoSource:
                         "references": references,
                         **{k: v for k, v in ann.items() if k not in ("id", "image_id", "caption")}}
                 key = f"{im['file_name'].rsplit('.', 1)[0]}/{ann.get('id', j)}"
-                yield _Item(key, stem, text, split, meta, (root / im["file_name"]) if with_images else None)
+                try:
+                    path = confined_path(root, im["file_name"])
+                except SkipRecord as s:
+                    yield s
+                    continue
+                yield _Item(key, stem, text, split, meta, path)
 
 
 def coco_image_dir_candidates(json_path: str | Path) -> list[Path]:
@@ -717,7 +797,7 @@ def read_jsonl_images(folder: str | Path, filename: str, image_keys: tuple[str, 
                 rel = obj.get(k)
                 if not isinstance(rel, str) or not rel:
                     raise SkipRecord("missing_field", f"{path}:{lineno}: no {k!r}")
-                row[k] = load_image(folder / rel, size, max_pixels)
+                row[k] = load_image(confined_path(folder, rel), size, max_pixels)
         except SkipRecord as s:
             stats[s.reason] += 1
             continue

@@ -146,7 +146,7 @@ def load_instruction_rows(data: EvalData, filename: str, image_keys: Sequence[st
                           size: int | None) -> list[dict] | None:
     """The first `num` rows of `filename` (vqa.jsonl, edits.jsonl) in the data's split with
     their images loaded; None when the dataset has no such file."""
-    from cm3leon.data.readers import iter_jsonl_objects, load_image, SkipRecord
+    from cm3leon.data.readers import confined_path, iter_jsonl_objects, load_image, SkipRecord
 
     if data.folder is None or not (data.folder / filename).is_file():
         return None
@@ -159,7 +159,8 @@ def load_instruction_rows(data: EvalData, filename: str, image_keys: Sequence[st
         if data.split is not None and _row_split(obj) != data.split:
             continue
         try:
-            rows.append({**obj, **{f"{k}_pil": load_image(data.folder / obj[k], size) for k in image_keys}})
+            rows.append({**obj, **{f"{k}_pil": load_image(confined_path(data.folder, obj[k]), size)
+                                   for k in image_keys}})
         except SkipRecord:
             continue
     return rows

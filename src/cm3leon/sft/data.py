@@ -108,7 +108,12 @@ def _record(task: str, row: dict, folder: Path, sizes: dict) -> RawExample:
         rel = row.get(k)
         if not isinstance(rel, str) or not rel:
             raise _Skip("missing_field")
-        images[k] = str((folder / rel).resolve())
+        from cm3leon.data.readers import SkipRecord, confined_path
+
+        try:
+            images[k] = str(confined_path(folder, rel).resolve())
+        except SkipRecord as s:
+            raise _Skip(s.reason) from None
     text = {}
     for k in text_fields:
         v = row.get(k)
