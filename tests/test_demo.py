@@ -59,6 +59,9 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     assert [r["setting"] for r in before["rows"]] == ["TopP", "TopP+CFG a=1.5", f"TopP+CFG a=1.5 k={k}"]
     assert all(len(r["both_seeds"]) == 2 for r in after["rows"] + before["rows"])
     assert "The paper&#x27;s claims" in html or "The paper's claims" in html
+    # the BPE also learned the instruction-tuning texts (VQA, edits, layouts) the model reads
+    tok = json.loads((out / "text_tokenizer" / ".done").read_text())["result"]
+    assert tok["num_texts"] > 0 and tok["num_extra_texts"] > tok["num_texts"]
 
     # a second run resumes: every stage is skipped
     capsys.readouterr()
@@ -90,5 +93,6 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
     assert pipe["finished"] is True and all(v["status"] == "done" for v in pipe["stages"].values())
     sft = json.loads((out / "sft" / "sft_summary.json").read_text())
     assert set(sft["tasks"]) == {"caption", "t2i"}
+    assert json.loads((out / "text_tokenizer" / ".done").read_text())["result"]["num_extra_texts"] == 0
     rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
     assert rows and any(r["retrieved"] for r in rows) and all(len(r["retrieved"]) <= 1 for r in rows)

@@ -119,6 +119,16 @@ def test_template_prompts_equal_the_decode_task_prompts(tok, vocab):
     assert T.prompt("t2i", {"caption": cap}, vocab, tok) == pb.text_to_image(cap).cond
 
 
+def test_text_strings_are_the_pieces_a_document_encodes(tok, vocab):
+    fields = {"question": "Is there a cat?", "answer": "no", "image": np.zeros(4, dtype=np.int64)}
+    assert T.text_strings("vqa", fields) == ["Question: ", "Is there a cat?", " Answer:", " no."]
+    doc = T.render("vqa", fields, vocab, tok)
+    text_ids = [i for i in doc.tokens.tolist() if vocab.text_offset <= i < vocab.image_offset]
+    assert text_ids == vocab.text_to_ids(
+        [t for s in T.text_strings("vqa", fields) for t in tok.encode(s)]).tolist()
+    assert T.text_strings("t2i", {"caption": "a red circle"}) == ["a red circle"]
+
+
 def test_template_missing_or_empty_field_is_a_clear_error(tok, vocab):
     with pytest.raises(CM3LeonError, match="'answer'"):
         T.render("vqa", {"question": "what?", "answer": "  ", "image": CODES}, vocab, tok)

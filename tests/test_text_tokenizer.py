@@ -64,3 +64,28 @@ def test_cli_trains_on_a_folder_dataset(tmp_path):
     assert main(["tokenizer", "text", "--data", str(data), "--out", str(tmp_path / "tok"), "--vocab-size", "300"]) == 0
     tok = TextTokenizer.load(tmp_path / "tok")
     assert tok.decode(tok.encode(CORPUS[0])) == CORPUS[0]
+
+
+def test_the_bpe_learns_the_instruction_texts_unless_captions_only(tmp_path, capsys):
+    """A word that only the VQA file uses becomes one token; with --captions-only it is spelled."""
+    from PIL import Image
+
+    from cm3leon.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    with open(data / "captions.jsonl", "w") as f, open(data / "vqa.jsonl", "w") as v:
+        for i, text in enumerate(CORPUS):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(data / "images" / f"{i}.png")
+            f.write(json.dumps({"image": f"images/{i}.png", "text": text, "split": "train"}) + "\n")
+            for _ in range(20):
+                v.write(json.dumps({"image": f"images/{i}.png", "question": "Is it zorbleflux?",
+                                    "answer": "zorbleflux", "split": "train"}) + "\n")
+    lengths = {}
+    for flag in ([], ["--captions-only"]):
+        out = tmp_path / ("tok" + "".join(flag))
+        assert main(["tokenizer", "text", "--data", str(data), "--out", str(out), "--vocab-size", "400", *flag]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["num_extra_texts"] > 0) == (not flag)
+        lengths[bool(flag)] = len(TextTokenizer.load(out).encode(" zorbleflux"))
+    assert lengths[False] <= 2 < lengths[True]

@@ -85,7 +85,10 @@ _CPU_PRETRAIN = dict(seq_len=448, batch_tokens=1024, micro_batch_size=2, lr=2e-3
 # num_retrieved 0): colour+shape 78% with the right number of objects in 88% of images,
 # against 45% / 23% when prompted with two retrieved documents.
 # The pipeline keeps only the weights of tasks the dataset has (a captions-only folder tunes
-# captions and t2i).
+# captions and t2i). The text tokenizer learns the instruction texts as well as the captions
+# (`sft.data.instruction_texts`): trained on captions alone it spelled " yes" and " top left"
+# letter by letter; with them VQA position questions went from 60-81% to 89% (200 validation
+# items), the rest unchanged.
 _CPU_SFT = dict(lr=1e-3, batch_tokens=1024, micro_batch_size=2, warmup_steps=30, document_masking=True,
                 response_mask_prob=1.0, response_only=True,
                 weights={"vqa": 3.0, "caption": 3.0, "t2i": 1.0, "edit": 1.0, "layout": 1.0})

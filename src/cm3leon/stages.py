@@ -19,9 +19,11 @@ def _preset(ctx: PipelineContext):
 
 
 def text_tokenizer(ctx: PipelineContext, out: Path) -> dict:
+    from cm3leon.sft.data import instruction_texts
     from cm3leon.tokenizers.text import train_text_tokenizer
 
-    return train_text_tokenizer(ctx.data, out, vocab_size=_preset(ctx).text_vocab)
+    return train_text_tokenizer(ctx.data, out, vocab_size=_preset(ctx).text_vocab,
+                                extra_texts=instruction_texts(ctx.data))
 
 
 def image_tokenizer(ctx: PipelineContext, out: Path) -> dict:

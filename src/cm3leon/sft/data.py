@@ -43,6 +43,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from cm3leon.data.codes import SPLITS
+from cm3leon.data.readers import CAPTIONS_FILE
 from cm3leon.errors import CM3LeonError
 from cm3leon.sft.templates import TEMPLATES, TemplateDoc, format_segmentations, render, required_fields
 from cm3leon.tokenizers.vocab import Vocab
@@ -52,7 +53,7 @@ from cm3leon.utils.logging import progress
 CACHE_DIR = "sft_data"
 USER_FILE = "sft.jsonl"
 # Built-in files of a dataset folder and the tasks each feeds.
-FOLDER_FILES = {"captions.jsonl": ("caption", "t2i"), "vqa.jsonl": ("vqa",), "edits.jsonl": ("edit",),
+FOLDER_FILES = {CAPTIONS_FILE: ("caption", "t2i"), "vqa.jsonl": ("vqa",), "edits.jsonl": ("edit",),
                 "layouts.jsonl": ("layout",)}
 DEFAULT_TASKS = ("caption", "vqa", "edit", "t2i", "layout")
 
@@ -131,7 +132,7 @@ def _record(task: str, row: dict, folder: Path, sizes: dict) -> RawExample:
 
 def _folder_rows(name: str, row: dict) -> Iterator[tuple[str, dict]]:
     """(task, row with the template's field names) for a row of a built-in file."""
-    if name == "captions.jsonl":
+    if name == CAPTIONS_FILE:
         caption = row.get("text", row.get("caption"))
         yield "caption", {**row, "caption": caption}
         yield "t2i", {**row, "caption": caption}
@@ -207,6 +208,26 @@ def read_sources(sources: Sequence[str | Path], tasks: Iterable[str] | None = No
 
 
 # --- the code cache ----------------------------------------------------------------------------
+
+def instruction_texts(data: str | Path, split: str = "train") -> list[str]:
+    """The text of a dataset's instruction-tuning records beyond its captions (VQA questions
+    and answers, edit instructions, layouts, with their template words), one string per piece
+    a document encodes (`templates.text_strings`): SFT feeds them to the model, so the text
+    tokenizer should learn them too. [] when the data has no such records (a captions-only
+    folder, shards, a COCO file)."""
+    from cm3leon.sft.templates import text_strings
+
+    data = Path(data)
+    caption_tasks = set(FOLDER_FILES[CAPTIONS_FILE])
+    if data.is_dir():
+        if not any((data / n).is_file() for n in (*FOLDER_FILES, USER_FILE) if n != CAPTIONS_FILE):
+            return []
+    elif not (data.is_file() and data.suffix == ".jsonl"):
+        return []
+    stats: collections.Counter = collections.Counter()
+    examples = read_sources([data], tasks=[t for t in TEMPLATES if t not in caption_tasks], stats=stats)
+    return [t for ex in examples if ex.split == split for t in text_strings(ex.task, ex.text)]
+
 
 def _fingerprint(sources: Sequence[str | Path], tasks: Iterable[str] | None, image_tokenizer_dir: Path) -> str:
     h = hashlib.sha256()

@@ -203,6 +203,22 @@ def _text_value(task: str, fields: Mapping[str, Any], name: str) -> str:
     return v.strip()
 
 
+def _piece_text(task: str, p: _Piece, fields: Mapping[str, Any]) -> str:
+    """The string a text piece encodes: a field's value, the formatted response or the literal."""
+    if p.kind == "field":
+        return _text_value(task, fields, p.value)
+    if p.response:
+        return p.value.format(**{n: _text_value(task, fields, n) for n in FIELD.findall(p.value)})
+    return p.value
+
+
+def text_strings(task: str, fields: Mapping[str, Any]) -> list[str]:
+    """The strings a record's document BPE-encodes, one per text piece (what a text tokenizer
+    trained for this task should see); image fields are not needed."""
+    pieces, _, _ = _parse(task)
+    return [_piece_text(task, p, fields) for p in pieces if p.kind in ("text", "field")]
+
+
 def _build(task: str, fields: Mapping[str, Any], vocab: Vocab, text_tokenizer,
            for_prompt: bool) -> tuple[list[int], tuple[int, int]]:
     pieces, _, _ = _parse(task)
@@ -228,13 +244,8 @@ def _build(task: str, fields: Mapping[str, Any], vocab: Vocab, text_tokenizer,
             if not ids:
                 raise CM3LeonError(f"SFT task {task!r}: image field {p.value!r} has no codes")
             out += ids
-        elif p.kind == "field":
-            out += text(_text_value(task, fields, p.value))
-        elif p.response:
-            values = {n: _text_value(task, fields, n) for n in FIELD.findall(p.value)}
-            out += text(p.value.format(**values))
         else:
-            out += text(p.value)
+            out += text(_piece_text(task, p, fields))
         if p.response:
             span = (start, len(out))
     out.append(vocab.eos_id)

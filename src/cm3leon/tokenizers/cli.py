@@ -12,12 +12,14 @@ def register(sub) -> None:
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="KIND")
     tsub.required = True
 
-    t = tsub.add_parser("text", help="train a byte-level BPE on a dataset's captions")
+    t = tsub.add_parser("text", help="train a byte-level BPE on a dataset's captions and instruction-tuning texts")
     t.add_argument("--data", required=True, help="dataset (any reader format)")
     t.add_argument("--out", required=True, help="output folder (tokenizer.json)")
     t.add_argument("--vocab-size", default="small",
                    help="number of BPE tokens, or a preset: small (1024, default), tiny (512), paper (56320)")
     t.add_argument("--split", default="train", help="split whose captions train the BPE (default train)")
+    t.add_argument("--captions-only", action="store_true",
+                   help="leave out the dataset's VQA / edit / layout texts (by default the BPE learns them too)")
     t.set_defaults(func=_text)
 
     i = tsub.add_parser("image", help="train the VQ image tokenizer, or convert a taming VQGAN checkpoint",
@@ -64,9 +66,11 @@ def register(sub) -> None:
 
 
 def _text(args) -> int:
+    from cm3leon.sft.data import instruction_texts
     from cm3leon.tokenizers.text import train_text_tokenizer
 
-    info = train_text_tokenizer(args.data, args.out, vocab_size=args.vocab_size, split=args.split)
+    extra = [] if args.captions_only else instruction_texts(args.data, split=args.split)
+    info = train_text_tokenizer(args.data, args.out, vocab_size=args.vocab_size, split=args.split, extra_texts=extra)
     print(json.dumps(info, indent=2))
     return 0
 

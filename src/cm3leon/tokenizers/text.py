@@ -94,15 +94,17 @@ def resolve_vocab_size(value: int | str) -> int:
 
 
 def train_text_tokenizer(data: str | Path, out: str | Path, vocab_size: int | str = DEFAULT_VOCAB_SIZE,
-                         split: str | None = "train") -> dict:
-    """Train a BPE on the captions of a dataset (any reader format) and save it in `out`."""
+                         split: str | None = "train", extra_texts: Iterable[str] = ()) -> dict:
+    """Train a BPE on the captions of a dataset (any reader format) and `extra_texts` (e.g.
+    the instruction-tuning texts the model will also read and write), and save it in `out`."""
     from cm3leon.data.readers import iter_texts
 
     size = resolve_vocab_size(vocab_size)
     texts = list(iter_texts(data, split=split))
     if not texts:
         raise CM3LeonError(f"{data}: no captions found to train the text tokenizer (split={split!r})")
-    tok = TextTokenizer.train(texts, vocab_size=size)
+    extra = [t for t in extra_texts if t.strip()]
+    tok = TextTokenizer.train(texts + extra, vocab_size=size)
     path = tok.save(out)
     n_tokens = sum(len(ids) for ids in tok.encode_batch(texts[:2000]))
     sample = texts[: min(len(texts), 2000)]
@@ -111,5 +113,6 @@ def train_text_tokenizer(data: str | Path, out: str | Path, vocab_size: int | st
         "vocab_size": tok.vocab_size,
         "requested_vocab_size": size,
         "num_texts": len(texts),
+        "num_extra_texts": len(extra),
         "tokens_per_caption": round(n_tokens / max(1, len(sample)), 2),
     }
