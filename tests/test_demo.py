@@ -96,3 +96,20 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
     assert json.loads((out / "text_tokenizer" / ".done").read_text())["result"]["num_extra_texts"] == 0
     rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
     assert rows and any(r["retrieved"] for r in rows) and all(len(r["retrieved"]) <= 1 for r in rows)
+
+
+def test_demo_presets_choose_their_built_in_data_and_refuse_a_mismatch(tmp_path, capsys):
+    from cm3leon.config import PIPELINE_PRESETS
+    from cm3leon.pipeline import DEMO_PRESETS
+
+    assert all(PIPELINE_PRESETS[p].demo_data["size"] == 48 for p in DEMO_PRESETS)
+    assert PIPELINE_PRESETS["long"].demo_data["max_objects"] > 1 == PIPELINE_PRESETS["demo"].demo_data["max_objects"]
+    assert main(["demo", "--out", str(tmp_path / "x"), "--quick", "--preset", "long"]) == 2
+    assert "--quick is the quick preset" in capsys.readouterr().err
+    # a run folder whose data came from another preset is not silently reused
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    (data / ".done").write_text(json.dumps({"stage": "synth", "settings": PIPELINE_PRESETS["long"].demo_data}))
+    assert main(["demo", "--out", str(tmp_path / "run"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "was synthesized with" in err and "--force" in err

@@ -152,6 +152,46 @@ def test_resume_after_interruption_reproduces_the_losses_bit_for_bit(tmp_path, m
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # exact floats
 
 
+def test_resume_skips_a_damaged_newest_checkpoint_and_stale_temporaries(tmp_path, monkeypatch):
+    codes = make_codes(tmp_path)
+    settings = dict(preset="tiny", steps=16, ckpt_every=5, seed=7, dtype="fp32", batch_tokens=1024, peak_tflops=2.0)
+    pretrain(codes, tmp_path / "straight", **settings)
+    real_lr_at = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda step, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 13 else real_lr_at(step, *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(codes, tmp_path / "resumed", **settings)
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    weights = ckpts / "step-00000010" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the newest checkpoint is damaged
+    stale = ckpts / ".step-00000015.abc123.tmp"  # a save killed half-way
+    (stale / "step-00000015").mkdir(parents=True)
+    with pytest.warns(UserWarning) as record:
+        summary = pretrain(codes, tmp_path / "resumed", **settings)
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipping damaged checkpoint" in messages and "step-00000010" in messages and "cleaned up" in messages
+    assert not stale.exists()
+    assert summary["resumed_from_step"] == 5  # the newest checkpoint that loads
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # no duplicate rows, exact floats
+
+
+def test_resume_refuses_another_training_config_or_fewer_steps_unless_told(tmp_path):
+    codes = make_codes(tmp_path, neighbors=0)
+    settings = dict(preset="tiny", steps=4, ckpt_every=2, eval_every=0, seed=3)
+    pretrain(codes, tmp_path / "run", **settings)
+    for change, match in (({"lr": 1e-2}, "lr: "), ({"seed": 4}, "seed: 3 in the checkpoint, 4 now"),
+                          ({"batch_tokens": 2048}, "batch_tokens")):
+        with pytest.raises(CM3LeonError, match=rf"step-00000004: resuming with another training config.*{match}"):
+            pretrain(codes, tmp_path / "run", **{**settings, **change, "steps": 6})
+    with pytest.raises(CM3LeonError, match="steps 2 is below the checkpoint's step 4"):
+        pretrain(codes, tmp_path / "run", **{**settings, "steps": 2})
+    # what may change freely (more steps, logging, checkpoint cadence), and an explicit override
+    assert pretrain(codes, tmp_path / "run", **{**settings, "steps": 5, "eval_every": 1, "ckpt_every": 5})["steps"] == 5
+    summary = pretrain(codes, tmp_path / "run", **{**settings, "steps": 6, "lr": 1e-2, "override_config": True})
+    assert summary["resumed_from_step"] == 5 and summary["steps"] == 6
+
+
 def test_trains_a_map_style_dataset_of_blocks(tmp_path):
     """The loop is generic: any (tokens, targets) blocks, e.g. instruction-tuning data."""
     vocab = Vocab(32, 32, num_sentinels=4)
@@ -204,15 +244,27 @@ def test_truncated_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
         "rng.pt": ("delete", "RNG state file missing"),
         "trainer_state.json": ("delete", "checkpoint state missing"),
     }
-    for name, (damage, message) in damages.items():
+    garbage = {  # file -> (bytes, expected message)
+        "rng.pt": (b"\x80\x02garbage" * 50, "RNG state file truncated or corrupt"),
+        "optimizer.pt": (np.random.default_rng(0).bytes(4096), "optimizer state file truncated or corrupt"),
+        "trainer_state.json": (b'{"step": "three"}', "checkpoint state without an integer step"),
+    }
+    for name, (damage, message) in [*damages.items(), *garbage.items()]:
         ckpt.save_checkpoint(tmp_path / "ckpts", 3, model, opt, {"tokens_seen": 0, "data": None}, info)
         file = path / name
-        if damage == "truncate":
+        if isinstance(damage, bytes):
+            file.write_bytes(damage)
+        elif damage == "truncate":
             file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
         else:
             file.unlink()
-        with pytest.raises(CM3LeonError, match=rf"step-00000003/{name}: {message}"):
+        with pytest.raises(ckpt.DamagedCheckpoint, match=rf"step-00000003/{name}: {message}"):
             ckpt.load_checkpoint(path, model, opt, info)
+    # an RNG file of the right kind but for fewer ranks than it claims
+    ckpt.save_checkpoint(tmp_path / "ckpts", 3, model, opt, {"tokens_seen": 0, "data": None}, info)
+    torch.save([], path / "rng.pt")
+    with pytest.raises(ckpt.DamagedCheckpoint, match="not a list of RNG states"):
+        ckpt.load_checkpoint(path, model, opt, info)
 
 
 def test_truncated_or_incomplete_model_directory_is_a_clear_error(tmp_path):

@@ -34,6 +34,8 @@ class PipelinePreset:
     sweep: bool = True  # the decoding sweep (CFG scale, best-of-N)
     sweep_num: int = 48
     sweep_seeds: int = 3  # sampling seeds per sweep setting (the spread beside each figure)
+    # `cm3leon demo`: the built-in generator's settings (cm3leon.data.shapes.synthesize)
+    demo_data: dict = field(default_factory=lambda: {"num": 4000, "size": 48, "max_objects": 1})
     sweep_cfg_scales: tuple[float, ...] | None = None  # None: eval.sweep.DEFAULT_CFG_SCALES (+ cfg_scale)
     sweep_best_of: tuple[int, ...] = (1, 2, 4, 8)
 
@@ -100,7 +102,7 @@ _CPU_CFG_SCALE = 1.5
 
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "quick": PipelinePreset(
-        text_vocab="tiny", image_tokenizer="patch48",
+        text_vocab="tiny", image_tokenizer="patch48", demo_data={"num": 600, "size": 48, "max_objects": 1},
         retriever_steps=60, retriever_batch_size=64, num_retrieved=1,
         model="demo-small", pretrain=dict(_CPU_PRETRAIN, steps=120, eval_every=60, ckpt_every=60),
         sft=dict(_CPU_SFT, steps=60), decoding=_CPU_DECODING, cfg_scale=_CPU_CFG_SCALE,
@@ -112,6 +114,18 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         sft=dict(_CPU_SFT, steps=720, eval_every=240, ckpt_every=240), decoding=_CPU_DECODING,
         cfg_scale=_CPU_CFG_SCALE,
         sweep_num=32, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8),
+    ),
+    # For those who can wait (`cm3leon demo --preset long`, sized for <= 60 min on a 2-core CPU
+    # without fast bf16): scenes of 1-3 objects, the wider demo model, 4x the pretraining and
+    # 3x the SFT tokens, edits up-weighted.
+    "long": PipelinePreset(
+        image_tokenizer="patch48", model="demo",
+        demo_data={"num": 12000, "size": 48, "max_objects": 3},
+        pretrain=dict(_CPU_PRETRAIN, steps=2400, lr=1.5e-3, warmup_steps=60, eval_every=400, ckpt_every=400),
+        sft=dict(_CPU_SFT, steps=1500, warmup_steps=50, eval_every=300, ckpt_every=300,
+                 weights={"vqa": 3.0, "caption": 2.0, "t2i": 2.0, "edit": 3.0, "layout": 1.0}),
+        decoding=_CPU_DECODING, cfg_scale=_CPU_CFG_SCALE,
+        eval_num=200, sweep_num=48, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8),
     ),
     "350m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="350m", eval_num=1000, sweep_num=500),
     "760m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="760m", eval_num=1000, sweep_num=500),

@@ -111,7 +111,9 @@ def register(sub) -> None:
 
     d = sub.add_parser("demo", help="synthesize the shapes dataset and run the whole pipeline on it")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    d.add_argument("--quick", action="store_true", help="smoke run in about 3 minutes")
+    d.add_argument("--quick", action="store_true", help="smoke run in about 3 minutes (the quick preset)")
+    d.add_argument("--preset", default=None, choices=DEMO_PRESETS,
+                   help="demo (default), quick, or long: scenes of 1-3 objects and a longer recipe (<= 60 min)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--force", action="store_true", help="re-run finished stages")
     d.set_defaults(func=_demo)
@@ -128,25 +130,31 @@ def _pipeline(args) -> int:
     return 0
 
 
-def demo_data_settings(quick: bool) -> dict:
-    # 48 px: the patch48 tokenizer's 8-px patches tile the scenes' 3x3 layout (config.py)
-    return {"num": 600, "size": 48, "max_objects": 1} if quick else {"num": 4000, "size": 48, "max_objects": 1}
+DEMO_PRESETS = ("quick", "demo", "long")  # the presets `cm3leon demo` runs on built-in data
 
 
 def _demo(args) -> int:
+    from cm3leon.config import get_pipeline_preset
     from cm3leon.data.shapes import synthesize
 
+    if args.quick and args.preset not in (None, "quick"):
+        raise CM3LeonError(f"--quick is the quick preset; it cannot be combined with --preset {args.preset}")
+    preset = args.preset or ("quick" if args.quick else "demo")
     out = Path(args.out)
     data = out / "data"
     marker = data / DONE
+    # 48 px: the patch48 tokenizer's 8-px patches tile the scenes' 3x3 layout (config.py)
+    settings = dict(get_pipeline_preset(preset).demo_data)
+    if marker.is_file() and not args.force and read_json(marker).get("settings") != settings:
+        raise CM3LeonError(f"{data} was synthesized with {read_json(marker).get('settings')}, not the {preset} "
+                           f"preset's {settings}: use another --out, or --force to start over")
     if not marker.is_file() or args.force:
         if data.exists():
             shutil.rmtree(data)
-        settings = demo_data_settings(args.quick)
         print(f"[0] synth: shapes dataset {settings}", file=sys.stderr)
         synthesize(data, seed=args.seed, **settings)
         write_json(marker, {"stage": "synth", "settings": settings})
-    ctx = PipelineContext(data=data, out=out, preset="quick" if args.quick else "demo", quick=args.quick, seed=args.seed)
+    ctx = PipelineContext(data=data, out=out, preset=preset, quick=preset == "quick", seed=args.seed)
     summary = run_pipeline(ctx, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0

@@ -270,12 +270,14 @@ def register(sub) -> None:
                    help="autocast dtype; auto: the faster of bf16 and fp32, measured at start")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--override-config", action="store_true", default=None,
+                   help="resume even when the checkpoint was written with another training config (lr, seed, batch layout, ...)")
     p.set_defaults(func=_sft)
 
 
 def _sft(args) -> int:
     keys = ("steps", "lr", "warmup_steps", "tasks", "response_only", "response_mask_prob", "seq_len",
-            "batch_tokens", "micro_batch_size", "parallel", "dtype", "num_workers", "seed")
+            "batch_tokens", "micro_batch_size", "parallel", "dtype", "num_workers", "seed", "override_config")
     summary = run_sft(args.init, args.data, args.out, preset=args.preset, weights=_weights(args.weights),
                       **{k: getattr(args, k) for k in keys})
     if int(os.environ.get("RANK", "0")) == 0:

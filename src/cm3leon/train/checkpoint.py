@@ -14,6 +14,7 @@ can resume from it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +27,14 @@ from cm3leon.train.parallel import DistInfo, all_gather_object, barrier, broadca
 from cm3leon.utils.io import atomic_path, read_json, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# TrainConfig fields a resume may change (the rest shape the trajectory: a resume that
+# changes them is refused unless TrainConfig.override_config; `steps` may only grow).
+RESUME_MAY_CHANGE = ("steps", "log_every", "eval_every", "eval_batches", "val_loss_on", "peak_tflops", "ckpt_every",
+                     "keep_checkpoints", "activation_checkpointing", "compile", "parallel", "override_config")
+
+
+class DamagedCheckpoint(CM3LeonError):
+    """A checkpoint whose files are missing, truncated or corrupt (an older one may load)."""
 
 
 def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
@@ -91,20 +100,38 @@ def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch
 
 def _read_torch(path: Path, what: str):
     if not path.is_file():
-        raise CM3LeonError(f"{path}: {what} file missing")
+        raise DamagedCheckpoint(f"{path}: {what} file missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CM3LeonError(f"{path}: {what} file truncated or corrupt ({str(e).split('. ')[0]})") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on garbage (unpickling, zip, ...)
+        raise DamagedCheckpoint(f"{path}: {what} file truncated or corrupt "
+                                f"({type(e).__name__}: {str(e).split('. ')[0][:200]})") from None
 
 
 def read_trainer_state(path: str | Path) -> dict:
-    """`trainer_state.json` of a checkpoint directory (CM3LeonError naming it when missing/bad)."""
+    """`trainer_state.json` of a checkpoint directory (DamagedCheckpoint naming it when
+    missing, unreadable or without its step)."""
     file = Path(path) / "trainer_state.json"
     try:
-        return read_json(file, "checkpoint state")
+        state = read_json(file, "checkpoint state")
     except (FileNotFoundError, ValueError) as e:
-        raise CM3LeonError(f"{file}: checkpoint state missing or unreadable ({e})") from None
+        raise DamagedCheckpoint(f"{file}: checkpoint state missing or unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("tokens_seen"), int):
+        raise DamagedCheckpoint(f"{file}: checkpoint state without an integer step and tokens_seen")
+    return state
+
+
+def _json_normal(v):
+    return json.loads(json.dumps(v))
+
+
+def train_config_differences(saved: dict, current: dict) -> list[str]:
+    """The differences between a checkpoint's training config and this run's that a resume
+    may not make silently (fields outside RESUME_MAY_CHANGE)."""
+    keys = (set(saved) | set(current)) - set(RESUME_MAY_CHANGE)
+    saved, current = _json_normal({k: saved.get(k) for k in keys}), _json_normal({k: current.get(k) for k in keys})
+    return config_differences(saved, current)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -114,12 +141,15 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    info: DistInfo, model_config: dict | None = None) -> dict:
+                    info: DistInfo, model_config: dict | None = None, train_config: dict | None = None,
+                    override_config: bool = False) -> dict:
     """Restore weights, optimizer and RNG from `path` (rank 0 reads, the others receive);
     returns the trainer state with `data` set to this rank's data-stream state.
 
-    A missing or truncated file, or a checkpoint saved for another `model_config` (checked
-    before any weight is touched), is a CM3LeonError naming the file, on every rank."""
+    Checked before any weight is touched, on every rank: a missing, truncated or corrupt file
+    is a DamagedCheckpoint naming it (an older checkpoint may still load); a checkpoint of
+    another `model_config`, or of a `train_config` that differs outside RESUME_MAY_CHANGE
+    (unless `override_config`), or with `steps` below its step, is a CM3LeonError."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -130,17 +160,33 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CM3LeonError(f"{path}: checkpoint of a different model config ("
                            + "; ".join(config_differences(saved_config, model_config))
                            + f"); use a new run directory or delete {path.parent}")
+    saved_train = state.get("train_config")
+    if train_config is not None and isinstance(saved_train, dict):
+        if int(train_config.get("steps", state["step"])) < state["step"]:
+            raise CM3LeonError(f"{path}: steps {train_config.get('steps')} is below the checkpoint's step "
+                               f"{state['step']}; give steps >= {state['step']}, or use a new run directory")
+        diff = train_config_differences(saved_train, train_config)
+        if diff and not override_config:
+            raise CM3LeonError(f"{path}: resuming with another training config (" + "; ".join(diff)
+                               + "): pass --override-config to resume anyway, or use a new run directory")
     model_sd, optim_sd, rngs, error = {}, {}, None, None
     if info.is_main:
         try:
             model_sd = read_safetensors(path / "model.safetensors", "checkpoint weights")
             optim_sd = _read_torch(path / "optimizer.pt", "optimizer state")
             rngs = _read_torch(path / "rng.pt", "RNG state")
+            if not isinstance(optim_sd, dict):
+                raise DamagedCheckpoint(f"{path / 'optimizer.pt'}: not an optimizer state")
+            if not (isinstance(rngs, list) and rngs and all(isinstance(r, torch.Tensor) and r.dtype == torch.uint8
+                                                             for r in rngs)):
+                raise DamagedCheckpoint(f"{path / 'rng.pt'}: not a list of RNG states")
+            if int(state.get("world_size", 1)) == info.world_size and len(rngs) < info.world_size:
+                raise DamagedCheckpoint(f"{path / 'rng.pt'}: {len(rngs)} RNG state(s) for {info.world_size} rank(s)")
         except CM3LeonError as e:
             error = str(e)
     error = broadcast_object(error, info)  # every rank fails the same way instead of hanging
     if error:
-        raise CM3LeonError(error)
+        raise DamagedCheckpoint(error)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed)
     try:
         set_model_state_dict(model, model_sd, options=opts)

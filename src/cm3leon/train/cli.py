@@ -166,12 +166,14 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--override-config", action="store_true", default=None,
+                   help="resume even when the checkpoint was written with another training config (lr, seed, batch layout, ...)")
     p.set_defaults(func=_pretrain)
 
 
 FLAGS = ("data", "out", "preset", "init", "steps", "batch_tokens", "micro_batch_size", "seq_len", "lr",
          "warmup_steps", "num_retrieved", "order", "val_loss_on", "peak_tflops", "parallel", "dtype",
-         "activation_checkpointing", "compile", "num_workers", "seed")
+         "activation_checkpointing", "compile", "num_workers", "seed", "override_config")
 
 
 def _pretrain(args) -> int:

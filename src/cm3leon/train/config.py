@@ -60,6 +60,9 @@ class TrainConfig:
     # attends only to itself (as if trained alone; Llama 3 does the same). Always on with the
     # model's segment positions. False: a block is one sequence (positions run across documents).
     document_masking: bool = False
+    # Resume even when the checkpoint was written with another training config (lr, seed,
+    # batch layout, ...: see train.checkpoint.RESUME_MAY_CHANGE for what may change freely).
+    override_config: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)

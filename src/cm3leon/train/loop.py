@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from cm3leon.train.flops import fastest_dtype, measure_matmul_tflops, mfu
 from cm3leon.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, apply_parallelism, barrier,
                                     resolve_parallel, setup_distributed, teardown_distributed, unwrap)
 from cm3leon.train.schedule import lr_at
-from cm3leon.utils.io import atomic_path, write_json, write_jsonl
+from cm3leon.utils.io import atomic_path, remove_stale_temporaries, write_json, write_jsonl
 from cm3leon.utils.logging import MetricsLogger, progress, read_metrics
 
 METRICS = "metrics.jsonl"
@@ -395,11 +396,21 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
 
     # --- resume ------------------------------------------------------------------------
     ckpt_root = out_dir / CHECKPOINTS
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    start_step, tokens_seen, data_state = 0, 0, None
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, net, optimizer, info,
-                                     model_config.to_dict() if model_config is not None else None)
+    if info.is_main:
+        for p in remove_stale_temporaries(ckpt_root):  # what a kill mid-save left behind
+            warnings.warn(f"cleaned up {p} (left by an interrupted checkpoint save)", stacklevel=2)
+    barrier(info)
+    start_step, tokens_seen, data_state, state = 0, 0, None, None
+    for _, path in reversed(ckpt.list_checkpoints(ckpt_root)):  # the newest one that loads
+        try:
+            state = ckpt.load_checkpoint(path, net, optimizer, info,
+                                         model_config.to_dict() if model_config is not None else None,
+                                         train_config=cfg.to_dict(), override_config=cfg.override_config)
+            break
+        except ckpt.DamagedCheckpoint as e:
+            if info.is_main:
+                warnings.warn(f"skipping damaged checkpoint {path}: {e}", stacklevel=2)
+    if state is not None:
         start_step, tokens_seen, data_state = int(state["step"]), int(state["tokens_seen"]), state["data"]
         if info.is_main:
             # Drop metrics written after the checkpoint: those steps are trained again.

@@ -19,20 +19,76 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     replaces `path` in one `os.replace` (a directory target is removed first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
     target = tmp / path.name
     try:
         yield target
+        _fsync_tree(target)  # the data is on disk before the rename makes it visible
         if path.is_dir() and target.is_dir():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f".{path.name}{OLD_SUFFIX}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(target, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
+        _fsync_dir(path.parent)  # ... and so is the rename
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+TMP_SUFFIX, OLD_SUFFIX = ".tmp", ".old"  # atomic_path's temporaries: `.NAME.XXXX.tmp`, `.NAME.old`
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under a folder."""
+    if path.is_dir():
+        for root, _, files in os.walk(path):
+            for name in files:
+                _fsync_tree(Path(root) / name)
+            _fsync_dir(Path(root))
+    elif path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Clean up after an `atomic_path` interrupted in `folder`: temporaries being written are
+    removed; the previous version of a folder being swapped (`.NAME.old`) is removed when
+    NAME is in place, and put back as NAME when the kill fell between the swap's two renames.
+    Returns the paths removed or put back."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    touched = []
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        if p.name.endswith(OLD_SUFFIX):
+            name = folder / p.name[1:-len(OLD_SUFFIX)]
+            if not name.exists():
+                os.replace(p, name)
+                _fsync_dir(folder)
+                touched.append(p)
+                continue
+        elif not p.name.endswith(TMP_SUFFIX):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        touched.append(p)
+    return touched
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
