@@ -257,3 +257,19 @@ def test_tiny_model_overfits_a_fixed_batch():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(torch.log(torch.tensor(float(VOCAB))).item(), abs=0.1)
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_a_damaged_model_directory_names_the_file(tmp_path):
+    import json as _json
+
+    from cm3leon.errors import CM3LeonError
+
+    model = CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=64))
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(_json.dumps([1, 2]))
+    with pytest.raises(CM3LeonError, match=r"m/config.json: "):
+        CM3LeonTransformer.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(CM3LeonError, match=r"m/model.safetensors: model weights file truncated or corrupt"):
+        CM3LeonTransformer.from_pretrained(tmp_path / "m")

@@ -366,6 +366,37 @@ def test_index_build_resumes_after_an_interruption(world, tmp_path, monkeypatch)
     assert not (out / "embeddings").exists()
 
 
+@pytest.mark.parametrize("name,content,match", [
+    ("index.faiss", b"garbage" * 10, "index.faiss: not a readable FAISS index"),
+    ("vectors.npy", b"garbage" * 10, "vectors.npy: index vectors file truncated or not a plain .npy array"),
+    ("metadata.jsonl", b"{nope\n", r"metadata.jsonl:1: malformed JSON line"),
+    ("metadata.jsonl", b"[1, 2]\n", "metadata.jsonl: every line must be a JSON object"),
+    ("index.json", b"{", "index.json: not valid JSON"),
+    ("image_codes.npy", "short", "image_codes.npy rows"),
+])
+def test_a_damaged_memory_bank_file_is_a_named_error(world, tmp_path, name, content, match):
+    import shutil
+
+    broken = tmp_path / "index"
+    shutil.copytree(world["index"], broken)
+    if content == "short":
+        np.save(broken / name, np.load(broken / name)[:-1])
+    else:
+        (broken / name).write_bytes(content)
+    with pytest.raises(CM3LeonError, match=match):
+        MemoryBank.load(broken)
+
+
+def test_damaged_retriever_weights_are_a_named_error(world, tmp_path):
+    import shutil
+
+    d = tmp_path / "retriever"
+    shutil.copytree(world["retriever"], d)
+    (d / "model.safetensors").write_bytes(b"xx")
+    with pytest.raises(CM3LeonError, match="model.safetensors: retriever weights file truncated or corrupt"):
+        load_retriever(d, device="cpu")
+
+
 def test_missing_metadata_and_dimension_mismatch_give_clear_errors(world, tmp_path):
     import shutil
 

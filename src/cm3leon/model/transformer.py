@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.model.config import ModelConfig
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_safetensors, read_json, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -298,16 +298,18 @@ class CM3LeonTransformer(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None) -> "CM3LeonTransformer":
         """Load a model directory written by `save_pretrained` (built on meta, no double copy)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"model weights not found: {weights}")
-        config = ModelConfig.from_dict(read_json(path / CONFIG_NAME, "model config"))
+        try:
+            config = ModelConfig.from_dict(read_json(path / CONFIG_NAME, "model config"))
+        except (CM3LeonError, TypeError, AttributeError) as e:
+            where = str(path / CONFIG_NAME)
+            raise CM3LeonError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         with torch.device("meta"):
             model = cls(config)
-        state = load_file(str(weights), device=str(device))
+        state = load_safetensors(weights, "model weights", device=str(device))
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         try:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cm3leon.errors import CM3LeonError, require
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_safetensors, read_json, write_json
 
 FORMAT = "cm3leon-retriever/1"
 BYTE_PAD = 256  # byte ids are 0..255; 256 pads
@@ -329,8 +329,6 @@ def make_clip_retriever(clip_dir: str | Path, out: str | Path, copy: bool = True
 
 def load_retriever(path: str | Path, device: str | torch.device | None = None) -> Retriever:
     """Open a retriever directory of either kind (bi-encoder trained here, or local CLIP)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -346,7 +344,10 @@ def load_retriever(path: str | Path, device: str | torch.device | None = None) -
         if not weights.is_file():
             raise CM3LeonError(f"{weights}: missing retriever weights")
         model = BiEncoder(BiEncoderConfig.from_dict(info["config"]))
-        model.load_state_dict(load_file(str(weights)))
+        try:
+            model.load_state_dict(load_safetensors(weights, "retriever weights"))
+        except RuntimeError as e:
+            raise CM3LeonError(f"{weights}: retriever weights do not fit {cfg_path} ({str(e)[:200]})") from None
         return BiEncoderRetriever(model, path=path, device=device)
     if kind == "clip":
         clip_dir = Path(info["clip_dir"])

@@ -30,7 +30,7 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.retrieval.policy import (
     Query, RetrievalPolicy, document_signature, image_digest, search_candidates, select_documents,
 )
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_npy, read_jsonl, read_json, write_json
 from cm3leon.utils.logging import progress
 
 FORMAT = "cm3leon-index/1"
@@ -138,15 +138,26 @@ class MemoryBank:
         for name in ("index.faiss", "metadata.jsonl", "vectors.npy"):
             if not (path / name).is_file():
                 raise CM3LeonError(f"{path / name}: missing index file; rebuild with `cm3leon index build`")
-        index = faiss.read_index(str(path / "index.faiss"))
-        with open(path / "metadata.jsonl", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        vectors = np.load(path / "vectors.npy", mmap_mode="r")
+        try:
+            index = faiss.read_index(str(path / "index.faiss"))
+        except RuntimeError as e:
+            raise CM3LeonError(f"{path / 'index.faiss'}: not a readable FAISS index ({str(e).splitlines()[0][:160]}); "
+                               "rebuild with `cm3leon index build`") from None
+        rows = list(read_jsonl(path / "metadata.jsonl"))
+        if not all(isinstance(r, dict) for r in rows):
+            raise CM3LeonError(f"{path / 'metadata.jsonl'}: every line must be a JSON object")
+        vectors = load_npy(path / "vectors.npy", "index vectors")
         codes_path = path / "image_codes.npy"
-        codes = np.load(codes_path, mmap_mode="r") if codes_path.is_file() else None
-        n, dim = int(info["count"]), int(info["dim"])
+        codes = load_npy(codes_path, "image codes") if codes_path.is_file() else None
+        try:
+            n, dim = int(info["count"]), int(info["dim"])
+        except (KeyError, TypeError, ValueError):
+            raise CM3LeonError(f"{info_path}: needs integer 'count' and 'dim'") from None
+        if vectors.ndim != 2:
+            raise CM3LeonError(f"{path / 'vectors.npy'}: expected a 2-D array, got shape {vectors.shape}")
         for what, got in (("index.faiss vectors", index.ntotal), ("metadata.jsonl rows", len(rows)),
-                          ("vectors.npy rows", vectors.shape[0])):
+                          ("vectors.npy rows", vectors.shape[0]),
+                          *((("image_codes.npy rows", codes.shape[0]),) if codes is not None else ())):
             if got != n:
                 raise CM3LeonError(f"{path}: index.json says {n} documents but {what} = {got}; rebuild the index")
         if index.d != dim or vectors.shape[1] != dim:

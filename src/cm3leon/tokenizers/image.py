@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_safetensors, read_json, write_json
 
 FORMAT = "cm3leon-vq/1"
 CONFIG_FILE = "config.json"
@@ -610,8 +610,6 @@ class VQModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VQModel":
         """Load a directory written by `save_pretrained` (or by `cm3leon tokenizer image`)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"image tokenizer not found: {path} has no {CONFIG_FILE} "
@@ -623,7 +621,7 @@ class VQModel(nn.Module):
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"image tokenizer weights not found: {weights}")
-        _load_state(model, load_file(str(weights)), str(weights))
+        _load_state(model, load_safetensors(weights, "image tokenizer weights"), str(weights))
         return model.to(device).eval()
 
     @classmethod

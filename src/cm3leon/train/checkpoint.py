@@ -24,7 +24,7 @@ from torch import nn
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.train.parallel import DistInfo, all_gather_object, barrier, broadcast_object
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_safetensors, read_json, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # TrainConfig fields a resume may change (the rest shape the trajectory: a resume that
@@ -86,16 +86,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
 
 def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
     """Load a safetensors file; a missing, truncated or corrupt one is a CM3LeonError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise CM3LeonError(f"{path}: {what} file missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CM3LeonError(f"{path}: {what} file truncated or corrupt ({e})") from None
+    return load_safetensors(path, what)
 
 
 def _read_torch(path: Path, what: str):

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cm3leon.errors import CM3LeonError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -108,7 +110,36 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise CM3LeonError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "weights", device: str = "cpu") -> dict:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is a CM3LeonError
+    naming it and `what` it holds."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CM3LeonError(f"{path}: {what} file missing")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:
+        raise CM3LeonError(f"{path}: {what} file truncated or corrupt ({e})") from None
+
+
+def load_npy(path: str | os.PathLike, what: str = "array", mmap: bool = True):
+    """A .npy array (memory-mapped by default, never pickled objects); a missing, truncated
+    or foreign file is a CM3LeonError naming it."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise CM3LeonError(f"{path}: {what} file missing")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CM3LeonError(f"{path}: {what} file truncated or not a plain .npy array ({str(e)[:120]})") from None
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
@@ -125,7 +156,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON line ({e})") from None
+                    raise CM3LeonError(f"{path}:{lineno}: malformed JSON line ({e})") from None
 
 
 def _json_default(o: Any) -> Any:
