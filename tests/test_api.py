@@ -112,11 +112,53 @@ def test_images_of_any_mode_and_size_are_converted(m, mode):
         (dict(method="cdk", cdk_k=0), "cdk_k"),
         (dict(method="beam"), "method"),
         (dict(n=0), "n must"),
+        (dict(n=200000), "n must be an integer in"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature=1e-40), "temperature"),
+        (dict(cfg_scale=1e38), "cfg_scale"),
+        (dict(cfg_scale=float("nan")), "cfg_scale"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-1), "seed"),
     ],
 )
 def test_bad_decoding_arguments_name_the_argument(m, kwargs, name):
     with pytest.raises(CM3LeonError, match=name):
         m.text_to_image("a red circle", **kwargs)
+
+
+def test_image_arrays_are_read_by_their_dtype(m):
+    grey = np.full((8, 8, 3), 128, dtype=np.uint8)
+    same = [grey, grey.astype(np.int64), (grey.astype(np.uint16) * 257), grey.astype(np.float32) / 255]
+    codes = [list(m.encode_image(a)) for a in same]
+    assert all(c == codes[0] for c in codes)
+    for bad, match in ((grey.astype(np.int64) * 3, "0..255"), (grey.astype(np.float32), r"\[0, 1\]"),
+                       (np.full((8, 8, 3), np.nan, dtype=np.float32), "NaN"), (grey > 0, "boolean"),
+                       (np.zeros((8, 8, 2), dtype=np.uint8), "HxWxC")):
+        with pytest.raises(CM3LeonError, match=match):
+            m.encode_image(bad)
+
+
+def test_bad_image_files_and_text_are_named_errors_before_any_work(m, tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    big = tmp_path / "big.png"  # a PNG header claiming 20000 x 20000 pixels, never decoded
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    with pytest.raises(CM3LeonError, match="big.png: not a usable image.*decompression_bomb"):
+        m.image_to_text(big)
+    with pytest.raises(CM3LeonError, match="prompt is not valid Unicode"):
+        m.text_to_image("a red \ud800 circle")
+    # a megabyte prompt: cut to what the context can hold before it is tokenized
+    seen = []
+    real = m.prompts.tok.encode
+    monkeypatch.setattr(m.prompts.tok, "encode", lambda s, *a, **k: seen.append(len(s)) or real(s, *a, **k))
+    with pytest.warns(UserWarning, match=r"tokens\+?; truncated"):
+        m.text_to_image("a red circle " * 80000, seed=0)
+    assert max(seen) <= m.model.config.max_seq_len * 64
 
 
 def test_bad_task_inputs_give_clear_errors(m, picture):

@@ -77,12 +77,46 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     return names[dtype]
 
 
+MAX_SAMPLES = 256  # n (images or edits) per call: the batch that is decoded at once
+MAX_SEED = 2**63 - 1
+
+
 def _new_seed(seed: int | None) -> int:
     if seed is None:
         return random.SystemRandom().randrange(2**31 - 1)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CM3LeonError(f"seed must be an integer or None, got {seed!r}")
-    return seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise CM3LeonError(f"seed must be an integer in [0, 2**63 - 1] or None, got {seed!r}")
+    return int(seed)
+
+
+def _check_n(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise CM3LeonError(f"n must be an integer in [1, {MAX_SAMPLES}], got {n!r}")
+
+
+def _array_to_uint8(a: np.ndarray) -> np.ndarray:
+    """An image array as uint8, by its dtype: uint8 as is, other integers by their type's
+    range (uint16 / uint32 scaled down; signed types must hold 0..255), floats in [0, 1]."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind == "b":
+        raise CM3LeonError("image array is boolean: give uint8 (0..255) or floats in [0, 1]")
+    if a.dtype.kind == "u":
+        top = np.iinfo(a.dtype).max
+        return (a.astype(np.float64) * (255.0 / top)).round().astype(np.uint8)
+    if a.dtype.kind == "i":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise CM3LeonError(f"image array of {a.dtype} must hold values 0..255, got {lo}..{hi}")
+        return a.astype(np.uint8)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise CM3LeonError("image array holds NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            raise CM3LeonError(f"image array of floats must hold values in [0, 1], got {lo:g}..{hi:g}")
+        return (a.astype(np.float64) * 255).round().astype(np.uint8)
+    raise CM3LeonError(f"image array of dtype {a.dtype} is not an image: give uint8 or floats in [0, 1]")
 
 
 def prepare_image(image, resolution: int):
@@ -94,17 +128,18 @@ def prepare_image(image, resolution: int):
         p = Path(image)
         if not p.is_file():
             raise CM3LeonError(f"image file not found: {p}")
-        try:
-            with Image.open(p) as im:
-                image = im.copy()
-        except OSError as e:
-            raise CM3LeonError(f"{p}: not a readable image ({e})") from None
+        from cm3leon.data.readers import SkipRecord, load_image
+
+        try:  # the dataset readers' loader: regular files only, size and pixel caps, named reasons
+            image = load_image(p, size=None)
+        except SkipRecord as e:
+            raise CM3LeonError(f"{p}: not a usable image ({e})") from None
     elif isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or image.size == 0:
-            raise CM3LeonError(f"image array must be HxW or HxWxC, got shape {image.shape}")
-        a = image
-        if a.dtype != np.uint8:  # floats in [0, 1]
-            a = (np.clip(a.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+        if image.ndim not in (2, 3) or image.size == 0 or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise CM3LeonError(f"image array must be HxW or HxWxC with C in 1, 3, 4, got shape {image.shape}")
+        if image.size > 4 * 8192 * 8192:
+            raise CM3LeonError(f"image array of shape {image.shape} is larger than 8192 x 8192")
+        a = _array_to_uint8(image)
         image = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)
     if not isinstance(image, Image.Image):
         raise CM3LeonError(f"image must be a PIL image, a file path or a numpy array, got {type(image).__name__}")
@@ -259,8 +294,7 @@ class CM3Leon:
         scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood"."""
         if method not in IMAGE_METHODS:
             raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise CM3LeonError(f"n must be an integer >= 1, got {n!r}")
+        _check_n(n)
         seed = _new_seed(seed)
         topp = SamplerSettings(temperature, top_k, top_p)
         cdk_sampler = SamplerSettings(temperature)
@@ -452,8 +486,7 @@ class CM3Leon:
                      temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
                      seed: int | None = None, n: int = 1) -> list[ImageSample]:
         """`edit` with metadata, n samples in one batch."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise CM3LeonError(f"n must be an integer >= 1, got {n!r}")
+        _check_n(n)
         guidance = Guidance("edit", image_scale=image_guidance, text_scale=text_guidance)
         sampler = SamplerSettings(temperature, top_k, top_p)
         seed = _new_seed(seed)

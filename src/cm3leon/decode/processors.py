@@ -32,13 +32,20 @@ class SamplerSettings:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
+# Below MIN_TEMPERATURE the scores / temperature overflow float32 (use 0 for greedy); above
+# MAX_TEMPERATURE sampling is uniform noise.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+
+
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise `CM3LeonError` naming the argument when a sampler setting is out of range."""
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise CM3LeonError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0 or 0 < temperature < MIN_TEMPERATURE or temperature > MAX_TEMPERATURE:
+        raise CM3LeonError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                           f"got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise CM3LeonError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise CM3LeonError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

@@ -36,6 +36,22 @@ from cm3leon.tokenizers.vocab import Vocab
 
 EDIT_TEMPLATE = "Edit first image following the instruction"
 VQA_QUESTION = "Question: {question} Answer:"
+# User text is cut to this many characters per token of room before it is tokenized, so a
+# megabyte of text is never encoded whole (BPE tokens are rarely longer than a word; the cut
+# text is then cut to the room in tokens).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def _checked_text(s, what: str, budget_tokens: int) -> str:
+    """User text that is non-empty valid Unicode, cut to what `budget_tokens` could hold."""
+    if not isinstance(s, str) or not s.strip():
+        raise CM3LeonError(f"{what} is empty: give some text")
+    s = s[: max(1, budget_tokens) * MAX_CHARS_PER_TOKEN]
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CM3LeonError(f"{what} is not valid Unicode text ({e.reason} at character {e.start})") from None
+    return s
 
 
 @dataclass
@@ -100,17 +116,17 @@ class PromptBuilder:
 
     def _user_text(self, s: str, what: str, budget: int) -> tuple[list[int], int]:
         """Encode user text; cut it to `budget` tokens with a warning saying how much."""
-        if not isinstance(s, str) or not s.strip():
-            raise CM3LeonError(f"{what} is empty: give some text")
-        ids = self.text(s)
         if budget < 1:
             raise CM3LeonError(
                 f"{what}: no room left in the model's context (max_seq_len={self.max_seq_len}) for any text"
             )
+        text = _checked_text(s, what, budget)
+        more = "+" if len(text) < len(s) else ""  # cut before tokenizing: there was more
+        ids = self.text(text)
         if len(ids) > budget:
             cut = len(ids) - budget
             warnings.warn(
-                f"{what} is {len(ids)} tokens; truncated to {budget} (dropped the last {cut}) "
+                f"{what} is {len(ids)}{more} tokens; truncated to {budget} (dropped the last {cut}{more}) "
                 f"to fit the context of {self.max_seq_len} tokens",
                 stacklevel=3,
             )
@@ -157,10 +173,8 @@ class PromptBuilder:
     def vqa(self, codes, question: str, max_new_tokens: int) -> TaskPrompt:
         """`<eos> Question: {q} Answer: <mask:0> <break> image <eos> <mask:0>` -> answer span."""
         v = self.vocab
-        if not isinstance(question, str) or not question.strip():
-            raise CM3LeonError("question is empty: give some text")
+        question = _checked_text(question, "question", self.max_seq_len).strip()
         img = self.image(codes)
-        question = question.strip()
         # Encode the template as one string (as in training): BPE merges across the joins.
         text = self.text(VQA_QUESTION.format(question=question))
         budget = self.max_seq_len - max_new_tokens - len(img) - 5
