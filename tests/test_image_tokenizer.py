@@ -322,6 +322,9 @@ def test_training_lowers_loss_writes_outputs_and_resumes_exactly(tmp_path, monke
     resumed = VQModel.from_pretrained(tmp_path / "resumed")
     for (k, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+    # the log holds each step once, as the uninterrupted run's does
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "step" in r]
+    assert steps == sorted(set(steps)) == [r["step"] for r in rows if "step" in r]
 
 
 def test_gan_loss_starts_at_disc_start(tmp_path):

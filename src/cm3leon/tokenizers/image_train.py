@@ -27,7 +27,7 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.tokenizers.image import (VQConfig, VQModel, as_8bit, code_stability, codebook_stats, get_preset,
                                       tensor_to_images)
 from cm3leon.utils.io import atomic_path, read_json, write_json
-from cm3leon.utils.logging import MetricsLogger, progress
+from cm3leon.utils.logging import MetricsLogger, progress, trim_metrics
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -537,6 +537,7 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
     use_bf16 = tc.bf16
     device_type = torch.device(device).type
     out.mkdir(parents=True, exist_ok=True)
+    trim_metrics(out / "metrics.jsonl", start)  # steps after the checkpoint are trained again
     logger = MetricsLogger(out / "metrics.jsonl")
     t0 = time.time()
     done = start  # completed steps (what a checkpoint records)

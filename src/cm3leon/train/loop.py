@@ -37,7 +37,7 @@ from cm3leon.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, ap
                                     resolve_parallel, setup_distributed, teardown_distributed, unwrap)
 from cm3leon.train.schedule import lr_at
 from cm3leon.utils.io import atomic_path, remove_stale_temporaries, write_json, write_jsonl
-from cm3leon.utils.logging import MetricsLogger, progress, read_metrics
+from cm3leon.utils.logging import MetricsLogger, progress, read_metrics, trim_metrics
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -412,10 +412,8 @@ def _train(model, train_data, val_data, cfg: TrainConfig, out_dir: Path, vocab: 
                 warnings.warn(f"skipping damaged checkpoint {path}: {e}", stacklevel=2)
     if state is not None:
         start_step, tokens_seen, data_state = int(state["step"]), int(state["tokens_seen"]), state["data"]
-        if info.is_main:
-            # Drop metrics written after the checkpoint: those steps are trained again.
-            rows = [r for r in read_metrics(out_dir / METRICS) if r.get("step", 0) <= start_step]
-            write_jsonl(out_dir / METRICS, rows)
+    if info.is_main:  # metrics written after the checkpoint (or before the first): trained again
+        trim_metrics(out_dir / METRICS, start_step)
     barrier(info)
 
     accum = cfg.grad_accum_steps(info.world_size)

@@ -61,6 +61,17 @@ class MetricsLogger:
         self.close()
 
 
+def trim_metrics(path: str | Path, step: int) -> None:
+    """Drop the rows of a metrics JSONL file logged after `step` (a resumed run trains those
+    steps again; rows without a step are kept). Rewritten atomically; absent file: nothing."""
+    from cm3leon.utils.io import write_jsonl
+
+    path = Path(path)
+    if path.exists():
+        write_jsonl(path, [r for r in read_metrics(path) if not isinstance(r.get("step"), (int, float))
+                           or r["step"] <= step])
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """All rows of a metrics JSONL file (a torn last line from a crash is ignored)."""
     rows = []
