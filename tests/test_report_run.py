@@ -275,8 +275,9 @@ def test_a_missed_bar_comes_with_what_bounds_it_measured_in_the_run(tmp_path, ce
     _write(tmp_path / "pretrain" / "train_summary.json", {"tokens_seen": 2_662_400, "steps": 650, "num_parameters": 3_637_248})
     _write(tmp_path / "sft" / "train_summary.json", {"tokens_seen": 1_843_200, "steps": 450})
     limits = quality_bar_limits(tmp_path)
-    assert len(limits) == 3
-    vq, attrs, lm = limits
+    assert len(limits) == 4
+    vq, attrs, kinds, lm = limits
+    assert kinds == "VQA question kinds below the VQA bar: shape 30.0% (n=20)."  # colour (100%) is not
     assert f"{100 * ceiling:.1f}% of held-out objects" in vq  # colour+shape, not the stricter exact match
     assert ("no language model can then reach" in vq) == (not reachable)
     assert attrs.startswith("Shape is the weaker attribute in every task")

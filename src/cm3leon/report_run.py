@@ -235,8 +235,9 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
 
 def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[str]:
     """What the run's own figures say bounds its quality bar, one sentence per finding: the
-    image tokenizer's ceiling on text->image, colour against shape in each task, and the
-    language model's training budget. Empty when nothing the bar needs was measured."""
+    image tokenizer's ceiling on text->image, colour against shape in each task, the VQA
+    question kinds below the bar, and the language model's training budget. Empty when
+    nothing the bar needs was measured."""
     bar = bar or QualityBar()
     run = RunFolder(run_dir)
     found: list[str] = []
@@ -254,17 +255,24 @@ def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None
     vqa = (m.get("vqa") or {}).get("by_type") or {}
     pairs = []
     if _num(one.get("colour")) is not None and _num(one.get("shape")) is not None:
-        pairs.append(("text to image (CFG)", one["colour"], one["shape"]))
+        pairs.append(("text to image (CFG)", one["colour"], one["shape"], bar.text_to_image_cfg))
     if _num(caps.get("colour")) is not None and _num(caps.get("shape")) is not None:
-        pairs.append(("captions", caps["colour"], caps["shape"]))
+        pairs.append(("captions", caps["colour"], caps["shape"], bar.captions))
     vc, vs = ((vqa.get(k) or {}).get("vqa_accuracy") for k in ("color", "shape"))
     if _num(vc) is not None and _num(vs) is not None:
-        pairs.append(("VQA", vc / 100.0, vs / 100.0))
+        pairs.append(("VQA", vc / 100.0, vs / 100.0, bar.vqa))
+    pairs = [(name, c, s) for name, c, s, b in pairs if min(c, s) < b]  # only where an attribute falls short
     if pairs:
         weaker = {"shape" if s < c else "colour" for _, c, s in pairs}
         lead = (f"{weaker.pop().capitalize()} is the weaker attribute in every task: " if len(weaker) == 1
                 else "Colour against shape: ")
         found.append(lead + "; ".join(f"{name} colour {_pct(c)}, shape {_pct(s)}" for name, c, s in pairs) + ".")
+    low = sorted((v["vqa_accuracy"], k, v.get("n")) for k, v in vqa.items()
+                 if isinstance(v, dict) and _num(v.get("vqa_accuracy")) is not None
+                 and v["vqa_accuracy"] / 100.0 < bar.vqa)
+    if low:
+        found.append("VQA question kinds below the VQA bar: "
+                     + ", ".join(f"{k} {_pct(a / 100.0)}" + (f" (n={n})" if n else "") for a, k, n in low) + ".")
     pre, sft = run.json("pretrain", "train_summary.json") or {}, run.json("sft", "train_summary.json") or {}
     if _num(pre.get("tokens_seen")) is not None:
         params = _num(pre.get("num_parameters"))
