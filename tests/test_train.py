@@ -273,7 +273,7 @@ def test_truncated_or_incomplete_model_directory_is_a_clear_error(tmp_path):
     assert isinstance(loop.build_model(tmp_path / "m", vocab), CM3LeonTransformer)
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    with pytest.raises(CM3LeonError, match=r"m/model.safetensors: weights file truncated"):
+    with pytest.raises(CM3LeonError, match=r"m/model.safetensors: model weights file truncated"):
         loop.build_model(tmp_path / "m", vocab)
     weights.unlink()
     with pytest.raises(CM3LeonError, match=r"m/model.safetensors: missing"):
