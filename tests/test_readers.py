@@ -504,3 +504,57 @@ def test_bad_paths_and_arguments_raise_clear_errors(tmp_path, capsys):
         open_dataset(_write_folder(tmp_path / "ds", GOOD[:1]), rank=3, world_size=2)
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = st.sampled_from(["a.png", "b.png", "sub/c.png", "../out.png", "/abs.png", "missing.png", "", "d.jpg"])
+_TEXTS = st.one_of(st.text(max_size=40), st.none(), st.integers(), st.just("  "), st.just("ok caption"))
+_RECORDS = st.one_of(
+    st.fixed_dictionaries({"image": st.one_of(_NAMES, st.integers(), st.none()), "text": _TEXTS},
+                          optional={"split": st.sampled_from(["train", "val", "test", "dev", 3])}).map(
+        lambda d: json.dumps(d).encode()),
+    st.binary(max_size=60).filter(lambda b: b"\n" not in b and b"\r" not in b),
+)
+_FILES = st.one_of(st.binary(max_size=80), st.just("png"), st.just("truncated"))
+
+
+def _fuzz_png(kind, seed: int) -> bytes:
+    png = _png(_image(seed, 8, 8))
+    return png if kind == "png" else png[: len(png) // 2] if kind == "truncated" else kind
+
+
+@settings(max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_RECORDS, max_size=12), files=st.dictionaries(st.sampled_from(["a.png", "b.png", "d.jpg"]),
+                                                                     _FILES, max_size=3))
+def test_fuzzed_caption_folders_yield_or_count_every_record_and_never_raise(tmp_path_factory, lines, files):
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "sub").mkdir()
+    for i, (name, kind) in enumerate(files.items()):
+        (root / name).write_bytes(_fuzz_png(kind, i))
+    (root / "sub" / "c.png").write_bytes(_png(_image(9, 8, 8)))
+    (root / "captions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    reader = open_dataset(root, size=SIZE)
+    records = list(reader)  # never raises
+    records_lines = sum(1 for line in lines if line.strip())
+    assert len(records) + sum(reader.stats.values()) == records_lines
+    assert set(reader.stats) <= set(SKIP_REASONS)
+    assert all(r.image.size == (SIZE, SIZE) and r.text.strip() for r in records)
+
+
+@settings(max_examples=30, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.lists(st.tuples(st.sampled_from(["k1", "k2", "k3", "dir/k4"]),
+                                  st.sampled_from(["png", "txt", "json", "jpg", "bin"]), _FILES), max_size=10))
+def test_fuzzed_tar_shards_never_raise(tmp_path_factory, members):
+    root = tmp_path_factory.mktemp("fuzztar")
+    with tarfile.open(root / "00000.tar", "w") as tf:
+        for i, (key, ext, kind) in enumerate(members):
+            _add(tf, f"{key}.{ext}", _fuzz_png(kind, i) if ext in ("png", "jpg") else
+                 (kind if isinstance(kind, bytes) else b"a caption"))
+    reader = open_dataset(root, size=SIZE)
+    records = list(reader)
+    assert set(reader.stats) <= set(SKIP_REASONS)
+    assert all(r.image.size == (SIZE, SIZE) for r in records)
