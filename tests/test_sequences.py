@@ -230,3 +230,30 @@ def test_workers_resume_in_the_same_order():
     rest, _ = run(state, 4)
     for a, b in zip(full, first + rest):
         assert torch.equal(a, b)
+
+
+def test_damaged_code_shards_and_neighbours_are_named_errors(tmp_path):
+    import shutil
+
+    from cm3leon.data.codes import CodeDataset
+    from cm3leon.data.sequences import load_neighbors
+    from cm3leon.errors import CM3LeonError
+
+    codes = make_codes(tmp_path / "ok")
+    for name, damage, match in (("image_codes.npy", b"junk", "image_codes.npy: image codes file truncated"),
+                                ("text_offsets.npy", "short", "do not fit"),
+                                ("split.npy", None, "split.npy: splits file missing")):
+        bad = tmp_path / name
+        shutil.copytree(codes, bad)
+        f = next(bad.glob("shard-*")) / name
+        if damage is None:
+            f.unlink()
+        elif damage == "short":
+            np.save(f, np.load(f)[:-1])
+        else:
+            f.write_bytes(damage)
+        with pytest.raises(CM3LeonError, match=match):
+            CodeDataset(bad)
+    (codes / "neighbors.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(CM3LeonError, match="neighbors.npy: retrieval neighbours file truncated"):
+        load_neighbors(CodeDataset(codes), 2)

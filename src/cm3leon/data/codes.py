@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_npy, read_json, write_json
 
 FORMAT = "cm3leon-codes/1"
 SPLITS = ("train", "val", "test")
@@ -149,14 +149,19 @@ class CodeDataset:
         self.grid = tuple(self.meta["grid"])
         self._shards = []
         for shard in sorted(self.path.glob("shard-*")):
-            self._shards.append({
-                "dir": shard,
-                "codes": np.load(shard / "image_codes.npy", mmap_mode="r"),
-                "text": np.load(shard / "text_ids.npy", mmap_mode="r"),
-                "offsets": np.load(shard / "text_offsets.npy"),
-                "split": np.load(shard / "split.npy"),
-                "records": None,
-            })
+            entry = {"dir": shard,
+                     "codes": load_npy(shard / "image_codes.npy", "image codes"),
+                     "text": load_npy(shard / "text_ids.npy", "text ids"),
+                     "offsets": np.asarray(load_npy(shard / "text_offsets.npy", "text offsets")),
+                     "split": np.asarray(load_npy(shard / "split.npy", "splits")),
+                     "records": None}
+            n = len(entry["split"])
+            if entry["codes"].ndim < 2 or len(entry["codes"]) != n or len(entry["offsets"]) != n + 1 \
+                    or (n and int(entry["offsets"][-1]) != len(entry["text"])):
+                raise CM3LeonError(f"{shard}: image_codes.npy {entry['codes'].shape}, text_offsets.npy "
+                                   f"{entry['offsets'].shape}, text_ids.npy {entry['text'].shape} do not fit "
+                                   f"{n} records (split.npy); re-run `cm3leon tokenize` into a new folder")
+            self._shards.append(entry)
         self._starts = np.concatenate([[0], np.cumsum([len(s["split"]) for s in self._shards])]).astype(np.int64)
         total = int(self._starts[-1])
         if total != int(self.meta["num_records"]):

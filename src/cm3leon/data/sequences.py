@@ -31,6 +31,7 @@ from cm3leon.data.codes import CodeDataset
 from cm3leon.errors import CM3LeonError
 from cm3leon.objectives.cm3 import IGNORE_INDEX, CM3Config, CM3Example, cm3_transform
 from cm3leon.tokenizers.vocab import Vocab
+from cm3leon.utils.io import load_npy
 
 ORDERS = ("text_first", "image_first", "random")
 NEIGHBORS_FILE = "neighbors.npy"
@@ -91,7 +92,7 @@ def load_neighbors(codes: CodeDataset, num_retrieved: int, path: str | Path | No
         raise FileNotFoundError(
             f"{path} not found: num_retrieved={num_retrieved} needs the retrieval stage's neighbours "
             f"(run `cm3leon retrieval`), or use num_retrieved=0")
-    nb = np.load(path, mmap_mode="r")
+    nb = load_npy(path, "retrieval neighbours")
     total = int(codes.meta["num_records"])
     if nb.ndim != 2 or nb.shape[0] != total:
         raise CM3LeonError(f"{path}: shape {nb.shape}, expected [{total}, K] (one row per record)")

@@ -47,7 +47,7 @@ from cm3leon.data.readers import CAPTIONS_FILE
 from cm3leon.errors import CM3LeonError
 from cm3leon.sft.templates import TEMPLATES, TemplateDoc, format_segmentations, render, required_fields
 from cm3leon.tokenizers.vocab import Vocab
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_npy, read_json, read_jsonl, write_json
 from cm3leon.utils.logging import progress
 
 CACHE_DIR = "sft_data"
@@ -319,9 +319,8 @@ class SFTData:
     def __init__(self, cache_dir: str | Path, vocab: Vocab, text_tokenizer):
         self.path = Path(cache_dir)
         self.meta = read_json(self.path / "meta.json", "SFT cache metadata")
-        self.codes = np.load(self.path / "codes.npy")
-        with open(self.path / "examples.jsonl", encoding="utf-8") as f:
-            self.examples = [json.loads(line) for line in f if line.strip()]
+        self.codes = np.asarray(load_npy(self.path / "codes.npy", "SFT image codes"))
+        self.examples = list(read_jsonl(self.path / "examples.jsonl"))
         self.vocab, self.text_tokenizer = vocab, text_tokenizer
         if self.codes.size and int(self.codes.max()) >= vocab.image_vocab_size:
             raise CM3LeonError(f"{self.path}: image codes reach {int(self.codes.max())}, beyond the model's "
