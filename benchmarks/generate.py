@@ -19,7 +19,7 @@ generated tokens are counted. With greedy decoding the two outputs are also comp
 
 Random weights, re-drawn from N(0, 0.02): the paper's init zeroes the output projections,
 which would make every position's logits depend on the last token only. On a CUDA GPU the
-script also times the `7b` preset in bf16 (paper: 11.8 s per image, DESIGN.md).
+script also times the `7b` preset in bf16 (paper: 11.8 s per image).
 """
 
 from __future__ import annotations

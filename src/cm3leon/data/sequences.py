@@ -1,6 +1,6 @@
 """Training sequences: the retrieval-augmented document layout, CM3, and packing into blocks.
 
-A document (DESIGN.md, paper Sec. 2):
+A document (paper Sec. 2):
 
     <eos> (text <break> image <break>)×k  query_text <break> query_image <eos>
 

@@ -1,6 +1,6 @@
 """Token prompts for each task, in the layouts the model is trained on.
 
-Training layout (DESIGN.md, paper Sec. 2): a document is
+Training layout (paper Sec. 2): a document is
 `<eos> (text <break> image <break>)*k  query_text <break> query_image <eos>`, and the CM3
 transform replaces a span by `<mask:i>` in place and appends `<mask:i> span <eoss>` after
 the document. Each task is a prefix of such a sequence; the model writes what follows.

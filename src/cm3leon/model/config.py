@@ -22,7 +22,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 PAPER_VOCAB_SIZE = 56_320 + 8_192 + 20
 
 # Presets looked up by exact name. `tiny` is for tests, `demo` / `demo-small` for the CPU
-# demo (DESIGN.md: a ~3M-parameter decoder trains at ~17k tokens/s on a laptop CPU);
+# demo (a ~3M-parameter decoder that trains at ~17k tokens/s on a laptop CPU);
 # `350m` / `760m` / `7b` are the paper's sizes (Sec. 3, Table 1: layers / d_model /
 # head dim 24/1024/64, 24/1536/96, 32/4096/128). Presets without `vocab_size` need it passed.
 PRESETS: dict[str, dict[str, Any]] = {

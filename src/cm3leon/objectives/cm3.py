@@ -42,7 +42,7 @@ IGNORE_INDEX = -100  # target value the loss skips (torch cross_entropy's defaul
 
 @dataclass
 class CM3Config:
-    """Settings of the CM3 transform (paper Sec. 2; DESIGN.md)."""
+    """Settings of the CM3 transform (paper Sec. 2)."""
 
     poisson_lambda: float = 1.0  # n spans ~ Poisson(1) (CM3, Aghajanyan et al. 2022)
     min_spans: int = 0  # 0: some documents stay unmasked (plain causal LM); CM3 used 1

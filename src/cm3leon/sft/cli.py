@@ -25,7 +25,6 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.train.config import DTYPES
 
 # What a model directory holds besides weights/config/vocab, copied into the SFT output.
-MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
 
 # SFT changes to the train preset of the same name. Paper (Sec. 4): LR 5e-5, 150 warmup steps.
 # The CPU presets fine-tune a model of a few million parameters for ~1-2 minutes: with so few
@@ -209,6 +208,8 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
             set_stream_positions(stream, cfg, model_config)
             fixed[name] = _fixed_batches(stream, cfg.micro_batch_size, cfg.eval_batches)
     before = {k: _loss(init, b, device) for k, b in fixed.items()}
+
+    from cm3leon.train.cli import MODEL_DIR_PARTS
 
     extra_files = {name: init / name for name in MODEL_DIR_PARTS if (init / name).exists()}
     extra_summary = {

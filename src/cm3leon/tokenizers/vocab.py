@@ -7,7 +7,7 @@ Layout (contiguous ranges, in this order):
     [image_offset, size)                image codes    (code c     -> image_offset + c)
 
 `<break>` marks a modality change, `<eos>` a document boundary, `<mask:i>` the i-th CM3
-sentinel and `<eoss>` the end of a masked span (paper Sec. 2, DESIGN.md). The layout is
+sentinel and `<eoss>` the end of a masked span (paper Sec. 2). The layout is
 saved as `vocab.json` in every model directory so the directory describes itself.
 """
 

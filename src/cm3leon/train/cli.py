@@ -17,6 +17,7 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.train.config import DTYPES
 
 # Folders named in the code shards' meta.json that belong in the model directory.
+# What a model directory carries beside its weights (pretraining and SFT copy them along).
 MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
 DATA_OPTIONS = ("num_retrieved", "order", "image_first_prob", "val_query_records")
 DEFAULT_VAL_QUERY_RECORDS = 256  # validation records scored by the query-pair loss

@@ -1,6 +1,6 @@
 """Training hyper-parameters and their named presets (one per model preset, same name).
 
-Paper values (CM3Leon, Yu et al. 2023, Sec. 3; DESIGN.md): Adam (0.9, 0.98), grad clip 1.0,
+Paper values (CM3Leon, Yu et al. 2023, Sec. 3): Adam (0.9, 0.98), grad clip 1.0,
 peak LR 6e-4 / 5e-4 / 1.2e-4 for 350M / 760M / 7B, 1500 warmup steps, 8M-token batches,
 4096-token context. Not stated there and taken from OPT (Zhang et al. 2022, whose metaseq
 code CM3Leon builds on): eps 1e-8, weight decay 0.1, linear decay to 10% of the peak.
