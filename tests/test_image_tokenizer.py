@@ -317,8 +317,19 @@ def test_training_lowers_loss_writes_outputs_and_resumes_exactly(tmp_path, monke
     _interrupted(monkeypatch, 16, _train, data, tmp_path / "resumed")
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert 15 <= state["step"] < 30
-    again = _train(data, tmp_path / "resumed")
+    # a resume that asks for another training config, or fewer steps than done, is refused
+    from cm3leon.tokenizers.image_train import train_image_tokenizer
+
+    with pytest.raises(CM3LeonError, match="resuming with another training config.*'lr'"):
+        train_image_tokenizer(data, tmp_path / "resumed", preset="tiny", steps=30, seed=3, lr=1e-2)
+    with pytest.raises(CM3LeonError, match="more than the 10 asked for"):
+        train_image_tokenizer(data, tmp_path / "resumed", preset="tiny", steps=10, seed=3)
+    # a save killed half-way leaves a temporary beside the checkpoint: cleaned up on resume
+    (tmp_path / "resumed" / ".checkpoint.x1y2.tmp").mkdir()
+    with pytest.warns(UserWarning, match="cleaned up .*checkpoint.x1y2.tmp"):
+        again = _train(data, tmp_path / "resumed")
     assert again["steps_this_run"] == 30 - state["step"]
+    assert not (tmp_path / "resumed" / ".checkpoint.x1y2.tmp").exists()
     resumed = VQModel.from_pretrained(tmp_path / "resumed")
     for (k, a), b in zip(trained.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)

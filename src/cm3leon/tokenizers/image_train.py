@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 from cm3leon.errors import CM3LeonError
 from cm3leon.tokenizers.image import (VQConfig, VQModel, as_8bit, code_stability, codebook_stats, get_preset,
                                       tensor_to_images)
-from cm3leon.utils.io import atomic_path, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_safetensors, read_json, remove_stale_temporaries, write_json
 from cm3leon.utils.logging import MetricsLogger, progress, trim_metrics
 
 CHECKPOINT_DIR = "checkpoint"
@@ -442,24 +443,48 @@ def _load_teacher(ckpt_dir: Path, model: VQModel) -> VQModel:
     return VQModel.from_pretrained(path).to(next(model.parameters()).device).eval()
 
 
-def _load_checkpoint(ckpt_dir: Path, model: VQModel, opt, disc=None, disc_opt=None) -> int:
-    from safetensors.torch import load_file
+VQ_RESUME_MAY_CHANGE = ("steps", "roundtrip_steps", "log_every", "ckpt_every")  # the rest shape the run
 
+
+def _load_checkpoint(ckpt_dir: Path, model: VQModel, opt, disc=None, disc_opt=None,
+                     train_config: dict | None = None) -> int:
+    """Restore a checkpoint; a damaged file, another model config, or another training config
+    (outside VQ_RESUME_MAY_CHANGE), or more steps done than asked for, is a CM3LeonError."""
     saved = read_json(ckpt_dir / "config.json", "checkpoint config")
     current = model.config.to_dict()
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         raise CM3LeonError(f"{ckpt_dir}: the checkpoint was trained with a different config {diff}; "
                            "use another --out or delete the checkpoint to start over")
-    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
-    st = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(st["optimizer"])
-    if disc is not None and st.get("disc") is not None:
-        disc.load_state_dict(st["disc"])
-        disc_opt.load_state_dict(st["disc_optimizer"])
-    torch.set_rng_state(st["rng"])
-    model.quantize.unused_steps.copy_(st["unused_steps"])
-    return int(read_json(ckpt_dir / "state.json")["step"])
+    state = read_json(ckpt_dir / "state.json", "checkpoint state")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int):
+        raise CM3LeonError(f"{ckpt_dir / 'state.json'}: no integer step")
+    saved_tc = state.get("train_config")
+    if train_config is not None and isinstance(saved_tc, dict):
+        changed = {k: (saved_tc.get(k), train_config.get(k)) for k in sorted(set(saved_tc) | set(train_config))
+                   if k not in VQ_RESUME_MAY_CHANGE and saved_tc.get(k) != train_config.get(k)}
+        if changed:
+            raise CM3LeonError(f"{ckpt_dir}: resuming with another training config {changed}; "
+                               "use another --out or delete the checkpoint to start over")
+        total = int(train_config.get("steps", 0)) + int(train_config.get("roundtrip_steps", 0))
+        if total < step:
+            raise CM3LeonError(f"{ckpt_dir}: the checkpoint has done {step} steps, more than the {total} asked for")
+    model.load_state_dict(load_safetensors(ckpt_dir / "model.safetensors", "checkpoint weights"))
+    try:
+        st = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        if disc is not None and st.get("disc") is not None:
+            disc.load_state_dict(st["disc"])
+            disc_opt.load_state_dict(st["disc_optimizer"])
+        torch.set_rng_state(st["rng"])
+        model.quantize.unused_steps.copy_(st["unused_steps"])
+    except FileNotFoundError:
+        raise CM3LeonError(f"{ckpt_dir / 'train_state.pt'}: training state file missing") from None
+    except Exception as e:  # noqa: BLE001 - garbage unpickles / indexes / loads in many ways
+        raise CM3LeonError(f"{ckpt_dir / 'train_state.pt'}: training state truncated or corrupt "
+                           f"({type(e).__name__}: {str(e)[:160]})") from None
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,9 +551,11 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
             "train_time_s": round(time.time() - t0, 1), "reader_skipped": skipped, **fit})
 
     ckpt_dir = out / CHECKPOINT_DIR
+    for p in remove_stale_temporaries(out):  # what a kill during a checkpoint save left
+        warnings.warn(f"cleaned up {p} (left by an interrupted checkpoint save)", stacklevel=2)
     start = 0
     if (ckpt_dir / "state.json").is_file():
-        start = _load_checkpoint(ckpt_dir, model, opt, disc, disc_opt)
+        start = _load_checkpoint(ckpt_dir, model, opt, disc, disc_opt, _tc_dict(tc))
     elif tc.kmeans_init:
         with torch.no_grad():  # k-means codebook init from encoder outputs of the first batch
             x0 = _batch(train_u8, -1, min(tc.kmeans_images, train_u8.shape[0]), seed, False).to(device)
