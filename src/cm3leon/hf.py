@@ -1,0 +1,175 @@
+"""Image generation with an exported model in plain `transformers` (`cm3leon export hf`).
+
+`OPTForCausalLM.generate` writes the same image as `CM3Leon.sample_images` with these pieces:
+- `build_image_prompt`: the conditional and unconditional prompts of each text, in the layout
+  the model is trained on (paper Sec. 2; `cm3leon.decode.tasks`), left-padded into one batch
+  (rows [0, B) conditional, [B, 2B) unconditional);
+- `ImageTokenConstraint`: each step may emit only image codes, then `<break>`;
+- `BatchedCFGLogitsProcessor`: classifier-free guidance over the two halves of the batch
+  (paper Sec. 3), the constraint applied to the guided scores, and ONE token drawn per pair
+  (argmax at temperature 0, else the project's seeded sampler), returned as the only allowed
+  id of both rows, so both streams continue with the same token whatever `generate` does;
+- `codes_to_image`: the generated codes back to a picture with the exported image tokenizer.
+
+    from transformers import LogitsProcessorList, OPTForCausalLM
+    from cm3leon.hf import BatchedCFGLogitsProcessor, build_image_prompt, codes_to_image
+
+    model = OPTForCausalLM.from_pretrained("runs/hf")
+    batch = build_image_prompt("runs/hf", ["a large red circle"])
+    out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                         max_new_tokens=batch.length, logits_processor=LogitsProcessorList(
+                             [BatchedCFGLogitsProcessor(3.0, batch.constraint)]))
+    image = codes_to_image("runs/hf", out[0, batch.prompt_length:])[0]
+
+Models with segment positions (`model.segment_positions`) compute their position ids from
+the tokens, which `generate` does not do: those are refused here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cm3leon.errors import CM3LeonError
+
+
+class ImageTokenConstraint:
+    """A `transformers` logits processor: `tokens_per_image` image codes, then `<break>`.
+    `prompt_length`: the (padded) prompt's length, from which the step is counted."""
+
+    def __init__(self, image_offset: int, image_end: int, tokens_per_image: int, break_id: int, prompt_length: int):
+        self.image_offset, self.image_end = int(image_offset), int(image_end)
+        self.tokens_per_image, self.break_id = int(tokens_per_image), int(break_id)
+        self.prompt_length = int(prompt_length)
+
+    @property
+    def length(self) -> int:
+        """New tokens an image takes: its codes and the closing `<break>`."""
+        return self.tokens_per_image + 1
+
+    def mask(self, step: int, vocab_size: int, device) -> torch.Tensor:
+        allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        if step < self.tokens_per_image:
+            allowed[self.image_offset:self.image_end] = True
+        else:
+            allowed[self.break_id] = True
+        return torch.where(allowed, 0.0, -torch.inf)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length
+        return scores.float() + self.mask(step, scores.shape[-1], scores.device)
+
+
+class BatchedCFGLogitsProcessor:
+    """CFG over a batch whose first half holds the conditional prompts and whose second half
+    the unconditional ones: `uncond + scale * (cond - uncond)`, the constraint's mask added,
+    one token drawn per pair (temperature 0: argmax; otherwise the project's sampler with a
+    generator seeded by `seed`, so the draws equal `CM3Leon.sample_images` for the same seed),
+    and both rows of the pair told to emit it."""
+
+    def __init__(self, scale: float, constraint: ImageTokenConstraint | None = None, temperature: float = 0.0,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None):
+        from cm3leon.decode.guidance import validate_guidance
+        from cm3leon.decode.processors import SamplerSettings
+
+        validate_guidance("cfg", scale, 0.1, 10, 1.0, 1.0)
+        self.scale, self.constraint = float(scale), constraint
+        self.sampler = SamplerSettings(temperature, top_k, top_p)
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        from cm3leon.decode.guidance import cfg_logits
+        from cm3leon.decode.processors import sample
+
+        rows = scores.shape[0]
+        if rows % 2:
+            raise CM3LeonError(f"BatchedCFGLogitsProcessor: the batch must be conditional + unconditional "
+                               f"halves, got {rows} rows")
+        b = rows // 2
+        guided = cfg_logits(scores[:b].float(), scores[b:].float(), self.scale)
+        if self.constraint is not None:
+            step = input_ids.shape[1] - self.constraint.prompt_length
+            guided = guided + self.constraint.mask(step, scores.shape[-1], scores.device)
+        if self._gen is None and self.seed is not None and self.sampler.temperature > 0:
+            self._gen = torch.Generator(device=scores.device)
+            self._gen.manual_seed(int(self.seed))
+        token = sample(guided, self.sampler, self._gen).repeat(2)  # (2B,): the pair's one token
+        out = torch.full_like(scores, -torch.inf)
+        out[torch.arange(rows, device=scores.device), token] = 0.0
+        return out
+
+
+@dataclass
+class ImagePromptBatch:
+    input_ids: torch.LongTensor  # (2B, T): conditional prompts, then unconditional ones, left-padded
+    attention_mask: torch.LongTensor  # (2B, T)
+    prompt_length: int  # T
+    constraint: ImageTokenConstraint
+    length: int  # new tokens per image (codes + <break>): generate's max_new_tokens
+
+
+def _model_parts(model_dir: str | os.PathLike):
+    from cm3leon.tokenizers.image import VQModel
+    from cm3leon.tokenizers.text import TextTokenizer
+    from cm3leon.tokenizers.vocab import Vocab
+    from cm3leon.utils.io import read_json
+
+    d = Path(model_dir)
+    config = read_json(d / "config.json", "model config")
+    vq = VQModel.from_pretrained(d / "image_tokenizer")
+    return config, Vocab.load(d), TextTokenizer.load(d / "text_tokenizer"), vq
+
+
+def build_image_prompt(model_dir: str | os.PathLike, prompts: Sequence[str] | str) -> ImagePromptBatch:
+    """The batch `generate` needs for `prompts` with an exported model directory (its
+    vocab.json, text_tokenizer/ and image_tokenizer/): conditional and unconditional
+    (`<mask:0>` for the caption) prompts of the training layout, left-padded."""
+    from cm3leon.decode.tasks import PromptBuilder
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise CM3LeonError("build_image_prompt: no prompts")
+    config, vocab, tok, vq = _model_parts(model_dir)
+    saved = config.get("cm3leon") if isinstance(config.get("cm3leon"), dict) else {}
+    if saved.get("segment_positions"):
+        raise CM3LeonError(f"{Path(model_dir) / 'config.json'}: a model with segment positions needs position "
+                           "ids that `generate` does not compute; decode it with CM3Leon.sample_images")
+    h, w = vq.config.grid
+    max_len = int(config.get("max_position_embeddings", 2048))
+    builder = PromptBuilder(vocab, tok, max_len, h * w)
+    tps = [builder.text_to_image(p) for p in prompts]
+    rows = [tp.cond for tp in tps] + [tp.uncond for tp in tps]
+    T = max(len(r) for r in rows)
+    pad = int(config.get("pad_token_id") or 0)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    constraint = ImageTokenConstraint(vocab.image_offset, vocab.size, h * w, vocab.break_id, T)
+    return ImagePromptBatch(ids, mask, T, constraint, constraint.length)
+
+
+def codes_to_image(model_dir: str | os.PathLike, generated) -> list:
+    """Generated ids (one row, or rows: image codes in the unified vocabulary, a trailing
+    `<break>` allowed) -> PIL images, decoded by the model directory's image tokenizer."""
+    from cm3leon.tokenizers.image import VQModel, tensor_to_images
+    from cm3leon.tokenizers.vocab import Vocab
+
+    d = Path(model_dir)
+    vocab, vq = Vocab.load(d), VQModel.from_pretrained(d / "image_tokenizer")
+    h, w = vq.config.grid
+    rows = torch.as_tensor(generated, dtype=torch.long)
+    rows = rows[None] if rows.ndim == 1 else rows
+    rows = rows[:, : h * w]
+    if rows.shape[1] != h * w or not bool(((rows >= vocab.image_offset) & (rows < vocab.size)).all()):
+        raise CM3LeonError(f"codes_to_image: expected {h * w} image codes per row (ids {vocab.image_offset}.."
+                           f"{vocab.size - 1}), got {tuple(rows.shape)}")
+    with torch.no_grad():
+        return tensor_to_images(vq.decode((rows - vocab.image_offset).view(-1, h, w)))
+
+
+__all__ = ["ImageTokenConstraint", "BatchedCFGLogitsProcessor", "ImagePromptBatch", "build_image_prompt",
+           "codes_to_image"]
