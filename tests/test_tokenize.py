@@ -121,3 +121,16 @@ def test_cli_tokenize(setup, tmp_path, capsys):
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["num_records"] == 30
     assert len(CodeDataset(tmp_path / "c", split="val")) == 8
+
+
+def test_a_tokenizer_retrained_in_place_is_other_inputs(setup, tmp_path):
+    import shutil
+
+    root, data = setup
+    vq = tmp_path / "vq"
+    shutil.copytree(root / "vq", vq)
+    tokenize_dataset(data, vq, root / "text", tmp_path / "codes", batch_size=4, shard_size=8)
+    torch.manual_seed(1)  # the same path, new weights: the codes it made are not this tokenizer's
+    VQModel(VQModel.from_pretrained(vq).config).save_pretrained(vq)
+    with pytest.raises(CM3LeonError, match="other inputs"):
+        tokenize_dataset(data, vq, root / "text", tmp_path / "codes", batch_size=4, shard_size=8)

@@ -19,7 +19,6 @@ after the last complete shard and never reads a half-written one.
 from __future__ import annotations
 
 import json
-import shutil
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,9 +214,3 @@ class CodeDataset:
     def image_codes(self) -> np.ndarray:
         """All image codes of this view, [len, h*w] (loads them)."""
         return np.stack([self.get(int(g)).image_codes for g in self.indices]) if len(self) else np.zeros((0, self.tokens_per_image), np.int64)
-
-
-def remove_incomplete(path: str | Path) -> None:
-    """Drop leftovers of an interrupted write (temporary directories)."""
-    for p in Path(path).glob(".*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.utils.io import read_json, write_json
+from cm3leon.utils.io import file_digest, read_json, remove_stale_temporaries, write_json
 from cm3leon.utils.logging import progress
 
 ARGS_FILE = "tokenize_args.json"
@@ -25,7 +25,7 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
     finished one it returns the existing meta. Returns the meta dict."""
     import torch
 
-    from cm3leon.data.codes import CodeShardWriter, is_complete, remove_incomplete
+    from cm3leon.data.codes import CodeShardWriter, is_complete
     from cm3leon.data.readers import open_dataset
     from cm3leon.tokenizers.image import VQModel, images_to_tensor
     from cm3leon.tokenizers.text import TextTokenizer
@@ -41,6 +41,9 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
         "text_tokenizer": str(Path(text_tokenizer).resolve()),
         "data": str(Path(data).resolve()),
         "image_size": res,
+        # the tokenizers' contents too: one retrained in place makes other codes
+        "image_tokenizer_sha256": file_digest(Path(image_tokenizer) / "model.safetensors"),
+        "text_tokenizer_sha256": file_digest(Path(text_tokenizer) / "tokenizer.json"),
     }
     if (out / ARGS_FILE).is_file():
         before = read_json(out / ARGS_FILE)
@@ -53,7 +56,7 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
         raise CM3LeonError(f"{out} already holds code shards of unknown origin; use another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / ARGS_FILE, {**args, "shard_size": shard_size})
-    remove_incomplete(out)
+    remove_stale_temporaries(out)  # leftovers of an interrupted shard write
 
     writer = CodeShardWriter(out, vq.config.grid, vq.config.codebook_size, tok.vocab_size,
                              shard_size=shard_size, extra_meta=args)

@@ -36,7 +36,7 @@ from cm3leon.train.flops import fastest_dtype, measure_matmul_tflops, mfu
 from cm3leon.train.parallel import (DistInfo, all_reduce_max, all_reduce_sum, apply_parallelism, barrier,
                                     resolve_parallel, setup_distributed, teardown_distributed, unwrap)
 from cm3leon.train.schedule import lr_at
-from cm3leon.utils.io import atomic_path, remove_stale_temporaries, write_json, write_jsonl
+from cm3leon.utils.io import atomic_path, remove_stale_temporaries, write_json
 from cm3leon.utils.logging import MetricsLogger, progress, read_metrics, trim_metrics
 
 METRICS = "metrics.jsonl"

@@ -113,6 +113,17 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise CM3LeonError(f"{path}: not valid JSON ({e})") from None
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB pieces)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
 def load_safetensors(path: str | os.PathLike, what: str = "weights", device: str = "cpu") -> dict:
     """A safetensors file's tensors; a missing, truncated or corrupt file is a CM3LeonError
     naming it and `what` it holds."""
