@@ -156,33 +156,44 @@ def test_opt_config_without_bias_fields_is_refused(tmp_path):
         import_hf(tmp_path, tmp_path / "out")
 
 
-def test_transformers_generate_with_the_cm3leon_processors_draws_our_image(tmp_path, tiny_model_dir_factory):
-    """The README's recipe: OPTForCausalLM.generate + BatchedCFGLogitsProcessor writes the same
-    image codes as CM3Leon.sample_images, greedy and sampled with the same seed."""
+@pytest.mark.parametrize("segments", [False, True])
+def test_transformers_generate_with_the_cm3leon_processors_draws_our_image(tmp_path, tiny_model_dir_factory,
+                                                                           segments):
+    """The README's recipe: generate + BatchedCFGLogitsProcessor writes the same image codes as
+    CM3Leon.sample_images, greedy and sampled with the same seed; a model with segment positions
+    through CM3LeonOPTForCausalLM (plain OPT positions would differ)."""
     from transformers import LogitsProcessorList, OPTForCausalLM
 
     from cm3leon.api import CM3Leon
-    from cm3leon.hf import BatchedCFGLogitsProcessor, build_image_prompt, codes_to_image
+    from cm3leon.hf import BatchedCFGLogitsProcessor, CM3LeonOPTForCausalLM, build_image_prompt, codes_to_image
+    from cm3leon.tokenizers.vocab import Vocab
 
     texts = ["a red circle", "a blue square on the left", "two green triangles"]
     model_dir = tiny_model_dir_factory(tmp_path / "m", texts * 4, weight_std=0.05, seed=3)
+    if segments:  # the CPU presets' positions: they restart at every <break> / <eos>
+        cfg = json.loads((model_dir / "config.json").read_text())
+        v = Vocab.load(model_dir)
+        cfg.update(segment_positions=16, segment_delimiters=[v.eos_id, v.break_id])
+        (model_dir / "config.json").write_text(json.dumps(cfg))
     export_hf(model_dir, tmp_path / "hf")
-    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf = CM3LeonOPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    plain = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = CM3Leon.from_pretrained(model_dir)
     prompts = ["a red circle", "a blue square on the left"]
     batch = build_image_prompt(tmp_path / "hf", prompts)
     for temperature, seed in ((0.0, None), (1.0, 11)):
-        cfg = BatchedCFGLogitsProcessor(2.5, batch.constraint, temperature=temperature, top_p=0.9, seed=seed)
-        with torch.no_grad():
-            out = hf.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-                              max_new_tokens=batch.length, logits_processor=LogitsProcessorList([cfg]))
-        new = out[:, batch.prompt_length:]
-        assert torch.equal(new[: len(prompts)], new[len(prompts):])  # both streams of a pair continue alike
         samples = ours.sample_images_batch(prompts, method="cfg", cfg_scale=2.5, temperature=temperature,
                                            top_p=0.9, seed=seed if seed is not None else 0, num_retrieved=0)
-        theirs = (new[: len(prompts), :-1] - ours.vocab.image_offset).tolist()
-        assert theirs == [list(s.codes) for s in samples]
-        assert bool((new[:, -1] == ours.vocab.break_id).all())
+        for model, same in ((hf, True), (plain, not segments)):
+            cfg = BatchedCFGLogitsProcessor(2.5, batch.constraint, temperature=temperature, top_p=0.9, seed=seed)
+            with torch.no_grad():
+                out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                                     max_new_tokens=batch.length, logits_processor=LogitsProcessorList([cfg]))
+            new = out[:, batch.prompt_length:]
+            assert torch.equal(new[: len(prompts)], new[len(prompts):])  # both streams of a pair continue alike
+            assert bool((new[:, -1] == ours.vocab.break_id).all())
+            theirs = (new[: len(prompts), :-1] - ours.vocab.image_offset).tolist()
+            assert (theirs == [list(s.codes) for s in samples]) == same
     images = codes_to_image(tmp_path / "hf", new[: len(prompts)])
     assert len(images) == 2 and images[0].size == (ours.resolution, ours.resolution)
 
@@ -201,14 +212,14 @@ def test_the_readme_snippet_runs(tmp_path, tiny_model_dir_factory):
     scope: dict = {}
     exec(compile(code.replace('"runs/hf"', repr(str(tmp_path / "hf"))), "README.md", "exec"), scope)
     m = CM3Leon.from_pretrained(model_dir)
-    ours = m.sample_images_batch(["a large red circle", "a small blue square"], method="cfg", cfg_scale=3.0,
+    ours = m.sample_images_batch(["a large red circle", "a small blue square"], method="cfg", cfg_scale=1.5,
                                  temperature=1.0, top_p=0.9, seed=0, num_retrieved=0)
     theirs = scope["out"][:2, scope["batch"].prompt_length:-1] - m.vocab.image_offset
     assert [list(s.codes) for s in ours] == theirs.tolist()
     assert len(scope["images"]) == 2
 
 
-def test_hf_helpers_refuse_what_generate_cannot_do(tmp_path, tiny_model_dir_factory):
+def test_hf_helpers_refuse_bad_input(tmp_path, tiny_model_dir_factory):
     from cm3leon.errors import CM3LeonError
     from cm3leon.hf import BatchedCFGLogitsProcessor, build_image_prompt, codes_to_image
 
@@ -217,8 +228,5 @@ def test_hf_helpers_refuse_what_generate_cannot_do(tmp_path, tiny_model_dir_fact
         BatchedCFGLogitsProcessor(3.0)(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 10))
     with pytest.raises(CM3LeonError, match="image codes per row"):
         codes_to_image(tmp_path / "hf", torch.zeros(1, 3, dtype=torch.long))
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg["cm3leon"]["segment_positions"] = 64
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CM3LeonError, match="segment positions"):
-        build_image_prompt(tmp_path / "hf", "a red circle")
+    with pytest.raises(CM3LeonError, match="no prompts"):
+        build_image_prompt(tmp_path / "hf", [])

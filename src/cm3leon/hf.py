@@ -1,6 +1,9 @@
 """Image generation with an exported model in plain `transformers` (`cm3leon export hf`).
 
-`OPTForCausalLM.generate` writes the same image as `CM3Leon.sample_images` with these pieces:
+`generate` writes the same image codes as `CM3Leon.sample_images` (same seed) with:
+- `CM3LeonOPTForCausalLM`: `OPTForCausalLM` whose `generate` passes the position ids the model
+  was trained with (segment positions, `model.segment_positions`, restart at each `<break>` /
+  `<eos>`; the CPU presets use them); for plain positions it is OPT itself;
 - `build_image_prompt`: the conditional and unconditional prompts of each text, in the layout
   the model is trained on (paper Sec. 2; `cm3leon.decode.tasks`), left-padded into one batch
   (rows [0, B) conditional, [B, 2B) unconditional);
@@ -11,18 +14,15 @@
   id of both rows, so both streams continue with the same token whatever `generate` does;
 - `codes_to_image`: the generated codes back to a picture with the exported image tokenizer.
 
-    from transformers import LogitsProcessorList, OPTForCausalLM
-    from cm3leon.hf import BatchedCFGLogitsProcessor, build_image_prompt, codes_to_image
+    from transformers import LogitsProcessorList
+    from cm3leon.hf import BatchedCFGLogitsProcessor, CM3LeonOPTForCausalLM, build_image_prompt, codes_to_image
 
-    model = OPTForCausalLM.from_pretrained("runs/hf")
+    model = CM3LeonOPTForCausalLM.from_pretrained("runs/hf")
     batch = build_image_prompt("runs/hf", ["a large red circle"])
     out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
                          max_new_tokens=batch.length, logits_processor=LogitsProcessorList(
                              [BatchedCFGLogitsProcessor(3.0, batch.constraint)]))
     image = codes_to_image("runs/hf", out[0, batch.prompt_length:])[0]
-
-Models with segment positions (`model.segment_positions`) compute their position ids from
-the tokens, which `generate` does not do: those are refused here.
 """
 
 from __future__ import annotations
@@ -104,6 +104,41 @@ class BatchedCFGLogitsProcessor:
         return out
 
 
+def _opt_class():
+    from transformers import OPTForCausalLM
+
+    class CM3LeonOPTForCausalLM(OPTForCausalLM):
+        """`OPTForCausalLM` whose `generate` gives every token the position id the CM3Leon
+        model was trained with (segment positions restart at each `<break>` / `<eos>`,
+        `cm3leon.model.positions`); plain positions are OPT's own, so it matches
+        `OPTForCausalLM` there."""
+
+        def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+            from cm3leon.convert.hf_opt import model_config_from_opt
+            from cm3leon.decode.generate import position_ids
+
+            inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+            if getattr(self, "_cm3leon_config", None) is None:
+                self._cm3leon_config = model_config_from_opt(self.config.to_dict())
+            cfg = self._cm3leon_config
+            step_ids = inputs.get("input_ids")
+            if cfg.segment_positions and step_ids is not None:
+                pad = (attention_mask == 0).sum(dim=1) if attention_mask is not None \
+                    else torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+                inputs["position_ids"] = position_ids(input_ids, pad, cfg)[:, -step_ids.shape[1]:]
+            return inputs
+
+    return CM3LeonOPTForCausalLM
+
+
+def __getattr__(name: str):  # the transformers class is built on first use (transformers is optional)
+    if name == "CM3LeonOPTForCausalLM":
+        cls = _opt_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
 @dataclass
 class ImagePromptBatch:
     input_ids: torch.LongTensor  # (2B, T): conditional prompts, then unconditional ones, left-padded
@@ -135,10 +170,6 @@ def build_image_prompt(model_dir: str | os.PathLike, prompts: Sequence[str] | st
     if not prompts:
         raise CM3LeonError("build_image_prompt: no prompts")
     config, vocab, tok, vq = _model_parts(model_dir)
-    saved = config.get("cm3leon") if isinstance(config.get("cm3leon"), dict) else {}
-    if saved.get("segment_positions"):
-        raise CM3LeonError(f"{Path(model_dir) / 'config.json'}: a model with segment positions needs position "
-                           "ids that `generate` does not compute; decode it with CM3Leon.sample_images")
     h, w = vq.config.grid
     max_len = int(config.get("max_position_embeddings", 2048))
     builder = PromptBuilder(vocab, tok, max_len, h * w)
@@ -172,4 +203,4 @@ def codes_to_image(model_dir: str | os.PathLike, generated) -> list:
 
 
 __all__ = ["ImageTokenConstraint", "BatchedCFGLogitsProcessor", "ImagePromptBatch", "build_image_prompt",
-           "codes_to_image"]
+           "codes_to_image", "CM3LeonOPTForCausalLM"]
