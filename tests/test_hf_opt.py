@@ -125,6 +125,10 @@ def test_export_then_import_round_trip_is_exact(tmp_path):
             assert torch.equal(a[:VOCAB], b[:VOCAB]) and not b[VOCAB:].any()  # pad rows re-zeroed
         else:
             assert torch.equal(a, b), name
+    # export -> import -> export writes the same bytes
+    assert main(["export", "hf", "--model", str(tmp_path / "back"), "--out", str(tmp_path / "hf2")]) == 0
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("field, value, message", [
