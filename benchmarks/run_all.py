@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SCRIPTS = ("pretrain_tokens.py", "train_throughput.py", "decode_speed.py", "generate.py", "vq_speed.py",
-           "retrieval_index.py", "faults.py")
+           "retrieval_index.py", "faults.py", "hf_generate.py")
 
 
 def main() -> int:
