@@ -335,3 +335,11 @@ def test_cli_report_writes_the_file(tmp_path, capsys):
     assert main(["report", "--run", str(tmp_path), "--out", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
     assert main(["report", "--run", str(tmp_path / "nothing")]) == 2
+
+
+def test_summary_time_adds_up_the_stages_of_a_resumed_run(tmp_path):
+    _minimal_run(tmp_path, 0.95, 0.95, 92.0)  # pipeline.json: the last pass took 1 s
+    for stage, seconds in (("pretrain", 300.0), ("sft", 200.0)):
+        _write(tmp_path / stage / ".done", {"stage": stage, "seconds": seconds, "result": {}})
+    summary = _sections(build_run_report(tmp_path).read_text(encoding="utf-8"))["Summary"]
+    assert "stage times add up to 8.3 min" in summary and "the last `cm3leon pipeline` pass took" in summary

@@ -295,8 +295,11 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
     pipe = run.json("pipeline.json")
     lines = [f"Run folder: {run.root.resolve()}."]
     if isinstance(pipe, dict):
-        lines.append(f"Preset {_preset(pipe)}; "
-                     f"pipeline time {_secs(pipe.get('seconds'))}.")
+        total = sum(r["seconds"] or 0 for r in _stage_rows(run))
+        last = _num(pipe.get("seconds"))
+        lines.append(f"Preset {_preset(pipe)}; stage times add up to {_secs(total)}"
+                     + (f" (the last `cm3leon pipeline` pass took {_secs(last)})"
+                        if last is not None and abs(last - total) > max(5.0, 0.05 * total) else "") + ".")
     else:
         lines.append("No pipeline.json: the pipeline has not finished a pass over this folder yet; "
                      "stage times below come from the stages' .done markers.")
