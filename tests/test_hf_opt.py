@@ -46,12 +46,12 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, tie):
     model = _ours(tie_embeddings=tie, activation="gelu" if tie else "relu")
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
-    (model_dir / "vocab.json").write_text("{}")
-    (model_dir / "text_tokenizer").mkdir()
-    (model_dir / "text_tokenizer" / "tokenizer.json").write_text("{}")
+    (model_dir / "vocab.json").write_text("{}")  # side files are copied as they are
+    (model_dir / "image_tokenizer").mkdir()
+    (model_dir / "image_tokenizer" / "config.json").write_text("{}")
     info = export_hf(model_dir, tmp_path / "hf")
-    assert sorted(info["copied"]) == ["text_tokenizer", "vocab.json"]
-    assert (tmp_path / "hf" / "text_tokenizer" / "tokenizer.json").is_file()
+    assert sorted(info["copied"]) == ["image_tokenizer", "vocab.json"]  # no text tokenizer: no tokenizer.json
+    assert (tmp_path / "hf" / "image_tokenizer" / "config.json").is_file()
 
     hf = transformers.OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, VOCAB, (2, 20))
@@ -234,3 +234,25 @@ def test_hf_helpers_refuse_bad_input(tmp_path, tiny_model_dir_factory):
         codes_to_image(tmp_path / "hf", torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(CM3LeonError, match="no prompts"):
         build_image_prompt(tmp_path / "hf", [])
+
+
+def test_export_writes_a_unified_tokenizer_and_generation_config(tmp_path, tiny_model_dir_factory):
+    """AutoTokenizer on the export encodes text to the model's own ids; the image tokens and
+    specials are named; generation_config.json holds an image's length."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from cm3leon.api import CM3Leon
+
+    model_dir = tiny_model_dir_factory(tmp_path / "m", ["a red circle on the left", "two blue squares"] * 4)
+    export_hf(model_dir, tmp_path / "hf")
+    ours = CM3Leon.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("a red circle on the left", "two blue squares", "an unseen wörd"):
+        assert tok.encode(text, add_special_tokens=False) == ours.prompts.text(text)
+        assert tok.decode(ours.prompts.text(text)) == text
+    v = ours.vocab
+    assert tok.convert_tokens_to_ids(["<pad>", "<eos>", "<break>", "<eoss>", "<mask:0>", "<img:0>"]) == \
+        [v.pad_id, v.eos_id, v.break_id, v.eoss_id, v.mask_id(0), v.image_offset]
+    assert len(tok) == v.size
+    gen = GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert gen.max_new_tokens == ours.tokens_per_image + 1 and gen.eos_token_id == v.eos_id

@@ -230,6 +230,60 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def unified_tokenizer(text_tokenizer_json: dict, vocab) -> dict:
+    """A `tokenizers` JSON whose ids are the unified vocabulary's: the BPE's ids shifted by
+    `text_offset`, and every special token (`<pad>`, `<eos>`, `<break>`, `<eoss>`,
+    `<mask:i>`) and image code (`<img:c>`) as an added token at its id."""
+    tok = json.loads(json.dumps(text_tokenizer_json))
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise CM3LeonError("text tokenizer: expected a BPE tokenizers JSON with a vocab")
+    names = [*SPECIAL_TOKENS, *(f"<mask:{i}>" for i in range(vocab.num_sentinels))]
+    added = [(i, t) for i, t in enumerate(names)] + [(vocab.image_offset + c, f"<img:{c}>")
+                                                     for c in range(vocab.image_vocab_size)]
+    # the added tokens sit in the model's vocab too: `tokenizers` then keeps their ids (it
+    # numbers added tokens that the model lacks after the model's vocab instead)
+    model["vocab"] = {**{t: i for i, t in added if i < vocab.text_offset},
+                      **{t: int(i) + vocab.text_offset for t, i in model["vocab"].items()},
+                      **{t: i for i, t in added if i >= vocab.image_offset}}
+    if len(model["vocab"]) != vocab.size:
+        raise CM3LeonError(f"text tokenizer: {len(model['vocab'])} tokens in the unified vocabulary, "
+                           f"vocab.json says {vocab.size}")
+    tok["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, t in added]
+    return tok
+
+
+def _write_hf_tokenizer(src: Path, dst: Path, config: ModelConfig) -> list[str]:
+    """tokenizer.json (unified ids), tokenizer_config.json and generation_config.json (the
+    image length and the guidance default) beside an export, when `src` has the tokenizers."""
+    from cm3leon.tokenizers.vocab import Vocab
+
+    if not ((src / "vocab.json").is_file() and (src / "text_tokenizer" / "tokenizer.json").is_file()):
+        return []
+    vocab = Vocab.load(src)
+    tok = unified_tokenizer(read_json(src / "text_tokenizer" / "tokenizer.json", "text tokenizer"), vocab)
+    (dst / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False) + "\n", encoding="utf-8")
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<eos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "model_max_length": config.max_seq_len}, indent=2) + "\n", encoding="utf-8")
+    written = ["tokenizer.json", "tokenizer_config.json"]
+    vq = src / "image_tokenizer" / "config.json"
+    if vq.is_file():
+        from cm3leon.tokenizers.image import VQConfig
+
+        tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config")).tokens_per_image
+        (dst / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": vocab.eos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
+            "max_new_tokens": tokens_per_image + 1, "do_sample": False,
+            # read by cm3leon.hf: an image is tokens_per_image codes then <break>
+            "cm3leon": {"tokens_per_image": tokens_per_image, "image_offset": vocab.image_offset,
+                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": 3.0}},
+            indent=2) + "\n", encoding="utf-8")
+        written.append("generation_config.json")
+    return written
+
+
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
@@ -260,6 +314,7 @@ def export_hf(model: CM3LeonTransformer | str | os.PathLike, out_dir: str | os.P
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         copied = _copy_side_files(src_dir, tmp) if src_dir is not None else []
+        copied += _write_hf_tokenizer(src_dir, tmp, config) if src_dir is not None else []
     return {"out": str(out_dir), "format": "OPTForCausalLM", "dtype": str(dtype).removeprefix("torch."),
             "parameters": sum(v.numel() for v in state.values()), "copied": copied}
 
