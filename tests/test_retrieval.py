@@ -357,6 +357,13 @@ def test_index_build_resumes_after_an_interruption(world, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_index(world["data"], world["retriever"], out, codes=world["codes"], batch_size=8, chunk_size=8)
     assert len(list((out / "embeddings").glob("chunk-*.npy"))) == 2 and not (out / "index.json").exists()
+    # the same retriever path with other weights (another digest) is another build: refused
+    state = json.loads((out / "embeddings" / "build.json").read_text())
+    (out / "embeddings" / "build.json").write_text(json.dumps({**state, "retriever_sha256": {"x": "y"}}))
+    with pytest.raises(CM3LeonError, match="interrupted build with other settings"):
+        build_index(world["data"], world["retriever"], out, codes=world["codes"], batch_size=8, chunk_size=8)
+    (out / "embeddings" / "build.json").write_text(json.dumps(state))
+    (out / "embeddings" / ".chunk-00002.npy.abc.tmp").mkdir()  # a chunk write cut short
     calls["docs"] = 0
     build_index(world["data"], world["retriever"], out, codes=world["codes"], batch_size=8, chunk_size=8)
     assert calls["docs"] == 24 - 16  # only the rest was embedded

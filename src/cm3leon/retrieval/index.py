@@ -30,7 +30,8 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.retrieval.policy import (
     Query, RetrievalPolicy, document_signature, image_digest, search_candidates, select_documents,
 )
-from cm3leon.utils.io import atomic_path, load_npy, read_jsonl, read_json, write_json
+from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, read_jsonl, remove_stale_temporaries,
+                              write_json)
 from cm3leon.utils.logging import progress
 
 FORMAT = "cm3leon-index/1"
@@ -259,7 +260,12 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     (out / "index.json").unlink(missing_ok=True)  # the directory is incomplete until the end
     emb_dir = out / "embeddings"
     state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
-             "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size}
+             "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size,
+             # the retriever's contents too: one retrained in place embeds differently
+             "retriever_sha256": {f.name: file_digest(f) for f in (retriever_dir / "config.json",
+                                                                   retriever_dir / "model.safetensors")
+                                  if f.is_file()}}
+    remove_stale_temporaries(emb_dir)  # a chunk write cut short by a kill
     if (emb_dir / "build.json").is_file():
         prev = read_json(emb_dir / "build.json")
         if prev != state:
@@ -270,7 +276,7 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
         emb_dir.mkdir(parents=True)
         write_json(emb_dir / "build.json", state)
     done_chunks = sorted(emb_dir.glob("chunk-*.npy"))
-    done = sum(np.load(c, mmap_mode="r").shape[0] for c in done_chunks)
+    done = sum(load_npy(c, "embedding chunk").shape[0] for c in done_chunks)
 
     chunk_vecs: list[np.ndarray] = []
     chunk_rows: list[dict] = []
