@@ -504,7 +504,7 @@ def test_roundtrip_phase_trains_what_it_should_starts_a_fresh_optimizer_and_resu
     tc = replace(TRAIN_PRESETS["tiny"], steps=10, roundtrip_steps=10, log_every=2, ckpt_every=4,
                  roundtrip_decoder=decoder, roundtrip_warmup=0.3)
     trained = ("encoder.", "quant_conv.") + (("decoder.", "post_quant_conv.") if decoder else ())
-    base = train_image_tokenizer(data, tmp_path / "base", preset="tiny", train_config=replace(tc, roundtrip_steps=0))
+    train_image_tokenizer(data, tmp_path / "base", preset="tiny", train_config=replace(tc, roundtrip_steps=0))
     full = train_image_tokenizer(data, tmp_path / "full", preset="tiny", train_config=tc)
     rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in rows if "roundtrip_kept" in r][-1] == 20
