@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,13 +64,14 @@ def kill_at_random(cmd: list[str], out: Path, rng: random.Random, steps: int = S
 def unloadable_checkpoints(run: Path) -> list[str]:
     """Checkpoints in `run` that fail to load (what a kill must never leave)."""
     from cm3leon.errors import CM3LeonError
-    from cm3leon.train.checkpoint import list_checkpoints, read_safetensors, read_trainer_state
+    from cm3leon.train.checkpoint import list_checkpoints, read_trainer_state
+    from cm3leon.utils.io import load_safetensors
 
     bad = []
     for _, ckpt in list_checkpoints(run / "checkpoints"):
         try:
             read_trainer_state(ckpt)
-            read_safetensors(ckpt / "model.safetensors")
+            load_safetensors(ckpt / "model.safetensors")
         except CM3LeonError as e:
             bad.append(str(e))
     return bad
@@ -106,8 +108,6 @@ def main() -> int:
             if kills == args.kills:
                 break
             if (run / "model.safetensors").is_file():
-                import shutil
-
                 shutil.rmtree(run)  # finished: start a new run so every kill interrupts training
             resumes += any((run / "checkpoints").glob("step-*"))
             kills += kill_at_random(pretrain_cmd(codes, run, args.steps), run, rng, args.steps)

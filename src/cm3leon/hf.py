@@ -34,67 +34,50 @@ from typing import Sequence
 
 import torch
 
+from cm3leon.decode.guidance import Guidance
+from cm3leon.decode.processors import ImageConstraint, SamplerSettings, sample
 from cm3leon.errors import CM3LeonError
 
 
-class ImageTokenConstraint:
-    """A `transformers` logits processor: `tokens_per_image` image codes, then `<break>`.
-    `prompt_length`: the (padded) prompt's length, from which the step is counted."""
+class ImageTokenConstraint(ImageConstraint):
+    """The decoder's image constraint (`tokens_per_image` image codes, then `<break>`) as a
+    `transformers` logits processor; `prompt_length`: the padded prompt's length, from which
+    the step is counted."""
 
-    def __init__(self, image_offset: int, image_end: int, tokens_per_image: int, break_id: int, prompt_length: int):
-        self.image_offset, self.image_end = int(image_offset), int(image_end)
-        self.tokens_per_image, self.break_id = int(tokens_per_image), int(break_id)
+    def __init__(self, vocab, model_vocab_size: int, tokens_per_image: int, prompt_length: int):
+        super().__init__(vocab, model_vocab_size, tokens_per_image)
         self.prompt_length = int(prompt_length)
 
-    @property
-    def length(self) -> int:
-        """New tokens an image takes: its codes and the closing `<break>`."""
-        return self.tokens_per_image + 1
-
-    def mask(self, step: int, vocab_size: int, device) -> torch.Tensor:
-        allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        if step < self.tokens_per_image:
-            allowed[self.image_offset:self.image_end] = True
-        else:
-            allowed[self.break_id] = True
-        return torch.where(allowed, 0.0, -torch.inf)
+    def step_mask(self, input_ids: torch.LongTensor, device) -> torch.Tensor:
+        return self.mask(input_ids.shape[1] - self.prompt_length, device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_length
-        return scores.float() + self.mask(step, scores.shape[-1], scores.device)
+        return scores.float() + self.step_mask(input_ids, scores.device)
 
 
 class BatchedCFGLogitsProcessor:
     """CFG over a batch whose first half holds the conditional prompts and whose second half
-    the unconditional ones: `uncond + scale * (cond - uncond)`, the constraint's mask added,
+    the unconditional ones (the decoder's `Guidance("cfg")`), the constraint's mask added,
     one token drawn per pair (temperature 0: argmax; otherwise the project's sampler with a
     generator seeded by `seed`, so the draws equal `CM3Leon.sample_images` for the same seed),
     and both rows of the pair told to emit it."""
 
     def __init__(self, scale: float, constraint: ImageTokenConstraint | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None):
-        from cm3leon.decode.guidance import validate_guidance
-        from cm3leon.decode.processors import SamplerSettings
-
-        validate_guidance("cfg", scale, 0.1, 10, 1.0, 1.0)
-        self.scale, self.constraint = float(scale), constraint
+        self.guidance = Guidance("cfg", cfg_scale=scale)
+        self.constraint = constraint
         self.sampler = SamplerSettings(temperature, top_k, top_p)
         self.seed = seed
         self._gen: torch.Generator | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        from cm3leon.decode.guidance import cfg_logits
-        from cm3leon.decode.processors import sample
-
-        rows = scores.shape[0]
+        rows, vocab_size = scores.shape
         if rows % 2:
             raise CM3LeonError(f"BatchedCFGLogitsProcessor: the batch must be conditional + unconditional "
                                f"halves, got {rows} rows")
-        b = rows // 2
-        guided = cfg_logits(scores[:b].float(), scores[b:].float(), self.scale)
-        if self.constraint is not None:
-            step = input_ids.shape[1] - self.constraint.prompt_length
-            guided = guided + self.constraint.mask(step, scores.shape[-1], scores.device)
+        mask = (self.constraint.step_mask(input_ids, scores.device) if self.constraint is not None
+                else torch.zeros(vocab_size, device=scores.device))
+        guided = self.guidance.combine(scores.view(2, rows // 2, vocab_size), mask)
         if self._gen is None and self.seed is not None and self.sampler.temperature > 0:
             self._gen = torch.Generator(device=scores.device)
             self._gen.manual_seed(int(self.seed))
@@ -148,38 +131,32 @@ class ImagePromptBatch:
     length: int  # new tokens per image (codes + <break>): generate's max_new_tokens
 
 
-def _model_parts(model_dir: str | os.PathLike):
-    from cm3leon.tokenizers.image import VQModel
+def build_image_prompt(model_dir: str | os.PathLike, prompts: Sequence[str] | str) -> ImagePromptBatch:
+    """The batch `generate` needs for `prompts` with an exported model directory (its
+    config.json, vocab.json, text_tokenizer/ and image_tokenizer/config.json): conditional
+    and unconditional (`<mask:0>` for the caption) prompts of the training layout, left-padded."""
+    from cm3leon.decode.tasks import PromptBuilder
+    from cm3leon.tokenizers.image import VQConfig
     from cm3leon.tokenizers.text import TextTokenizer
     from cm3leon.tokenizers.vocab import Vocab
     from cm3leon.utils.io import read_json
 
-    d = Path(model_dir)
-    config = read_json(d / "config.json", "model config")
-    vq = VQModel.from_pretrained(d / "image_tokenizer")
-    return config, Vocab.load(d), TextTokenizer.load(d / "text_tokenizer"), vq
-
-
-def build_image_prompt(model_dir: str | os.PathLike, prompts: Sequence[str] | str) -> ImagePromptBatch:
-    """The batch `generate` needs for `prompts` with an exported model directory (its
-    vocab.json, text_tokenizer/ and image_tokenizer/): conditional and unconditional
-    (`<mask:0>` for the caption) prompts of the training layout, left-padded."""
-    from cm3leon.decode.tasks import PromptBuilder
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise CM3LeonError("build_image_prompt: no prompts")
-    config, vocab, tok, vq = _model_parts(model_dir)
-    h, w = vq.config.grid
-    max_len = int(config.get("max_position_embeddings", 2048))
-    builder = PromptBuilder(vocab, tok, max_len, h * w)
+    d = Path(model_dir)
+    config = read_json(d / "config.json", "model config")
+    vocab, tok = Vocab.load(d), TextTokenizer.load(d / "text_tokenizer")
+    vq = d / "image_tokenizer" / "config.json"
+    tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config"), where=str(vq)).tokens_per_image
+    builder = PromptBuilder(vocab, tok, int(config.get("max_position_embeddings", 2048)), tokens_per_image)
     tps = [builder.text_to_image(p) for p in prompts]
     rows = [tp.cond for tp in tps] + [tp.uncond for tp in tps]
     T = max(len(r) for r in rows)
-    pad = int(config.get("pad_token_id") or 0)
+    pad = int(config.get("pad_token_id") or vocab.pad_id)
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    constraint = ImageTokenConstraint(vocab.image_offset, vocab.size, h * w, vocab.break_id, T)
+    constraint = ImageTokenConstraint(vocab, int(config.get("vocab_size", vocab.size)), tokens_per_image, T)
     return ImagePromptBatch(ids, mask, T, constraint, constraint.length)
 
 

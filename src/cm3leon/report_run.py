@@ -727,6 +727,7 @@ def _sweep_table(s: dict, caption: str) -> Table | None:
 def _claims(after: dict, before: dict | None) -> Table | None:
     """The paper's claims on this run's model, from the sweeps: retrieval k, decoding methods,
     before vs after SFT (each row's figure with its spread over the sweep's seeds)."""
+    from cm3leon.api import IMAGE_METHODS
     from cm3leon.eval.sweep import with_spread
 
     rows_a = [r for r in after.get("rows") or [] if isinstance(r, dict) and "both" in r]
@@ -751,7 +752,7 @@ def _claims(after: dict, before: dict | None) -> Table | None:
     for r in rows_a:
         if r.get("num_retrieved") is None:
             by_method.setdefault(str(r.get("method")), []).append(r)
-    for m in ("topp", "cfg", "cdk", "best_of_n"):
+    for m in IMAGE_METHODS:
         if by_method.get(m):
             add("decoding (best of each)", "after SFT", max(by_method[m], key=lambda r: r["both"]))
     after_by_setting = {r.get("setting"): r for r in rows_a}

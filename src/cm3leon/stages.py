@@ -70,10 +70,11 @@ def pretrain(ctx: PipelineContext, out: Path) -> dict:
 
 def sft(ctx: PipelineContext, out: Path) -> dict:
     from cm3leon.sft.cli import run_sft
+    from cm3leon.sft.data import folder_tasks
 
     p = _preset(ctx)
     options = dict(p.sft)
-    present = _sft_tasks_in(ctx.data)
+    present = folder_tasks(ctx.data)
     if present is not None and options.get("weights"):
         # the preset's mixture adapts to the data: a captions-only folder tunes captioning and
         # text-to-image, and names no task it has no examples of
@@ -81,16 +82,6 @@ def sft(ctx: PipelineContext, out: Path) -> dict:
     summary = run_sft(ctx.stage_dir("pretrain"), ctx.data, out, preset=p.sft_preset or p.model, seed=ctx.seed,
                       **options)
     return {"sft": summary.get("sft", {}), **_pick(summary, "steps", "train_seconds", "tokens_per_second")}
-
-
-def _sft_tasks_in(data: Path) -> set[str] | None:
-    """The SFT tasks a dataset folder has files for; None when it may hold any (a user's
-    sft.jsonl, or a source that is not a folder)."""
-    from cm3leon.sft.data import FOLDER_FILES, USER_FILE
-
-    if not data.is_dir() or (data / USER_FILE).is_file():
-        return None
-    return {t for name, tasks in FOLDER_FILES.items() if (data / name).is_file() for t in tasks}
 
 
 def _prompts(ctx: PipelineContext, n: int) -> list[str]:

@@ -270,15 +270,17 @@ def _write_hf_tokenizer(src: Path, dst: Path, config: ModelConfig) -> list[str]:
     written = ["tokenizer.json", "tokenizer_config.json"]
     vq = src / "image_tokenizer" / "config.json"
     if vq.is_file():
+        from cm3leon.decode.guidance import Guidance
         from cm3leon.tokenizers.image import VQConfig
 
         tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config")).tokens_per_image
         (dst / "generation_config.json").write_text(json.dumps({
             "bos_token_id": vocab.eos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
             "max_new_tokens": tokens_per_image + 1, "do_sample": False,
-            # read by cm3leon.hf: an image is tokens_per_image codes then <break>
+            # for image generation (cm3leon.hf): an image is tokens_per_image codes then <break>,
+            # decoded with CFG at the decoder's default scale
             "cm3leon": {"tokens_per_image": tokens_per_image, "image_offset": vocab.image_offset,
-                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": 3.0}},
+                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": Guidance().cfg_scale}},
             indent=2) + "\n", encoding="utf-8")
         written.append("generation_config.json")
     return written

@@ -103,7 +103,8 @@ def register(sub) -> None:
     w.add_argument("--seeds", default=None,
                    help="sampling seeds, comma-separated: each figure is the mean over them, with its spread "
                         "(default: --seed alone)")
-    w.add_argument("--methods", default="topp,cfg,cdk,best_of_n", help="decoding families to compare")
+    w.add_argument("--methods", default=None,
+                   help="decoding families to compare, comma-separated (default all: topp, cfg, cdk, best_of_n)")
     w.add_argument("--num-retrieved", type=int, default=None,
                    help="documents retrieved into every setting's prompt (default: the API's)")
     w.add_argument("--retrieved", default="",
@@ -289,9 +290,7 @@ def _model(args) -> int:
 
 def _sweep(args) -> int:
     from cm3leon.eval.report import markdown_table
-    from cm3leon.eval.sweep import sweep_decoding
-
-    from cm3leon.eval.sweep import spread_rows
+    from cm3leon.eval.sweep import spread_rows, sweep_decoding
 
     num, split = _num_and_split(args)
     shared = {} if args.num_retrieved is None else {"num_retrieved": args.num_retrieved}

@@ -10,13 +10,15 @@ with its standard deviation and per-seed values beside it (`<metric>_std`, `<met
     cm3leon eval sweep --model runs/demo/sft/model --data data/shapes --out runs/demo/sweep
 
 Writes sweep.json (one row per setting), sweep.md and plots of each metric against α and
-against N (with the seeds' spread as error bars). Best-of-N re-ranks with the same retriever that computes the CLIP score, so its
-CLIP score is optimistic by construction: judge it by the checker and FD.
+against N (with the seeds' spread as error bars). Best-of-N re-ranks with the same retriever
+that computes the CLIP score, so its CLIP score is optimistic by construction: judge it by
+the checker and FD.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Sequence
@@ -42,17 +44,14 @@ DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)  # CFG scales alpha compared by d
 SHARED_DECODING_KEYS = ("cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_retrieved", "scorer")
 
 
-METHODS = IMAGE_METHODS  # the decoding families a sweep can compare
-
-
 def decoding_settings(cfg_scales: Sequence[float], best_of: Sequence[int], temperature: float = 1.0,
                       top_p: float = 0.9, cdk_alpha: float = 0.1, cdk_k: int = 10,
                       best_of_cfg_scale: float = 3.0, retrieved: Sequence[int] = (),
-                      methods: Sequence[str] = METHODS) -> list[dict]:
+                      methods: Sequence[str] = IMAGE_METHODS) -> list[dict]:
     """The settings compared, each {"setting": label, "decoding": options for
     `sample_images_batch`, "cfg_scale", "num_candidates", "num_retrieved"} (None where
     unused). `retrieved`: k values for extra TopP+CFG settings (at `best_of_cfg_scale`) that
-    put k retrieved documents in the prompt. `methods`: which families of METHODS to include
+    put k retrieved documents in the prompt. `methods`: which of the API's IMAGE_METHODS to include
     (the retrieval settings count as "cfg")."""
     base = {"temperature": temperature, "top_p": top_p}
     none = {"cfg_scale": None, "num_candidates": None, "num_retrieved": None}
@@ -78,23 +77,15 @@ def decoding_settings(cfg_scales: Sequence[float], best_of: Sequence[int], tempe
 
 def with_spread(row: dict, metric: str, fmt: str = ".3g") -> str:
     """A row's figure as text: "mean ± std" when the row holds several seeds' values."""
-    v = row.get(metric)
+    v, std = row.get(metric), row.get(f"{metric}_std")  # `_std` is there only for several seeds
     if not isinstance(v, (int, float)):
         return "—"
-    std = row.get(f"{metric}_std")
-    return f"{v:{fmt}} ± {std:.2g}" if isinstance(std, (int, float)) and len(row.get(f"{metric}_seeds") or ()) > 1 \
-        else f"{v:{fmt}}"
+    return f"{v:{fmt}} ± {std:.2g}" if isinstance(std, (int, float)) else f"{v:{fmt}}"
 
 
 def spread_rows(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
     """`rows` with each of `metrics` written as `with_spread` text (for tables)."""
     return [{**r, **{m: with_spread(r, m) for m in metrics if m in r}} for r in rows]
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var ** 0.5
 
 
 def sweep_decoding(
@@ -119,7 +110,7 @@ def sweep_decoding(
     decoding: dict | None = None,
     seeds: Sequence[int] | str | None = None,
     retrieved: Sequence[int] | str = (),
-    methods: Sequence[str] | str = METHODS,
+    methods: Sequence[str] | str | None = None,
 ) -> dict:
     """Compare decoding settings on the same prompts (the first `num_prompts` captions of
     `split`, same seeds for every setting); write sweep.json, sweep.md and
@@ -127,7 +118,8 @@ def sweep_decoding(
     every setting shares (SHARED_DECODING_KEYS, e.g. num_retrieved, scorer). `seeds`: the
     sampling seeds each setting is run with (default: `seed` alone); a row's figures are the
     means over them. `retrieved`: k values compared as extra TopP+CFG settings with k
-    retrieved documents in the prompt. `methods`: the decoding families (METHODS) to run.
+    retrieved documents in the prompt. `methods`: the decoding families to run (default: all of
+    the API's IMAGE_METHODS).
     Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
     from cm3leon.eval.evaluate import (
         FDScorer, clip_scores, fd_extractor, generate_images, load_eval_data, load_model, retriever_name,
@@ -145,11 +137,12 @@ def sweep_decoding(
     best_of = [int(n) for n in _check_list(best_of, "best_of", int, 1)]
     seeds = [seed] if seeds is None else [int(v) for v in _check_list(seeds, "seeds", int, 0)]
     retrieved = [int(k) for k in _check_list(retrieved, "retrieved", int, 0)]
-    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    methods = (list(IMAGE_METHODS) if methods is None else
+               [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods))
     if not seeds or len(set(seeds)) != len(seeds):
         raise CM3LeonError(f"seeds: give one or more distinct seeds, got {seeds}")
-    if not methods or set(methods) - set(METHODS):
-        raise CM3LeonError(f"methods: expected some of {', '.join(METHODS)}, got {methods}")
+    if not methods or set(methods) - set(IMAGE_METHODS):
+        raise CM3LeonError(f"methods: expected some of {', '.join(IMAGE_METHODS)}, got {methods}")
     _check_num(num_prompts)
     if batch_size < 1:
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
@@ -206,11 +199,11 @@ def sweep_decoding(
                 per_seed.append(score(generated))
                 log.log(setting=s["setting"], seed=sd, seconds=round(seconds[-1], 2), **per_seed[-1])
             for m in per_seed[0]:
-                mean, std = _mean_std([f[m] for f in per_seed])
-                row[m] = mean
+                values = [f[m] for f in per_seed]
+                row[m] = statistics.fmean(values)
                 if len(seeds) > 1:
-                    row[f"{m}_std"] = std
-                    row[f"{m}_seeds"] = [f[m] for f in per_seed]
+                    row[f"{m}_std"] = statistics.stdev(values)
+                    row[f"{m}_seeds"] = values
             row["seconds"] = round(sum(seconds) / len(seconds), 2)  # per seed: all prompts once
             row["seconds_per_image"] = round(row["seconds"] / len(prompts), 4)
             rows.append(row)

@@ -24,8 +24,6 @@ import numpy as np
 from cm3leon.errors import CM3LeonError
 from cm3leon.train.config import DTYPES
 
-# What a model directory holds besides weights/config/vocab, copied into the SFT output.
-
 # SFT changes to the train preset of the same name. Paper (Sec. 4): LR 5e-5, 150 warmup steps.
 # The CPU presets fine-tune a model of a few million parameters for ~1-2 minutes: with so few
 # steps the paper's LR barely moves it, so they use about a third of their pretraining peak

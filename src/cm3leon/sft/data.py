@@ -209,6 +209,15 @@ def read_sources(sources: Sequence[str | Path], tasks: Iterable[str] | None = No
 
 # --- the code cache ----------------------------------------------------------------------------
 
+def folder_tasks(data: str | Path) -> set[str] | None:
+    """The SFT tasks a dataset folder has files for (FOLDER_FILES); None when it may hold any
+    (a user's sft.jsonl, or a source that is not a folder)."""
+    data = Path(data)
+    if not data.is_dir() or (data / USER_FILE).is_file():
+        return None
+    return {t for name, tasks in FOLDER_FILES.items() if (data / name).is_file() for t in tasks}
+
+
 def instruction_texts(data: str | Path, split: str = "train") -> list[str]:
     """The text of a dataset's instruction-tuning records beyond its captions (VQA questions
     and answers, edit instructions, layouts, with their template words), one string per piece
@@ -219,13 +228,12 @@ def instruction_texts(data: str | Path, split: str = "train") -> list[str]:
 
     data = Path(data)
     caption_tasks = set(FOLDER_FILES[CAPTIONS_FILE])
-    if data.is_dir():
-        if not any((data / n).is_file() for n in (*FOLDER_FILES, USER_FILE) if n != CAPTIONS_FILE):
-            return []
-    elif not (data.is_file() and data.suffix == ".jsonl"):
+    present = folder_tasks(data)
+    if present is not None and not present - caption_tasks:
         return []
-    stats: collections.Counter = collections.Counter()
-    examples = read_sources([data], tasks=[t for t in TEMPLATES if t not in caption_tasks], stats=stats)
+    if present is None and not (data.is_dir() or (data.is_file() and data.suffix == ".jsonl")):
+        return []
+    examples = read_sources([data], tasks=[t for t in TEMPLATES if t not in caption_tasks])
     return [t for ex in examples if ex.split == split for t in text_strings(ex.task, ex.text)]
 
 

@@ -53,11 +53,6 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, info: DistInfo, keep: int = 2) -> Path:
     """Write `root/step-N` atomically (rank 0 writes; every rank must call) and keep the
@@ -82,11 +77,6 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return path
-
-
-def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupt one is a CM3LeonError naming it."""
-    return load_safetensors(path, what)
 
 
 def _read_torch(path: Path, what: str):
@@ -163,7 +153,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     model_sd, optim_sd, rngs, error = {}, {}, None, None
     if info.is_main:
         try:
-            model_sd = read_safetensors(path / "model.safetensors", "checkpoint weights")
+            model_sd = load_safetensors(path / "model.safetensors", "checkpoint weights")
             optim_sd = _read_torch(path / "optimizer.pt", "optimizer state")
             rngs = _read_torch(path / "rng.pt", "RNG state")
             if not isinstance(optim_sd, dict):
