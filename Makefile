@@ -7,18 +7,30 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cm3leon-installed
 
-.PHONY: setup test demo demo-quick bench clean
+# `make serve` serves this model directory (the demo's instruction-tuned model).
+MODEL  ?= runs/demo/sft
+HOST   ?= 127.0.0.1
+PORT   ?= 7860
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup test demo demo-quick bench serve browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui]"
 	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit('torchvision must not be installed (it breaks the CPU torch build)' if u.find_spec('torchvision') else 0)"
 	touch $@
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium with Playwright (never Playwright's own download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; } || \
+	  echo "warning: could not install chromium; tests/test_serve.py needs it (and fails without it under CI=true)" >&2
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
@@ -26,6 +38,10 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/cm3leon demo --out runs/demo-quick --quick
+
+serve: $(STAMP)
+	@test -f $(MODEL)/model.safetensors || { echo "make serve: no model in $(MODEL); run 'make demo' first (or MODEL=DIR)" >&2; exit 2; }
+	$(BIN)/cm3leon serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

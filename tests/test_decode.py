@@ -121,6 +121,30 @@ def test_generated_image_is_exactly_tokens_per_image_codes_then_break(model):
             assert row[16] == VOCAB.break_id
 
 
+def test_on_step_sees_every_step_changes_no_sample_and_can_stop_the_loop(model):
+    c = ImageConstraint(VOCAB, VOCAB.size, tokens_per_image=16)
+    s = SamplerSettings(temperature=1.0, top_p=0.9)
+    cfg = dict(guidance=Guidance("cfg", cfg_scale=3.0), guidance_prompts=[[[1, VOCAB.mask_id(0), 2]] * 2])
+    plain = generate(model, PROMPTS[:2], c, sampler=s, seed=4, **cfg)
+    seen = []
+    hooked = generate(model, PROMPTS[:2], c, sampler=s, seed=4, on_step=lambda n, out: seen.append(
+        (n, out[:, :n].tolist())), **cfg)
+    assert hooked.tokens == plain.tokens  # the hook draws no random numbers
+    assert [n for n, _ in seen] == list(range(1, 18))  # 16 codes and the <break>
+    assert seen[-1][1] == plain.tokens and seen[3][1] == [row[:4] for row in plain.tokens]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(n, out):
+        if n == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        generate(model, PROMPTS[:2], c, sampler=s, seed=4, on_step=stop_at_5, **cfg)
+    assert not model.has_caches  # stopped cleanly: the KV cache is freed
+
+
 def test_text_generation_never_emits_image_ids_or_padded_rows():
     m = _model(extra_vocab=5)  # 5 model rows beyond the vocabulary
     biased = Biased(m, list(range(VOCAB.image_offset, VOCAB.size + 5)))

@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -266,23 +266,27 @@ class CM3Leon:
         c = torch.tensor([list(x) for x in codes], dtype=torch.long, device=self.device).view(-1, h, w)
         return tensor_to_images(self.image_tokenizer.decode(c))
 
-    def _retrieve(self, text: str | None = None, image=None, k: int = 2) -> list[tuple[str, Document]]:
-        """Retrieved documents usable in a prompt (both text and image codes present)."""
+    def retrieve(self, text: str | None = None, image=None, k: int = 2) -> list[dict]:
+        """The documents a prompt is conditioned on, most relevant first: those of the k
+        retrieved that have both a text and image codes, as {key, text, image_codes, score, ...};
+        [] when the model has no index."""
         if self.retrieval is None or k <= 0:
             return []
-        out = []
-        for d in self.retrieval.retrieve_for_prompt(text=text, image=image, k=k):
-            if d.get("image_codes") is None or not d.get("text"):
-                continue
-            out.append((str(d.get("key")), Document(self.text_tokenizer.encode(d["text"]),
-                                                    np.asarray(d["image_codes"]).reshape(-1).tolist())))
-        return out
+        return [d for d in self.retrieval.retrieve_for_prompt(text=text, image=image, k=k)
+                if d.get("image_codes") is not None and d.get("text")]
+
+    def _retrieve(self, text: str | None = None, image=None, k: int = 2) -> list[tuple[str, Document]]:
+        """`retrieve`'s documents as (key, prompt Document)."""
+        return [(str(d.get("key")), Document(self.text_tokenizer.encode(d["text"]),
+                                             np.asarray(d["image_codes"]).reshape(-1).tolist()))
+                for d in self.retrieve(text, image, k)]
 
     # --- text -> image ---------------------------------------------------------------------
     def sample_images(
         self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
         num_candidates: int = 8, num_retrieved: int = DEFAULT_NUM_RETRIEVED, seed: int | None = None, scorer: str = "auto",
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> list[ImageSample]:
         """Images for a text prompt, with their metadata.
 
@@ -291,7 +295,8 @@ class CM3Leon:
         "best_of_n" (`num_candidates` samples, half TopP+CFG, half CD-K, ranked by CLIP score
         or by the model's own caption likelihood; the best `n` are returned, best first).
         num_retrieved: documents retrieved into the prompt when the model has an index.
-        scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood"."""
+        scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood".
+        on_step: `generate`'s per-step hook, for every batch drawn (streaming partial images)."""
         if method not in IMAGE_METHODS:
             raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
         _check_n(n)
@@ -304,7 +309,7 @@ class CM3Leon:
 
         def draw(count: int, guidance: Guidance | None, sampler: SamplerSettings, name: str,
                  s: int) -> list[ImageSample]:
-            return self._draw_images([(prompt, tp, keys)] * count, guidance, sampler, name, s)
+            return self._draw_images([(prompt, tp, keys)] * count, guidance, sampler, name, s, on_step)
 
         if method == "topp":
             return draw(n, None, topp, "topp", seed)
@@ -327,7 +332,7 @@ class CM3Leon:
         return self.prompts.text_to_image(prompt, [d for _, d in docs]), [k for k, _ in docs]
 
     def _draw_images(self, rows: Sequence[tuple[str, TaskPrompt, list[str]]], guidance: Guidance | None,
-                     sampler: SamplerSettings, name: str, seed: int) -> list[ImageSample]:
+                     sampler: SamplerSettings, name: str, seed: int, on_step=None) -> list[ImageSample]:
         """One image per row (prompt, its TaskPrompt, retrieved keys), all rows in one batch."""
         streams = None
         if guidance is not None:
@@ -335,7 +340,7 @@ class CM3Leon:
             streams = [[r[j] for r in per_row] for j in range(len(per_row[0]))]
         constraint = ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image)
         res = generate(self.model, [tp.cond for _, tp, _ in rows], constraint, sampler=sampler, guidance=guidance,
-                       guidance_prompts=streams, seed=seed)
+                       guidance_prompts=streams, seed=seed, on_step=on_step)
         codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
         images = self.decode_images(codes)
         return [ImageSample(im, c, p, name, seed, i, res.settings, truncated_tokens=tp.truncated_tokens,
@@ -484,8 +489,9 @@ class CM3Leon:
 
     def edit_samples(self, image, instruction: str, image_guidance: float = 1.5, text_guidance: float = 7.5,
                      temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
-                     seed: int | None = None, n: int = 1) -> list[ImageSample]:
-        """`edit` with metadata, n samples in one batch."""
+                     seed: int | None = None, n: int = 1,
+                     on_step: Callable[[int, torch.Tensor], None] | None = None) -> list[ImageSample]:
+        """`edit` with metadata, n samples in one batch (on_step: `generate`'s per-step hook)."""
         _check_n(n)
         guidance = Guidance("edit", image_scale=image_guidance, text_scale=text_guidance)
         sampler = SamplerSettings(temperature, top_k, top_p)
@@ -494,7 +500,7 @@ class CM3Leon:
         res = generate(
             self.model, [tp.cond] * n, ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image),
             sampler=sampler, guidance=guidance, guidance_prompts=[[p] * n for p in tp.guidance_streams("edit")],
-            seed=seed,
+            seed=seed, on_step=on_step,
         )
         codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
         return [ImageSample(im, c, instruction, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)

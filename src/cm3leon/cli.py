@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "cm3leon.report_run",
     "cm3leon.ablate_cli",
     "cm3leon.pipeline",
+    "cm3leon.serve.cli",
 )
 
 

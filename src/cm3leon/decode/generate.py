@@ -15,7 +15,7 @@ at them once every `check_every` steps (image generation has a fixed length and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -114,6 +114,7 @@ def generate(
     use_cache: bool = True,
     check_every: int = 8,
     pad_id: int = 0,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     """Sample a continuation of every prompt.
 
@@ -124,6 +125,10 @@ def generate(
         prompts in the order `Guidance` documents (e.g. [uncond] for CFG and CD-K).
     seed: seeds the sampling generator (None: nondeterministic).
     use_cache: False recomputes the whole sequence every step (reference / benchmark).
+    on_step: called after every step as on_step(n, out) with out (B, steps) the sampled ids
+        so far (its first n columns; on the device, not to be modified). It draws no random
+        numbers, so the samples are the same with and without it; it may raise to stop the
+        generation (the KV cache is freed). For streaming partial outputs (`cm3leon serve`).
     """
     cfg = model.config
     V = cfg.vocab_size
@@ -203,6 +208,8 @@ def generate(
             nxt = torch.where(done, pad_id, nxt)
             out[:, step] = nxt
             n = step + 1
+            if on_step is not None:
+                on_step(n, out)
             if watch_stops:
                 done |= torch.isin(nxt, stop)
                 if n % check_every == 0 and bool(done.all()):  # one host sync every few steps
