@@ -146,8 +146,9 @@ def bench_case(args, vocab: Vocab, tokens_per_image: int, device, dtype, batch: 
     sampler = SamplerSettings(temperature=0.0) if args.top_p is None else SamplerSettings(1.0, top_p=args.top_p)
     guidance = Guidance("cfg", cfg_scale=args.cfg_scale)
 
-    def ours():
-        return generate(model, cond, constraint, sampler=sampler, guidance=guidance, guidance_prompts=[uncond], seed=0)
+    def ours(m=model, **kw):
+        return generate(m, cond, constraint, sampler=sampler, guidance=guidance, guidance_prompts=[uncond], seed=0,
+                        **kw)
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, Path(tmp) / "hf", dtype=dtype)
@@ -166,9 +167,27 @@ def bench_case(args, vocab: Vocab, tokens_per_image: int, device, dtype, batch: 
     if args.top_p is None:
         diff = (ours_tokens != hf_tokens).any(0).nonzero()
         first_diff = int(diff[0]) if len(diff) else None
-    ours_s = _time(ours, device, args.repeats)
-    hf_s = _time(hf, device, args.repeats)
+    # Variants of ours, timed side by side with the reference in this run (interleaved).
+    variants = {"ours": ours}
+    compile_s = None
+    if not args.skip_compile:
+        t0 = time.perf_counter()
+        compiled_tokens = torch.tensor(ours(compile=True).tokens)  # compiles (timed apart from the warm runs)
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        assert torch.equal(compiled_tokens, ours_tokens) or args.top_p is not None, "compiled decoding changed tokens"
+        variants["ours, compiled"] = lambda: ours(compile=True)
+    bf16_agreement = None
+    if not args.skip_bf16 and dtype == torch.float32:
+        low = random_model(config, device, torch.bfloat16)
+        low.load_state_dict(model.state_dict())
+        low_tokens = torch.tensor(ours(low).tokens)
+        bf16_agreement = round((low_tokens == ours_tokens).float().mean().item(), 4) if args.top_p is None else None
+        variants["ours, bf16 weights"] = lambda: ours(low)
+    times = _time_interleaved({"hf": hf, **variants}, device, args.repeats)
+    hf_s, ours_s = times.pop("hf"), times["ours"]
     generated = batch * tokens_per_image
+    bound_s = _bound_seconds(config, 2 * batch, tokens_per_image, len(cond[0]), constraint, device, dtype)
     return {
         "preset": args.preset, "params_m": round(model.num_parameters() / 1e6, 2), "max_seq_len": max_seq_len,
         "vocab_size": vocab.size, "tokens_per_image": tokens_per_image, "batch": batch,
@@ -178,9 +197,56 @@ def bench_case(args, vocab: Vocab, tokens_per_image: int, device, dtype, batch: 
         "speedup": round(hf_s / ours_s, 2),
         "greedy_token_agreement": None if agreement is None else round(agreement, 4),
         "greedy_first_divergence_step": first_diff, "distinct_tokens_ours": distinct,
+        "variants": {k: {"s": round(v, 3), "tokens_per_s": round(generated / v, 1), "speedup": round(hf_s / v, 2)}
+                     for k, v in times.items()},
+        "compile_s": None if compile_s is None else round(compile_s, 1),
+        "bf16_greedy_agreement_with_fp32": bf16_agreement,
+        "bound_s": round(bound_s, 4), "bound_tokens_per_s": round(generated / bound_s, 1),
         "hf_guidance": [p for p in probe["processors"] if "Guidance" in p],
         "hf_forwards_per_step": probe["forwards_per_step"], "hf_rows_per_forward": sorted(set(probe["forward_rows"])),
     }
+
+
+def _time_interleaved(fns: dict, device, repeats: int) -> dict:
+    """Best seconds of each callable over `repeats` rounds, each round calling every one in
+    turn (after one warm-up call each), so that a load change on a shared machine hits all alike."""
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def _bound_seconds(config: ModelConfig, rows: int, steps: int, prompt_len: int, constraint, device, dtype) -> float:
+    """A lower bound on one call's decoding time: every step's matmul FLOPs (the blocks, the
+    attention over the cache, the output head's allowed rows) at this device's measured GEMM
+    peak, or the weights read once per step at the measured copy bandwidth, whichever is slower."""
+    from cm3leon.train.flops import measure_matmul_tflops
+
+    d, L = config.d_model, config.n_layer
+    block = L * (4 * d * d + 2 * d * config.ffn_dim)
+    head = constraint.span(constraint.mask(0, "cpu"))
+    head_rows = (head[1] - head[0]) if head else config.vocab_size
+    ctx = prompt_len + steps / 2  # mean cache length attended over
+    flops = steps * rows * (2 * (block + head_rows * d) + 4 * L * d * ctx)
+    peak = measure_matmul_tflops(device, dtype) * 1e12
+    size = 1 << 25  # 128 MiB of fp32 (past the caches): a memcpy's bandwidth
+    a, b = torch.empty(size, device=device), torch.empty(size, device=device)
+    b.copy_(a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    bandwidth = 3 * 2 * a.numel() * a.element_size() / (time.perf_counter() - t0)  # read + write
+    weight_bytes = (block + head_rows * d) * torch.empty((), dtype=dtype).element_size()
+    return max(flops / peak, steps * weight_bytes / bandwidth)
 
 
 def bench_7b(args, device) -> dict:
@@ -204,13 +270,22 @@ def bench_7b(args, device) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| preset | params (M) | image tokens | batch | ours tok/s | transformers tok/s | ours / transformers "
-            "| greedy agreement |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| preset | params (M) | image tokens | batch | ours | ours tok/s | transformers tok/s "
+            "| ours / transformers | bound tok/s | greedy agreement |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     lines = []
     for r in rows:
         agree = "-" if r["greedy_token_agreement"] is None else f"{100 * r['greedy_token_agreement']:.1f}%"
-        lines.append(f"| {r['preset']} | {r['params_m']} | {r['tokens_per_image']} | {r['batch']} | "
-                     f"{r['ours_tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {agree} |")
+        for name, v in r.get("variants", {"ours": {"tokens_per_s": r["ours_tokens_per_s"],
+                                                   "speedup": r["speedup"]}}).items():
+            note = agree
+            if name == "ours, compiled" and r.get("compile_s") is not None:
+                note += f" (compile {r['compile_s']:.0f} s, not timed)"
+            if name == "ours, bf16 weights":
+                b = r.get("bf16_greedy_agreement_with_fp32")
+                note = "-" if b is None else f"{100 * b:.1f}% of fp32's tokens"
+            lines.append(f"| {r['preset']} | {r['params_m']} | {r['tokens_per_image']} | {r['batch']} | {name} | "
+                         f"{v['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} | {v['speedup']:.2f}x | "
+                         f"{r.get('bound_tokens_per_s', float('nan')):.0f} | {note} |")
     return "\n".join([head, *lines])
 
 
@@ -232,6 +307,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--skip-7b", action="store_true", help="on CUDA, skip the 7b timing")
+    ap.add_argument("--skip-compile", action="store_true", help="skip the compiled-decoding variant")
+    ap.add_argument("--skip-bf16", action="store_true", help="skip the bf16-weights variant")
     ap.add_argument("--out", default="benchmarks/results/generate.json")
     args = ap.parse_args(argv)
     if args.threads:

@@ -108,9 +108,12 @@ def measure(preset: str, seq_len: int, batch: int, dtype: str, compile: bool, de
 
 
 def compare_with_hf(preset: str, seq_len: int, batch: int, dtype: str, device: torch.device, vocab_size: int,
-                    steps: int, warmup: int, max_seconds: float, peak: float) -> list[dict]:
+                    steps: int, warmup: int, max_seconds: float, peak: float,
+                    target_fraction: float = 1.0) -> list[dict]:
     """Our trainer's step vs transformers' OPTForCausalLM: same config, weights, batch,
-    precision, optimizer (AdamW, the trainer's parameter groups) and gradient clipping."""
+    precision, optimizer (AdamW, the trainer's parameter groups) and gradient clipping.
+    target_fraction < 1: an SFT-like step, the loss on that fraction of the positions only
+    (the same positions on both sides, -100 elsewhere)."""
     import transformers
 
     from cm3leon.convert.hf_opt import opt_config, state_dict_to_hf
@@ -135,10 +138,23 @@ def compare_with_hf(preset: str, seq_len: int, batch: int, dtype: str, device: t
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf = hf.to(device).train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    labels = x.clone()  # HF shifts the labels itself
+    if target_fraction < 1.0:  # response-only loss: contiguous response spans at the end of each block
+        keep = int(round(seq_len * target_fraction))
+        y[:, : seq_len - keep] = -100
+        labels[:, : seq_len - keep + 1] = -100
     with torch.no_grad():  # the same model: same logits (fp32)
         diff = (ours(x)[0] - hf(input_ids=x).logits).abs().max().item()
     assert diff < 1e-3, f"our logits and HF's differ by {diff}"
+    with torch.no_grad():  # and the same loss over the same targets
+        from cm3leon.model.transformer import loss_positions
+
+        y_hf = y.clone()
+        y_hf[:, -1] = -100  # HF's shifted labels have no target for the last position
+        ours_loss = ours(x, y_hf, loss_index=loss_positions(y_hf).to(device))[1].item()
+        hf_loss = hf(input_ids=x, labels=labels).loss.item()
+    assert abs(ours_loss - hf_loss) < 1e-4 * max(1.0, abs(hf_loss)), f"losses differ: {ours_loss} vs {hf_loss}"
     autocast = _autocast(device, dtype)
     info = DistInfo(device=device)
     micro = [(x, y)]
@@ -151,7 +167,7 @@ def compare_with_hf(preset: str, seq_len: int, batch: int, dtype: str, device: t
 
     def hf_step() -> None:
         with autocast():
-            loss = hf(input_ids=x, labels=x).loss  # HF shifts the labels itself
+            loss = hf(input_ids=x, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), train_cfg.grad_clip)
         hf_opt.step()
@@ -171,7 +187,8 @@ def compare_with_hf(preset: str, seq_len: int, batch: int, dtype: str, device: t
             _sync(device)
             seconds[i] += time.perf_counter() - t0
         done += 1
-    rows = [{"model": name, "preset": preset, "dtype": dtype, "seq_len": seq_len, "batch": batch,
+    rows = [{"model": name, "preset": preset, "step": "pretrain" if target_fraction >= 1.0 else
+             f"sft ({target_fraction:.0%} targets)", "dtype": dtype, "seq_len": seq_len, "batch": batch,
              **_row(batch * seq_len, done, sec, cfg, seq_len, peak)} for name, sec in zip(names, seconds)]
     rows[0]["ours_over_hf"] = round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 3)
     return rows
@@ -194,6 +211,8 @@ def main() -> None:
     ap.add_argument("--gemm-size", type=int, default=None, help="side of the timed matmul (default: 1024 CPU, 8192 GPU)")
     ap.add_argument("--compare-preset", default="demo",
                     help="preset of the ours-vs-HF comparison (empty: skip it)")
+    ap.add_argument("--sft-target-fraction", type=float, default=0.25,
+                    help="the SFT comparison's fraction of positions with a loss (0: skip the SFT rows)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
@@ -228,10 +247,13 @@ def main() -> None:
 
     compare = []
     if args.compare_preset:
+        fractions = [1.0] + ([args.sft_target_fraction] if 0 < args.sft_target_fraction < 1 else [])
         for dtype in dtypes:
-            compare += compare_with_hf(args.compare_preset, args.seq_len, args.batch, dtype, device, args.vocab_size,
-                                       args.steps, args.warmup, args.max_seconds, peaks[dtype])
-        print(markdown_table(compare, ["model", "preset", "dtype", "seq_len", "batch", "steps", "s_per_step",
+            for fraction in fractions:
+                compare += compare_with_hf(args.compare_preset, args.seq_len, args.batch, dtype, device,
+                                           args.vocab_size, args.steps, args.warmup, args.max_seconds, peaks[dtype],
+                                           fraction)
+        print(markdown_table(compare, ["model", "preset", "step", "dtype", "seq_len", "batch", "steps", "s_per_step",
                                        "tokens_per_s", "tflops", "mfu", "ours_over_hf"]))
     info = {"benchmark": "train_throughput", "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -61,27 +61,62 @@ def position_ids(tokens: torch.Tensor, pad: torch.Tensor, config=None) -> torch.
 
 
 @torch.no_grad()
-def prefill(model, tokens: torch.Tensor, pad: torch.Tensor, cache_len: int, positions: torch.Tensor) -> torch.Tensor:
+def prefill(model, tokens: torch.Tensor, pad: torch.Tensor, cache_len: int, positions: torch.Tensor,
+            head_rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Run the padded prompts (B, T) at their position ids (B, T) into the KV cache; return
-    the last logits (B, V)."""
+    the last logits (B, V), or (B, hi - lo) for `head_rows` (lo, hi). The output head runs on
+    the last position only."""
     T = tokens.size(1)
+    part = {"head_rows": head_rows, "last_only": True} if getattr(model, "partial_head", False) else {}
     logits, _ = model(
         tokens,
         input_pos=torch.arange(T, device=tokens.device),
         position_ids=positions,
         attn_mask=attention_mask(pad, T, cache_len),
+        **part,
     )
     return logits[:, -1]
 
 
 @torch.no_grad()
 def decode_one_token(
-    model, token: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor
+    model, token: torch.Tensor, input_pos: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
+    head_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Feed one token per row (B, 1) at cache slot `input_pos` (1,) and position ids
-    `positions` (B, 1); return logits (B, V)."""
-    logits, _ = model(token, input_pos=input_pos, position_ids=positions, attn_mask=attn_mask)
+    `positions` (B, 1); return logits (B, V), or (B, hi - lo) for `head_rows` (lo, hi)."""
+    part = {"head_rows": head_rows} if head_rows is not None else {}
+    logits, _ = model(token, input_pos=input_pos, position_ids=positions, attn_mask=attn_mask, **part)
     return logits[:, -1]
+
+
+_COMPILED: dict = {}
+
+
+def compiled_decode_one_token():
+    """`decode_one_token` under `torch.compile` (built once per process, fullgraph, static
+    shapes): one graph per (rows, cache length, head rows), reused across steps and calls.
+    `generate(compile=True)` rounds the cache length up to a multiple of `CACHE_BUCKET` so
+    that prompts of nearby lengths share a graph."""
+    if "decode" not in _COMPILED:
+        _COMPILED["decode"] = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+    return _COMPILED["decode"]
+
+
+CACHE_BUCKET = 128  # compiled decoding: cache lengths rounded up to a multiple of this
+
+
+def full_logits(logits: torch.Tensor, head_rows: tuple[int, int] | None, vocab_size: int) -> torch.Tensor:
+    """Logits of the head rows [lo, hi) (N, hi - lo) placed in a (N, vocab_size) tensor of zeros.
+    Outside [lo, hi) the constraint's mask is -inf, so every score computed from the result
+    (guidance, the mask, the sampler's draws over the whole vocabulary) is the one the whole
+    head gives, bit for bit: the filler only has to be finite."""
+    if head_rows is None:
+        return logits
+    lo, hi = head_rows
+    out = logits.new_zeros(logits.size(0), vocab_size)
+    out[:, lo:hi] = logits
+    return out
 
 
 def _uncached_logits(model, buf: torch.Tensor, pad: torch.Tensor, cur: int, positions: torch.Tensor) -> torch.Tensor:
@@ -115,6 +150,8 @@ def generate(
     check_every: int = 8,
     pad_id: int = 0,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    restrict_head: bool = True,
+    compile: bool = False,
 ) -> GenerationResult:
     """Sample a continuation of every prompt.
 
@@ -129,6 +166,12 @@ def generate(
         so far (its first n columns; on the device, not to be modified). It draws no random
         numbers, so the samples are the same with and without it; it may raise to stop the
         generation (the KV cache is freed). For streaming partial outputs (`cm3leon serve`).
+    restrict_head: compute only the output head's rows that the step's constraint allows
+        (`Constraint.span`: the image codes on an image step); the other ids are masked to
+        -inf anyway, so the tokens are the same as with the whole head (False: whole head).
+        Only for models with `partial_head = True` (forward takes head_rows / last_only).
+    compile: run the decode step under `torch.compile` (`compiled_decode_one_token`; the
+        first call of a shape compiles, tens of seconds on a CPU); needs `use_cache`.
     """
     cfg = model.config
     V = cfg.vocab_size
@@ -156,6 +199,8 @@ def generate(
         steps = constraint.length  # a fixed-length output (an image) never runs past its end
     if check_every < 1:
         raise CM3LeonError(f"check_every must be >= 1, got {check_every}")
+    if compile and not use_cache:
+        raise CM3LeonError("compile=True needs use_cache=True (it compiles the cached decode step)")
     if constraint.model_vocab_size != V:
         raise CM3LeonError(f"constraint built for {constraint.model_vocab_size} ids, model has vocab_size={V}")
     device = next(model.parameters()).device
@@ -188,13 +233,27 @@ def generate(
     if int(positions.max()) >= cfg.max_seq_len:
         raise CM3LeonError(f"the prompts' position ids reach {int(positions.max())}, past the model's position "
                            f"table (max_seq_len={cfg.max_seq_len}); shorten the prompt")
+    cache_len = total
+    if compile:  # a few cache lengths, so prompts of nearby lengths reuse one compiled graph
+        cache_len = min(cfg.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET)
+    step_fn = compiled_decode_one_token() if compile else decode_one_token
+
+    restrict_head = restrict_head and getattr(model, "partial_head", False)
+
+    def rows_of(step: int) -> tuple[int, int] | None:
+        if not restrict_head or step >= steps:
+            return None
+        span = constraint.span(constraint.mask(step, device))
+        return None if span is None or span == (0, V) else span
+
     if use_cache:
-        model.setup_caches(max_batch_size=S * B, max_seq_len=total, device=device)
+        model.setup_caches(max_batch_size=S * B, max_seq_len=cache_len, device=device)
     try:
         if use_cache:
-            logits = prefill(model, tokens, pad, total, positions)
+            head = rows_of(0)
+            logits = full_logits(prefill(model, tokens, pad, cache_len, positions, head), head, V)
             input_pos = torch.tensor([T], dtype=torch.long, device=device)
-            step_mask = attention_mask(pad, 1, total)  # fixed for every decode step
+            step_mask = attention_mask(pad, 1, cache_len)  # fixed for every decode step
         else:
             buf = torch.cat([tokens, torch.full((S * B, steps), pad_id, dtype=torch.long, device=device)], dim=1)
             pbuf = torch.cat([positions, torch.zeros((S * B, steps), dtype=torch.long, device=device)], dim=1)
@@ -220,7 +279,9 @@ def generate(
             last_pos = next_positions(last_pos, last_tok, cfg).clamp(max=cfg.max_seq_len - 1)
             last_tok = row_tokens
             if use_cache:
-                logits = decode_one_token(model, row_tokens[:, None], input_pos, last_pos[:, None], step_mask)
+                head = rows_of(step + 1)
+                logits = full_logits(step_fn(model, row_tokens[:, None], input_pos, last_pos[:, None], step_mask,
+                                             head), head, V)
                 input_pos += 1
             else:
                 buf[:, T + step] = row_tokens

@@ -112,6 +112,7 @@ class Constraint:
         self.vocab = vocab
         self.model_vocab_size = model_vocab_size
         self._cache: dict = {}
+        self._spans: dict[int, tuple[int, int]] = {}  # id of a cached mask -> span of its allowed ids
 
     def _range_mask(self, key: str, ranges: Sequence[tuple[int, int]], device) -> torch.Tensor:
         """Additive mask allowing the half-open id ranges; rows >= vocab.size never allowed."""
@@ -121,11 +122,21 @@ class Constraint:
             for lo, hi in ranges:
                 allowed[lo:hi] = True
             allowed[self.vocab.size:] = False  # padded vocabulary rows
-            self._cache[ck] = _additive_mask(allowed)
+            self._cache[ck] = mask = _additive_mask(allowed)
+            ids = allowed.nonzero()
+            if len(ids):  # built once per key and device: the one host sync is here
+                self._spans[id(mask)] = (int(ids[0]), int(ids[-1]) + 1)
         return self._cache[ck]
 
     def mask(self, step: int, device) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def span(self, mask: torch.Tensor) -> tuple[int, int] | None:
+        """(lo, hi) with every id that `mask` (a mask this constraint returned) allows in
+        [lo, hi), or None when unknown (then the whole head is needed). Ids outside the span
+        are -inf in the mask, so their logits never matter: decoding computes only the output
+        head's rows lo..hi-1 (`CM3LeonTransformer.forward(head_rows=...)`)."""
+        return self._spans.get(id(mask))
 
 
 class TextConstraint(Constraint):

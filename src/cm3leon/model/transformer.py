@@ -118,6 +118,8 @@ class CM3LeonTransformer(nn.Module):
     `blocks.{i}.attn.{q,k,v,o}_proj`, `blocks.{i}.mlp.{fc1,fc2}`, and `lm_head` only when
     embeddings are untied. The final LayerNorm has no parameters."""
 
+    partial_head = True  # forward(head_rows=..., last_only=...) computes part of the logits (decoding)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -203,8 +205,9 @@ class CM3LeonTransformer(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+                attn_mask: torch.Tensor | None = None, reduction: str = "mean",
+                head_rows: tuple[int, int] | None = None, last_only: bool = False,
+                loss_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens (B, T) -> (logits (B, T, vocab_size), loss or None).
 
         targets: (B, T) next-token ids, -100 ignored; loss = mean fp32 cross-entropy over
@@ -220,6 +223,15 @@ class CM3LeonTransformer(nn.Module):
             cached. Combined with causality; a token always attends to itself, so pad rows
             stay finite.
         Logits of the padded vocabulary rows are sliced off (never returned, never sampled).
+        head_rows: (lo, hi): only the output head's rows [lo, hi) are computed (a view of the
+            weight, no copy): logits (B, T, hi - lo) for ids lo..hi-1, e.g. the image codes on
+            an image step, whose other logits a constraint masks anyway. Not with targets.
+        last_only: logits of the last position only (B, 1, ...), e.g. a prefill's. Not with targets.
+        loss_index: with targets, the flat indices (N,) into (B*T) of the positions whose target
+            is not ignored (`loss_positions(targets)`, computed where the targets are, so no
+            device sync): the output head and the loss run on those rows only (an SFT block's
+            prompt positions take no loss) and the logits returned are theirs, (N, vocab_size).
+            The loss is the same, up to float rounding.
         """
         B, T = tokens.shape
         if input_pos is not None:
@@ -239,13 +251,31 @@ class CM3LeonTransformer(nn.Module):
                 x = checkpoint(block, x, mask, input_pos, use_reentrant=False)
             else:
                 x = block(x, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        if loss_index is not None:
+            if targets is None:
+                raise CM3LeonError("forward: loss_index needs targets")
+            x = x.reshape(-1, x.size(-1)).index_select(0, loss_index)  # (N, d)
+            targets = targets.reshape(-1).index_select(0, loss_index)
         x = F.layer_norm(x, (self.config.d_model,), eps=self.config.norm_eps)
         head = self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        if head_rows is not None:
+            lo, hi = head_rows
+            if not 0 <= lo < hi <= self.config.vocab_size:
+                raise CM3LeonError(f"forward: head_rows {head_rows} outside [0, {self.config.vocab_size})")
+            logits = F.linear(x, head[lo:hi])  # (B, T, hi - lo)
+        else:
+            logits = F.linear(x, head)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        if targets is not None and (head_rows is not None or last_only):
+            raise CM3LeonError("forward: head_rows / last_only compute part of the logits; no loss with them")
         loss = None
         if targets is not None:
             flat_targets = targets.reshape(-1)
-            if reduction == "none":
+            if reduction == "none" and loss_index is not None:
+                picked = F.cross_entropy(logits.float(), flat_targets, ignore_index=-100, reduction="none")
+                loss = picked.new_zeros(B * T).index_copy(0, loss_index, picked).view(B, T)  # (B, T)
+            elif reduction == "none":
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat_targets,
                                        ignore_index=-100, reduction="none").view(targets.shape)  # (B, T)
             elif reduction == "mean":
@@ -317,6 +347,12 @@ class CM3LeonTransformer(nn.Module):
         except RuntimeError as e:
             raise CM3LeonError(f"{weights}: weights do not match {path / CONFIG_NAME} ({e})") from None
         return model.eval()
+
+
+def loss_positions(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Flat indices (N,) into targets.reshape(-1) of the positions with a target: the
+    `loss_index` of `CM3LeonTransformer.forward`. Call it on the CPU copy of the targets."""
+    return (targets.reshape(-1) != ignore_index).nonzero().flatten()
 
 
 def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:

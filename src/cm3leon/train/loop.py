@@ -165,9 +165,14 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the config's betas / eps, weight decay on matrices only (LR set per step)."""
+    """AdamW with the config's betas / eps, weight decay on matrices only (LR set per step);
+    the fused kernel (one pass over each parameter) where every parameter is a plain float
+    tensor on the CPU or a CUDA device, else the multi-tensor one."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    fused = bool(params) and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                                 and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
     return torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             foreach=True)
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[tuple[torch.Tensor, torch.Tensor]],
@@ -183,11 +188,16 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[tup
     # are averaged by DDP / FSDP, hence the world_size factor.
     scale = info.world_size / max(step_counts[0], 1.0)
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)
+    partial = per_token and getattr(unwrap(net), "partial_head", False)
     for i, (tokens, targets, *positions) in enumerate(micro):
+        # The output head only where a loss is taken (SFT: the responses), indices from the
+        # host copy of the targets: no device sync.
+        index = _loss_index(targets) if partial else None
         with _grad_sync(net, parallel, i == len(micro) - 1):
             with autocast():
                 total, s = _loss_sums(net, tokens.to(info.device), targets.to(info.device),
-                                      kinds[i].to(info.device), per_token, *positions)
+                                      kinds[i].to(info.device), per_token, *positions,
+                                      loss_index=None if index is None else index.to(info.device, non_blocking=True))
             (total * scale).backward()
         sums += s.double()
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
@@ -197,6 +207,15 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, micro: list[tup
     optimizer.zero_grad(set_to_none=True)
     step_sums = all_reduce_sum(sums.tolist(), info)  # the step's one device sync
     return {**_means(step_sums, step_counts), "grad_norm": float(grad_norm), "target_tokens": step_counts[0]}
+
+
+def _loss_index(targets: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices of the positions with a target, or None when every position has one
+    (then the whole head runs: nothing to skip)."""
+    from cm3leon.model.transformer import loss_positions
+
+    index = loss_positions(targets.cpu(), IGNORE_INDEX)
+    return None if index.numel() == targets.numel() else index
 
 
 def _per_token(net: nn.Module) -> bool:
@@ -220,7 +239,8 @@ def _counts(targets: torch.Tensor, vocab: Vocab | None) -> tuple[torch.Tensor, l
 
 
 def _loss_sums(net: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
-               per_token: bool, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               per_token: bool, positions: torch.Tensor | None = None,
+               loss_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward: (sum of the token losses, with grad; detached [sum, text sum, image sum]).
     The modality sums come from the same per-token losses: no second pass. With `positions`
     (packed documents, each from position 0) every document attends only to itself."""
@@ -230,6 +250,8 @@ def _loss_sums(net: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, kind
 
         positions = positions.to(tokens.device)
         extra = {"position_ids": positions, "attn_mask": document_mask(positions)}
+    if loss_index is not None:
+        extra["loss_index"] = loss_index  # (per-token losses only)
     if per_token:
         _, losses = net(tokens, targets, reduction="none", **extra)  # (B, T), 0 where ignored
         total = losses.sum()
