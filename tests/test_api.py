@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3leon.api import REQUIRED_FILES, CM3Leon, prepare_image
+from cm3leon.api import (DECODING_FILE, DEFAULT_CFG_SCALE, DEFAULT_NUM_RETRIEVED, REQUIRED_FILES, CM3Leon,
+                         prepare_image)
 from cm3leon.cli import main
 from cm3leon.errors import CM3LeonError
 
@@ -261,3 +262,32 @@ def test_retrieved_documents_go_into_both_streams_and_clip_score_reranks(m, monk
     direct = [float(api.sequence_logprob(m.model, [m.prompts.caption(s.codes, len(text)).cond], [text])[0])
               for s in own]
     assert [s.score for s in own] == pytest.approx(direct, rel=1e-4) and direct == sorted(direct, reverse=True)
+
+
+def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_override_it(model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    plain = CM3Leon.from_pretrained(d)
+    assert plain.decoding == {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED}
+    (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0}))
+    tuned = CM3Leon.from_pretrained(d)
+    assert tuned.decoding == {"cfg_scale": 1.5, "num_retrieved": 0}
+    default = tuned.sample_images("a blue square", method="cfg", seed=3)[0]
+    assert default.settings["guidance"] == {"method": "cfg", "cfg_scale": 1.5}
+    assert default.codes == plain.sample_images("a blue square", method="cfg", cfg_scale=1.5, seed=3)[0].codes
+    batch = tuned.sample_images_batch(["a blue square"], method="cfg", seed=3)[0]
+    assert batch.settings["guidance"]["cfg_scale"] == 1.5
+    given = tuned.sample_images("a blue square", method="cfg", cfg_scale=4.0, seed=3)[0]
+    assert given.settings["guidance"]["cfg_scale"] == 4.0
+
+
+@pytest.mark.parametrize("content, field", [
+    ({"cfg_scale": "high"}, "cfg_scale"), ({"num_retrieved": 1.5}, "num_retrieved"),
+    ({"num_retrieved": -1}, "num_retrieved"), ({"top_p": 0.5}, "unknown"), ([1, 2], "JSON object"),
+])
+def test_a_bad_decoding_json_names_the_file_and_field(model_dir, tmp_path, content, field):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    (d / DECODING_FILE).write_text(json.dumps(content))
+    with pytest.raises(CM3LeonError, match=rf"decoding\.json.*{field}"):
+        CM3Leon.from_pretrained(d)

@@ -12,11 +12,12 @@ Prompt layouts are documented in `cm3leon.decode.tasks`; decoding in `cm3leon.de
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,12 @@ from cm3leon.errors import CM3LeonError
 IMAGE_METHODS = ("topp", "cfg", "cdk", "best_of_n")
 SCORERS = ("auto", "clip", "likelihood")  # best-of-N re-ranking (CM3Leon.rerank)
 DEFAULT_NUM_RETRIEVED = 2  # documents retrieved into a text->image prompt (paper Sec. 2: k = 2)
+DEFAULT_CFG_SCALE = Guidance("cfg").cfg_scale  # when neither the call nor the model directory says
+# A model directory may recommend its text->image decoding in decoding.json (the pipeline
+# writes the preset's, chosen by its own sweep: a small tuned model draws best at a lower CFG
+# scale and without retrieved documents); arguments given to a call override it.
+DECODING_FILE = "decoding.json"
+DECODING_KEYS = {"cfg_scale": (0.0, 100.0), "num_retrieved": (0, 64)}
 
 # What each part of a model directory is, for error messages.
 REQUIRED_FILES = (
@@ -160,12 +167,32 @@ def prepare_image(image, resolution: int):
     return image
 
 
+def check_decoding(d, where: str) -> dict:
+    """Validated text->image decoding defaults ({"cfg_scale": float, "num_retrieved": int});
+    errors name `where` (the file or argument) and the field."""
+    if not isinstance(d, Mapping):
+        raise CM3LeonError(f"{where}: expected a JSON object with {sorted(DECODING_KEYS)}, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(DECODING_KEYS))
+    if unknown:
+        raise CM3LeonError(f"{where}: unknown field(s) {unknown}; known: {sorted(DECODING_KEYS)}")
+    out = {}
+    for k, v in d.items():
+        lo, hi = DECODING_KEYS[k]
+        integral = isinstance(lo, int)
+        ok = not isinstance(v, bool) and isinstance(v, int if integral else (int, float))
+        if not ok or not lo <= v <= hi or (not integral and not math.isfinite(v)):
+            raise CM3LeonError(f"{where}: {k} must be {'an integer' if integral else 'a number'} in [{lo}, {hi}], "
+                               f"got {v!r}")
+        out[k] = int(v) if integral else float(v)
+    return out
+
+
 class CM3Leon:
     """A trained CM3Leon: transformer, vocabulary, text and image tokenizers, and (optional)
     retriever + memory bank. Build with `from_pretrained`."""
 
     def __init__(self, model, vocab, text_tokenizer, image_tokenizer, retriever=None, retrieval=None,
-                 path: Path | None = None):
+                 path: Path | None = None, decoding: Mapping[str, Any] | None = None):
         self.model = model.eval()
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
@@ -174,6 +201,9 @@ class CM3Leon:
         self.retrieval = retrieval  # retriever + memory bank (retrieval-augmented prompts), or None
         self.path = path
         self.prompts = PromptBuilder(vocab, text_tokenizer, model.config.max_seq_len, self.tokens_per_image)
+        self.decoding = {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED}
+        if decoding:
+            self.decoding.update(check_decoding(decoding, "decoding"))
 
     # --- loading ---------------------------------------------------------------------------
     @classmethod
@@ -206,7 +236,13 @@ class CM3Leon:
                                f"{image_tok.config.codebook_size} but vocab.json says "
                                f"image_vocab_size={vocab.image_vocab_size}")
         retriever, retrieval = cls._load_retrieval(path, device)
-        return cls(model, vocab, text_tok, image_tok, retriever=retriever, retrieval=retrieval, path=path)
+        decoding = None
+        if (path / DECODING_FILE).is_file():
+            from cm3leon.utils.io import read_json
+
+            decoding = check_decoding(read_json(path / DECODING_FILE, "decoding settings"), str(path / DECODING_FILE))
+        return cls(model, vocab, text_tok, image_tok, retriever=retriever, retrieval=retrieval, path=path,
+                   decoding=decoding)
 
     @staticmethod
     def _load_retrieval(path: Path, device):
@@ -283,9 +319,9 @@ class CM3Leon:
 
     # --- text -> image ---------------------------------------------------------------------
     def sample_images(
-        self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
+        self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float | None = None, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
-        num_candidates: int = 8, num_retrieved: int = DEFAULT_NUM_RETRIEVED, seed: int | None = None, scorer: str = "auto",
+        num_candidates: int = 8, num_retrieved: int | None = None, seed: int | None = None, scorer: str = "auto",
         on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> list[ImageSample]:
         """Images for a text prompt, with their metadata.
@@ -294,6 +330,8 @@ class CM3Leon:
         "cdk" (contrastive decoding, temperature only: its plausibility set replaces top-p),
         "best_of_n" (`num_candidates` samples, half TopP+CFG, half CD-K, ranked by CLIP score
         or by the model's own caption likelihood; the best `n` are returned, best first).
+        cfg_scale / num_retrieved: None takes the model directory's decoding.json, else
+        DEFAULT_CFG_SCALE / DEFAULT_NUM_RETRIEVED (`self.decoding`).
         num_retrieved: documents retrieved into the prompt when the model has an index.
         scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood".
         on_step: `generate`'s per-step hook, for every batch drawn (streaming partial images)."""
@@ -301,6 +339,7 @@ class CM3Leon:
             raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
         _check_n(n)
         seed = _new_seed(seed)
+        cfg_scale, num_retrieved = self._decoding(cfg_scale, num_retrieved)
         topp = SamplerSettings(temperature, top_k, top_p)
         cdk_sampler = SamplerSettings(temperature)
         cfg = Guidance("cfg", cfg_scale=cfg_scale)
@@ -325,6 +364,11 @@ class CM3Leon:
             samples += draw(n_cdk, cdk, cdk_sampler, "cdk", seed + 1)
         return self.rerank(prompt, samples, scorer)[:n]
 
+    def _decoding(self, cfg_scale, num_retrieved) -> tuple:
+        """The call's cfg_scale / num_retrieved, the model's defaults where None."""
+        return (self.decoding["cfg_scale"] if cfg_scale is None else cfg_scale,
+                self.decoding["num_retrieved"] if num_retrieved is None else num_retrieved)
+
     def _text_to_image_prompt(self, prompt: str, num_retrieved: int) -> tuple[TaskPrompt, list[str]]:
         """The text->image prompt (with retrieved documents when the model has an index) and
         the keys of those documents."""
@@ -347,9 +391,9 @@ class CM3Leon:
                             retrieved=keys) for i, (im, c, (p, tp, keys)) in enumerate(zip(images, codes, rows))]
 
     def sample_images_batch(
-        self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float = 3.0, temperature: float = 1.0,
+        self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float | None = None, temperature: float = 1.0,
         top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
-        num_candidates: int = 8, num_retrieved: int = DEFAULT_NUM_RETRIEVED, seed: int | None = None, scorer: str = "auto",
+        num_candidates: int = 8, num_retrieved: int | None = None, seed: int | None = None, scorer: str = "auto",
     ) -> list[ImageSample]:
         """One image per prompt, every prompt in one batch (options as `sample_images`).
 
@@ -364,6 +408,7 @@ class CM3Leon:
         if not prompts:
             return []
         seed = _new_seed(seed)
+        cfg_scale, num_retrieved = self._decoding(cfg_scale, num_retrieved)
         topp = SamplerSettings(temperature, top_k, top_p)
         cdk_sampler = SamplerSettings(temperature)
         cfg = Guidance("cfg", cfg_scale=cfg_scale)
@@ -409,7 +454,7 @@ class CM3Leon:
             scorer = "likelihood"
         return rank(samples, scores, scorer)
 
-    def text_to_image(self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float = 3.0,
+    def text_to_image(self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float | None = None,
                       temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
                       seed: int | None = None, **kwargs):
         """Generate an image for `prompt`: a PIL image when n == 1, else a list of n.

@@ -81,7 +81,18 @@ def sft(ctx: PipelineContext, out: Path) -> dict:
         options["weights"] = {t: w for t, w in options["weights"].items() if t in present}
     summary = run_sft(ctx.stage_dir("pretrain"), ctx.data, out, preset=p.sft_preset or p.model, seed=ctx.seed,
                       **options)
+    write_decoding(p, out)
     return {"sft": summary.get("sft", {}), **_pick(summary, "steps", "train_seconds", "tokens_per_second")}
+
+
+def write_decoding(p, model_dir: Path) -> None:
+    """The preset's text->image decoding (its CFG scale and retrieved documents) as the tuned
+    model directory's defaults (decoding.json), so `CM3Leon.from_pretrained(...)`, the CLI and
+    `cm3leon serve` draw the way the report measured."""
+    from cm3leon.api import DECODING_FILE, DEFAULT_NUM_RETRIEVED, check_decoding
+
+    d = {"cfg_scale": p.cfg_scale, "num_retrieved": p.decoding.get("num_retrieved", DEFAULT_NUM_RETRIEVED)}
+    write_json(model_dir / DECODING_FILE, check_decoding(d, "pipeline preset decoding"))
 
 
 def _prompts(ctx: PipelineContext, n: int) -> list[str]:

@@ -43,12 +43,14 @@ def register(sub) -> None:
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     t.add_argument("--method", default="cfg", choices=["topp", "cfg", "cdk", "best_of_n"],
                    help="decoding method (default cfg)")
-    t.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    t.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model directory's decoding.json, else 3)")
     t.add_argument("--cdk-alpha", type=float, default=0.1, help="CD-K plausibility fraction (default 0.1)")
     t.add_argument("--cdk-k", type=int, default=10, help="CD-K: threshold from the k-th best token (default 10)")
     t.add_argument("--num-candidates", type=int, default=8, help="best_of_n: samples drawn (default 8)")
-    t.add_argument("--num-retrieved", type=int, default=2,
-                   help="documents retrieved into the prompt when the model has an index (default 2)")
+    t.add_argument("--num-retrieved", type=int, default=None,
+                   help="documents retrieved into the prompt when the model has an index (default: the model "
+                        "directory's decoding.json, else 2)")
     t.add_argument("--scorer", choices=("auto", "clip", "likelihood"), default="auto",
                    help="best_of_n ranking: the retriever's CLIP score, the model's own caption likelihood, "
                         "or auto (clip when the model has a retriever)")

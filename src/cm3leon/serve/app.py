@@ -236,7 +236,7 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                                         max_length=MAX_TEXT_CHARS + 1, elem_id="t2i-prompt")
                     method = gr.Radio(list(METHODS), value="CFG", label="decoding method")
                     n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="N (images; best-of-N: candidates)")
-                    cfg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="CFG scale α")
+                    cfg_scale = gr.Slider(0, 10, value=m.decoding["cfg_scale"], step=0.1, label="CFG scale α")
                     cdk_alpha = gr.Slider(0.01, 1, value=0.1, step=0.01, label="CD-K α", visible=False)
                     cdk_k = gr.Slider(1, 64, value=10, step=1, label="CD-K K", visible=False)
                     temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature (0 = greedy)")
@@ -262,7 +262,7 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                         r_prompt = gr.Textbox(label="prompt", max_lines=3, max_length=MAX_TEXT_CHARS + 1)
                         use_docs = gr.Checkbox(value=True, label="condition the generation on the retrieved documents")
                         k = gr.Slider(1, MAX_DOCS, value=DEFAULT_NUM_RETRIEVED, step=1, label="k (documents)")
-                        r_cfg = gr.Slider(0, 10, value=3.0, step=0.1, label="CFG scale α")
+                        r_cfg = gr.Slider(0, 10, value=m.decoding["cfg_scale"], step=0.1, label="CFG scale α")
                         r_seed = gr.Number(**seed)
                         r_go = gr.Button("Retrieve and generate", variant="primary")
                     with gr.Column():
