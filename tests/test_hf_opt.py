@@ -256,3 +256,19 @@ def test_export_writes_a_unified_tokenizer_and_generation_config(tmp_path, tiny_
     assert len(tok) == v.size
     gen = GenerationConfig.from_pretrained(tmp_path / "hf")
     assert gen.max_new_tokens == ours.tokens_per_image + 1 and gen.eos_token_id == v.eos_id
+
+
+def test_export_carries_the_model_directorys_cfg_scale(tmp_path, tiny_model_dir_factory):
+    """generation_config.json's CFG scale is the model directory's decoding.json one (what the
+    model was measured to draw best with), else the decoder's default."""
+    import json
+
+    from cm3leon.api import DECODING_FILE, DEFAULT_CFG_SCALE
+
+    model_dir = tiny_model_dir_factory(tmp_path / "m", ["a red circle on the left", "two blue squares"] * 4)
+    export_hf(model_dir, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "generation_config.json").read_text())["cm3leon"]["cfg_scale"] == \
+        DEFAULT_CFG_SCALE
+    (model_dir / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0}))
+    export_hf(model_dir, tmp_path / "tuned")
+    assert json.loads((tmp_path / "tuned" / "generation_config.json").read_text())["cm3leon"]["cfg_scale"] == 1.5

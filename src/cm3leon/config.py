@@ -82,7 +82,14 @@ _CPU_PRETRAIN = dict(seq_len=448, batch_tokens=1024, micro_batch_size=2, lr=2e-3
 # 720 SFT steps gave no more (97-98%). VQA's existence questions stayed at chance (49-51% on
 # 200 validation items) at every budget tried, 1,440 VQA-only steps and a question-after-image
 # template included: the model has not learned to compare a word of the question with the
-# picture (colour and shape questions: 100%; position: 60-81%, rising with SFT steps). SFT has no retrieved
+# picture (colour and shape questions: 100%; position: 60-81%, rising with SFT steps). The
+# answer is a pure interaction of question and picture (neither alone says anything), and the
+# loss sits at ln 2 from the first step: the same on training questions, on existence-only SFT
+# and on one-attribute questions ("Is there a circle?"). Mixing in "A or B?" questions (answer:
+# the option the picture shows) broke that: 600 further steps of existence + "or" questions at
+# 2e-3 after this SFT gave 85% on validation existence. Inside the mixed SFT budget they did
+# not (VQA weighted 3 or 6, balanced yes/no pairs per picture, lr 1e-3 or 2e-3, 720-1,200
+# steps: chance), so the built-in data does not ask them yet. SFT has no retrieved
 # documents, and the tuned model draws best prompted without them too (decoding
 # num_retrieved 0): colour+shape 78% with the right number of objects in 88% of images,
 # against 45% / 23% when prompted with two retrieved documents.

@@ -270,17 +270,22 @@ def _write_hf_tokenizer(src: Path, dst: Path, config: ModelConfig) -> list[str]:
     written = ["tokenizer.json", "tokenizer_config.json"]
     vq = src / "image_tokenizer" / "config.json"
     if vq.is_file():
+        from cm3leon.api import DECODING_FILE, check_decoding
         from cm3leon.decode.guidance import Guidance
         from cm3leon.tokenizers.image import VQConfig
 
         tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config")).tokens_per_image
+        cfg_scale = Guidance().cfg_scale
+        if (src / DECODING_FILE).is_file():  # the model directory's own CFG scale (cm3leon.api)
+            cfg_scale = check_decoding(read_json(src / DECODING_FILE, "decoding settings"),
+                                       str(src / DECODING_FILE)).get("cfg_scale", cfg_scale)
         (dst / "generation_config.json").write_text(json.dumps({
             "bos_token_id": vocab.eos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
             "max_new_tokens": tokens_per_image + 1, "do_sample": False,
             # for image generation (cm3leon.hf): an image is tokens_per_image codes then <break>,
-            # decoded with CFG at the decoder's default scale
+            # decoded with CFG at the model directory's scale (decoding.json), else the decoder's default
             "cm3leon": {"tokens_per_image": tokens_per_image, "image_offset": vocab.image_offset,
-                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": Guidance().cfg_scale}},
+                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": cfg_scale}},
             indent=2) + "\n", encoding="utf-8")
         written.append("generation_config.json")
     return written

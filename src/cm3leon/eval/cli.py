@@ -89,7 +89,8 @@ def register(sub) -> None:
                    help=f"comma-separated, any of {', '.join(METRICS)} (default all)")
     m.add_argument("--method", default="cfg", choices=["topp", "cfg", "cdk", "best_of_n"],
                    help="text->image decoding (default cfg)")
-    m.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    m.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model directory's decoding.json, else 3)")
     m.add_argument("--num-candidates", type=int, default=8, help="best_of_n: candidates per prompt (default 8)")
     m.set_defaults(func=_model)
 

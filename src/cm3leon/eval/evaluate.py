@@ -34,7 +34,7 @@ from cm3leon.errors import CM3LeonError
 
 METRICS = ("shapes", "clip", "fid", "cider", "vqa", "edit")
 DEFAULT_METRICS = METRICS
-DEFAULT_DECODING = {"method": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "top_p": 0.9}
+DEFAULT_DECODING = {"method": "cfg", "temperature": 1.0, "top_p": 0.9}  # + the model's decoding.json
 # The text->image options `CM3Leon.sample_images_batch` takes.
 DECODING_KEYS = ("method", "cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_candidates",
                  "num_retrieved", "scorer")
@@ -480,9 +480,10 @@ def evaluate_model(
 
     model_dir: a model directory or an already loaded model. metrics: any of METRICS
     (or a comma-separated string). num_prompts: items per task (None: the whole split).
-    decoding: text->image options for `CM3Leon.sample_images_batch` (default
-    DEFAULT_DECODING). fid_features: "retriever" (the scoring retriever: `clip_retriever`
-    or the model's own), "retriever:DIR", "inception:WEIGHTS.pth" or "pixelstats".
+    decoding: text->image options for `CM3Leon.sample_images_batch` (None values and the rest
+    from the model directory's decoding.json, then DEFAULT_DECODING). fid_features:
+    "retriever" (the scoring retriever: `clip_retriever` or the model's own),
+    "retriever:DIR", "inception:WEIGHTS.pth" or "pixelstats".
     images: the image folder of a COCO captions JSON. Returns the metrics.json content."""
     from cm3leon.eval.report import image_grid
     from cm3leon.utils.io import write_json, write_jsonl, write_text
@@ -495,11 +496,12 @@ def evaluate_model(
     bad = sorted(set(decoding or {}) - set(DECODING_KEYS))
     if bad:
         raise CM3LeonError(f"decoding: unknown option(s) {bad}; expected some of {', '.join(DECODING_KEYS)}")
-    decoding = {**DEFAULT_DECODING, **(decoding or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = load_model(model_dir, device)
+    given = {k: v for k, v in (decoding or {}).items() if v is not None}
+    decoding = {**DEFAULT_DECODING, **getattr(model, "decoding", {}), **given}  # recorded as used
     size = getattr(model, "resolution", None)
     data_ = load_eval_data(data, split, num_prompts, size=size, images=images)
     retriever = scoring_retriever(model, clip_retriever)
