@@ -37,6 +37,36 @@ def build_tiny_model_dir(d: Path, texts: list[str], *, vocab_size: int = 300, mi
     return d
 
 
+def random_tiny_decoder(vocab_size: int, std: float = 0.3):
+    """A `tiny` transformer with every weight drawn from N(0, std), seed 0: random but non-zero
+    everywhere (the paper's init zeroes the out-projections), for decoding tests."""
+    from cm3leon.model.config import ModelConfig
+    from cm3leon.model.transformer import CM3LeonTransformer
+
+    torch.manual_seed(0)
+    m = CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=vocab_size)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, std)
+    return m
+
+
+# Texts of every task's shape, for the BPE of the API / UI tests' model directory.
+TASK_SENTENCES = [
+    "a red circle on a white background",
+    "a blue square in the top left corner",
+    "two green triangles next to a yellow circle",
+    "Question: what colour is the circle? Answer: red.",
+    "Edit first image following the instruction make it blue",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def task_model_dir(tmp_path_factory):
+    """A tiny model directory whose tokenizer knows every task's words (one per test module)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("model"), TASK_SENTENCES, weight_std=0.2)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir_factory():
     return build_tiny_model_dir

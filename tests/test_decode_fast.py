@@ -9,9 +9,10 @@ from cm3leon.decode.generate import CACHE_BUCKET, full_logits, generate
 from cm3leon.decode.guidance import Guidance
 from cm3leon.decode.processors import (AnyConstraint, ImageConstraint, ImageInfillConstraint, SamplerSettings,
                                        TextConstraint)
-from cm3leon.model.config import ModelConfig
 from cm3leon.model.transformer import CM3LeonTransformer
 from cm3leon.tokenizers.vocab import Vocab
+
+from conftest import random_tiny_decoder
 
 VOCAB = Vocab(text_vocab_size=40, image_vocab_size=24, num_sentinels=4)
 PROMPTS = [[1, 30, 31, 32, 2], [1, 40, 2], [1, 25, 26, 27, 28, 29, 33, 2]]
@@ -21,12 +22,7 @@ SAMPLERS = [SamplerSettings(0.0), SamplerSettings(1.0), SamplerSettings(1.0, top
 
 
 def _model(extra_vocab: int = 0) -> CM3LeonTransformer:
-    torch.manual_seed(0)
-    m = CM3LeonTransformer(ModelConfig.from_preset("tiny", vocab_size=VOCAB.size + extra_vocab)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.3)
-    return m
+    return random_tiny_decoder(VOCAB.size + extra_vocab)
 
 
 @pytest.fixture(scope="module")

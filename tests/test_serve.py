@@ -22,18 +22,9 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.serve.card import model_card
 from cm3leon.serve.stream import GREY, Partial, stream
 
-SENTENCES = [
-    "a red circle on a white background",
-    "a blue square in the top left corner",
-    "two green triangles next to a yellow circle",
-    "Question: what colour is the circle? Answer: red.",
-    "Edit first image following the instruction make it blue",
-] * 4
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_model_dir_factory):
-    return tiny_model_dir_factory(tmp_path_factory.mktemp("model"), SENTENCES, weight_std=0.2)
+def model_dir(task_model_dir):
+    return task_model_dir
 
 
 @pytest.fixture(scope="module")
