@@ -205,7 +205,7 @@ def test_cli_reports_a_bad_model_dir_without_a_traceback(tmp_path, capsys):
 
 
 class _FakeRetrieval:
-    """Stands in for `cm3leon.retrieval.policy.Retrieval` (same call, same document dicts)."""
+    """Stands in for `cm3leon.retrieval.index.Retrieval` (same call, same document dicts)."""
 
     def __init__(self, text):
         self.text, self.calls = text, []

@@ -15,10 +15,10 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.retrieval.encoder import (
     BiEncoder, BiEncoderConfig, BiEncoderRetriever, load_retriever, make_clip_retriever, save_bi_encoder,
 )
-from cm3leon.retrieval.index import MemoryBank, build_index, compute_neighbors, make_faiss_index
-from cm3leon.retrieval.policy import (
-    Retrieval, RetrievalPolicy, drop_image_patches, drop_text, retrieve_for_prompt, select_documents,
+from cm3leon.retrieval.index import (
+    MemoryBank, Retrieval, build_index, compute_neighbors, make_faiss_index, retrieve_for_prompt,
 )
+from cm3leon.retrieval.policy import RetrievalPolicy, drop_image_patches, drop_text, select_documents
 from cm3leon.retrieval.train import contrastive_loss, recall_at_k, retrieval_metrics, train_retriever
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}

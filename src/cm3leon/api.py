@@ -252,7 +252,7 @@ class CM3Leon:
         from cm3leon.retrieval.encoder import load_retriever
 
         if (path / "index").is_dir():
-            from cm3leon.retrieval.policy import Retrieval
+            from cm3leon.retrieval.index import Retrieval
 
             retrieval = Retrieval.from_model_dir(path, device=device)
             return retrieval.retriever, retrieval

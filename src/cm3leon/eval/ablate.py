@@ -512,12 +512,12 @@ def _panels(rows: list[dict], x: str, out_png: Path, title: str, xlabel: str | N
             bars: bool = False) -> Path | None:
     """One panel per metric present in the rows: lines against a numeric x, or bars per label.
     Validation loss only where it compares (the model size: same objective and k)."""
-    from cm3leon.eval.report import _new_figure, _save_figure
+    from cm3leon.eval.report import new_figure, save_figure
 
     metrics = _metrics(rows, with_loss=x == "params")
     if not metrics:
         return None
-    fig = _new_figure(figsize=(3.2 * len(metrics) + 0.6, 3.4))
+    fig = new_figure(figsize=(3.2 * len(metrics) + 0.6, 3.4))
     for i, m in enumerate(metrics, 1):
         ax = fig.add_subplot(1, len(metrics), i)
         pts = [(r[x], r[m]) for r in rows if isinstance(r.get(m), (int, float))]
@@ -534,7 +534,7 @@ def _panels(rows: list[dict], x: str, out_png: Path, title: str, xlabel: str | N
         ax.set_title(LABELS.get(m, m), fontsize=8)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plan_table(spec: AblationSpec, seed: int = 0) -> str:

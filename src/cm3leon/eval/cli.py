@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cm3leon.errors import CM3LeonError
-
-if TYPE_CHECKING:
-    from cm3leon.eval.fid import FeatureExtractor
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _ID_KEYS = ("id", "image_id", "question_id", "image", "key")
@@ -217,22 +214,8 @@ def _load_images(folder: str) -> list:
     return images
 
 
-def make_extractor(spec: str) -> "FeatureExtractor":
-    """A feature extractor from a --features spec: inception:PATH, retriever:DIR or pixelstats."""
-    from cm3leon.eval.fid import InceptionV3Extractor, PixelStatsExtractor, RetrieverExtractor
-
-    kind, _, arg = spec.partition(":")
-    if kind == "pixelstats" and not arg:
-        return PixelStatsExtractor()
-    if kind == "inception" and arg:
-        return InceptionV3Extractor(arg)
-    if kind == "retriever" and arg:
-        return RetrieverExtractor.from_dir(arg)
-    raise CM3LeonError(f"--features {spec!r}: expected 'inception:WEIGHTS.pth', 'retriever:DIR' or 'pixelstats'")
-
-
 def _fd(args) -> int:
-    from cm3leon.eval.fid import compute_fd
+    from cm3leon.eval.fid import compute_fd, make_extractor
 
     extractor = make_extractor(args.features)
     real, fake = _load_images(args.real), _load_images(args.fake)

@@ -83,7 +83,8 @@ def _row_split(row: dict) -> str:
     return row.get("split") or hash_split(_stem(row["image"]))
 
 
-def _check_num(num: int | None) -> None:
+def check_num(num: int | None) -> None:
+    """A prompt count: a positive integer, or None for all of them."""
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise CM3LeonError(f"num_prompts must be a positive integer or None (all), got {num!r}")
 
@@ -98,7 +99,7 @@ def load_eval_data(data: str | os.PathLike, split: str | None = "test", num: int
 
     from cm3leon.data.codes import SPLITS
 
-    _check_num(num)
+    check_num(num)
     if split is not None and split not in SPLITS:
         raise CM3LeonError(f"split: unknown split {split!r}; expected one of {SPLITS} or None (all)")
     source = detect_format(data, images)
@@ -381,15 +382,13 @@ def scoring_retriever(model, clip_retriever: str | os.PathLike | None = None):
 def fd_extractor(spec: str, retriever) -> tuple[Any | None, str | None]:
     """(feature extractor, None) for --fid-features, or (None, why not): "retriever" = the
     scoring retriever, "retriever:DIR", "inception:WEIGHTS", "pixelstats"."""
-    from cm3leon.eval.fid import RetrieverExtractor
+    from cm3leon.eval.fid import RetrieverExtractor, make_extractor
 
     if spec == "retriever":
         if retriever is None:
             return None, ("no retriever to extract features with (the model directory has no retriever/); "
                           "pass fid_features='inception:WEIGHTS.pth' or 'pixelstats', or clip_retriever=DIR")
         return RetrieverExtractor(retriever, name=retriever_name(retriever)), None
-    from cm3leon.eval.cli import make_extractor
-
     return make_extractor(spec), None
 
 
@@ -490,7 +489,7 @@ def evaluate_model(
     from cm3leon.utils.logging import MetricsLogger
 
     metrics = _parse_metrics(metrics)
-    _check_num(num_prompts)
+    check_num(num_prompts)
     if batch_size < 1:
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
     bad = sorted(set(decoding or {}) - set(DECODING_KEYS))

@@ -276,3 +276,15 @@ class InceptionV3Extractor:
         x = torch.from_numpy(_rgb_uint8(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
         with torch.no_grad():
             return self.model(x.to(self.device)).float().cpu()
+
+
+def make_extractor(spec: str) -> FeatureExtractor:
+    """A feature extractor from a --features spec: inception:PATH, retriever:DIR or pixelstats."""
+    kind, _, arg = spec.partition(":")
+    if kind == "pixelstats" and not arg:
+        return PixelStatsExtractor()
+    if kind == "inception" and arg:
+        return InceptionV3Extractor(arg)
+    if kind == "retriever" and arg:
+        return RetrieverExtractor.from_dir(arg)
+    raise CM3LeonError(f"--features {spec!r}: expected 'inception:WEIGHTS.pth', 'retriever:DIR' or 'pixelstats'")

@@ -136,7 +136,8 @@ def png_data_uri(img: Any) -> str:
 # Plots (matplotlib's Agg canvas directly: no global backend switch, no display needed)
 
 
-def _new_figure(figsize: tuple[float, float] = (6.4, 4.0)):
+def new_figure(figsize: tuple[float, float] = (6.4, 4.0)):
+    """An empty figure on its own Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -145,7 +146,8 @@ def _new_figure(figsize: tuple[float, float] = (6.4, 4.0)):
     return fig
 
 
-def _save_figure(fig: Any, out_png: str | os.PathLike) -> Path:
+def save_figure(fig: Any, out_png: str | os.PathLike) -> Path:
+    """Lay out `fig` and write it as a PNG, atomically."""
     from cm3leon.utils.io import atomic_path
 
     out_png = Path(out_png)
@@ -190,7 +192,7 @@ def plot_curves(
         runs = {Path(s).parent.name or str(s): _rows_of(s) for s in sources}
     if not 0 <= smooth < 1:
         raise CM3LeonError(f"smooth must be in [0, 1), got {smooth}")
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     plotted = 0
     for label, rows in runs.items():
@@ -218,7 +220,7 @@ def plot_curves(
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_xy(
@@ -242,7 +244,7 @@ def plot_xy(
     for r in rows:
         label = str(r.get(series, "")) if series else ""
         groups.setdefault(label, []).append(r)
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     plotted = 0
     for label, rs in groups.items():
@@ -271,7 +273,7 @@ def plot_xy(
     ax.grid(True, alpha=0.3)
     if plotted > 1 or series:
         ax.legend(fontsize=8)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------

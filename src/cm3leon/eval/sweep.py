@@ -122,8 +122,8 @@ def sweep_decoding(
     the API's IMAGE_METHODS).
     Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
     from cm3leon.eval.evaluate import (
-        FDScorer, clip_scores, fd_extractor, generate_images, load_eval_data, load_model, retriever_name,
-        score_shapes_images, scoring_retriever, _check_num,
+        FDScorer, check_num, clip_scores, fd_extractor, generate_images, load_eval_data, load_model,
+        retriever_name, score_shapes_images, scoring_retriever,
     )
     from cm3leon.eval.report import image_grid, markdown_table, plot_xy
     from cm3leon.utils.io import atomic_path, write_json, write_text
@@ -143,7 +143,7 @@ def sweep_decoding(
         raise CM3LeonError(f"seeds: give one or more distinct seeds, got {seeds}")
     if not methods or set(methods) - set(IMAGE_METHODS):
         raise CM3LeonError(f"methods: expected some of {', '.join(IMAGE_METHODS)}, got {methods}")
-    _check_num(num_prompts)
+    check_num(num_prompts)
     if batch_size < 1:
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out_dir)

@@ -15,8 +15,8 @@ _EXPORTS = {
     "build_index": "cm3leon.retrieval.index",
     "compute_neighbors": "cm3leon.retrieval.index",
     "RetrievalPolicy": "cm3leon.retrieval.policy",
-    "Retrieval": "cm3leon.retrieval.policy",
-    "retrieve_for_prompt": "cm3leon.retrieval.policy",
+    "Retrieval": "cm3leon.retrieval.index",
+    "retrieve_for_prompt": "cm3leon.retrieval.index",
 }
 
 __all__ = list(_EXPORTS)

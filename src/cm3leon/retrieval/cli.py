@@ -121,8 +121,7 @@ def _query(args) -> int:
 
     from cm3leon.errors import CM3LeonError
     from cm3leon.retrieval.encoder import load_retriever
-    from cm3leon.retrieval.index import MemoryBank
-    from cm3leon.retrieval.policy import retrieve_for_prompt
+    from cm3leon.retrieval.index import MemoryBank, retrieve_for_prompt
 
     if args.text is None and args.image is None:
         raise CM3LeonError("give a query text, --image FILE, or both")

@@ -14,6 +14,9 @@ An index directory:
 
 Exact search (IndexFlatIP) is the default; IVF and IVF-PQ (trained on a sample) scale to
 millions of documents.
+
+`Retrieval` pairs a retriever with a bank and the selection policy: documents for a prompt at
+generation time.
 """
 
 from __future__ import annotations
@@ -216,6 +219,46 @@ class MemoryBank:
     def doc_info(self, i: int) -> tuple[str, str | None, bool]:
         row = self.rows[int(i)]
         return row["key"], row.get("sig"), True
+
+
+# ---------------------------------------------------------------------------- generation
+
+class Retrieval:
+    """A retriever and a memory bank: documents for a prompt at generation time.
+
+    The decoding code calls `Retrieval.from_model_dir(dir)` (None when the directory holds no
+    `retriever/` and `index/`) and `retrieve_for_prompt(text=..., image=..., k=...)`."""
+
+    def __init__(self, retriever, bank, policy: RetrievalPolicy | None = None):
+        bank.check_retriever(retriever)
+        self.retriever = retriever
+        self.bank = bank
+        self.policy = policy or RetrievalPolicy.for_generation()
+
+    @classmethod
+    def from_model_dir(cls, model_dir, policy: RetrievalPolicy | None = None, device=None) -> "Retrieval | None":
+        from cm3leon.retrieval.encoder import load_retriever
+
+        model_dir = Path(model_dir)
+        if not ((model_dir / "retriever").is_dir() and (model_dir / "index").is_dir()):
+            return None
+        return cls(load_retriever(model_dir / "retriever", device=device), MemoryBank.load(model_dir / "index"), policy)
+
+    def retrieve_for_prompt(self, text: str | None = None, image=None, k: int = 2) -> list[dict]:
+        """Up to k documents for a text and/or image prompt, most relevant first:
+        [{key, text, code_index, image_codes (or None), score}]."""
+        return retrieve_for_prompt(self.retriever, self.bank, text=text, image=image, k=k, policy=self.policy)
+
+
+def retrieve_for_prompt(retriever, bank, text: str | None = None, image=None, k: int = 2,
+                        policy: RetrievalPolicy | None = None) -> list[dict]:
+    """Documents for one prompt (see `Retrieval.retrieve_for_prompt`)."""
+    policy = policy or RetrievalPolicy.for_generation(num_docs=k)
+    if len(bank) == 0 or k <= 0:
+        return []
+    ids, scores = search_candidates(retriever, bank, [Query(text=text, image=image)], policy)[0]
+    chosen, _ = select_documents(ids, scores, bank.doc_info, policy, k=k)
+    return [{**bank.document(i), "score": s} for i, s in chosen]
 
 
 # ---------------------------------------------------------------------------- build
