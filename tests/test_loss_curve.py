@@ -27,7 +27,10 @@ from cm3leon.utils.logging import read_metrics
 
 GOLDEN = Path(__file__).parent / "data" / "tiny_loss_curve.json"
 UPDATE = os.environ.get("CM3LEON_UPDATE_GOLDEN") == "1"
-RTOL = 1e-5
+# Bit-identical on one machine; other CPUs pick other fp32 kernels (AVX2 / AVX-512 sum in other
+# orders), whose rounding 20 AdamW steps can grow past 1e-5. A real change of the numerics (an
+# init, a mask, a learning rate 0.1% off) moves the curve by more than this.
+RTOL = 1e-3
 SETTINGS = dict(preset="tiny", steps=20, seed=1234, dtype="fp32", batch_tokens=512, peak_tflops=1.0,
                 eval_every=0, ckpt_every=0)
 
