@@ -70,3 +70,29 @@ def test_sft_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
     assert logged_steps(run) == list(range(1, 17))
+
+
+def vq_cmd(data: Path, out: Path, steps: int = 16) -> list[str]:
+    """A tiny VQGAN training run that checkpoints every 2 steps and logs every step."""
+    call = ("from dataclasses import replace; "
+            "from cm3leon.tokenizers.image_train import TRAIN_PRESETS, train_image_tokenizer; "
+            f"tc = replace(TRAIN_PRESETS['tiny'], steps={steps}, ckpt_every=2, log_every=1, roundtrip_steps=0); "
+            f"train_image_tokenizer({str(data)!r}, {str(out)!r}, preset='tiny', train_config=tc, seed=5, threads=1)")
+    return [sys.executable, "-c", call]
+
+
+@pytest.mark.slow
+def test_image_tokenizer_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """VQ training killed with SIGKILL resumes from its checkpoint to the same weights."""
+    make_shapes_codes(tmp_path)
+    data = tmp_path / "data"
+    straight = tmp_path / "vq_straight"
+    subprocess.run(vq_cmd(data, straight), check=True, capture_output=True)
+    run = tmp_path / "vq_killed"
+    rng = random.Random(2)
+    kills = sum(kill_at_random(vq_cmd(data, run), run, rng, steps=16) for _ in range(2))
+    assert kills == 2
+    done = subprocess.run(vq_cmd(data, run), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert logged_steps(run) == logged_steps(straight)  # each step once, in order
