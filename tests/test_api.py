@@ -259,10 +259,13 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     d = tmp_path / "model"
     shutil.copytree(model_dir, d)
     plain = CM3Leon.from_pretrained(d)
-    assert plain.decoding == {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED}
-    (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0}))
+    assert plain.decoding == {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED, "cdk_k": 10}
+    (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
-    assert tuned.decoding == {"cfg_scale": 1.5, "num_retrieved": 0}
+    assert tuned.decoding == {"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}
+    cdk = tuned.sample_images("a blue square", method="cdk", seed=3)[0]
+    assert cdk.settings["guidance"]["cdk_k"] == 1
+    assert cdk.codes == plain.sample_images("a blue square", method="cdk", cdk_k=1, seed=3)[0].codes
     default = tuned.sample_images("a blue square", method="cfg", seed=3)[0]
     assert default.settings["guidance"] == {"method": "cfg", "cfg_scale": 1.5}
     assert default.codes == plain.sample_images("a blue square", method="cfg", cfg_scale=1.5, seed=3)[0].codes
@@ -274,7 +277,8 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
 
 @pytest.mark.parametrize("content, field", [
     ({"cfg_scale": "high"}, "cfg_scale"), ({"num_retrieved": 1.5}, "num_retrieved"),
-    ({"num_retrieved": -1}, "num_retrieved"), ({"top_p": 0.5}, "unknown"), ([1, 2], "JSON object"),
+    ({"num_retrieved": -1}, "num_retrieved"), ({"cdk_k": 0}, "cdk_k"), ({"top_p": 0.5}, "unknown"),
+    ([1, 2], "JSON object"),
 ])
 def test_a_bad_decoding_json_names_the_file_and_field(model_dir, tmp_path, content, field):
     d = tmp_path / "model"

@@ -37,7 +37,7 @@ DEFAULT_CFG_SCALE = Guidance("cfg").cfg_scale  # when neither the call nor the m
 # writes the preset's, chosen by its own sweep: a small tuned model draws best at a lower CFG
 # scale and without retrieved documents); arguments given to a call override it.
 DECODING_FILE = "decoding.json"
-DECODING_KEYS = {"cfg_scale": (0.0, 100.0), "num_retrieved": (0, 64)}
+DECODING_KEYS = {"cfg_scale": (0.0, 100.0), "num_retrieved": (0, 64), "cdk_k": (1, 1 << 20)}
 
 # What each part of a model directory is, for error messages.
 REQUIRED_FILES = (
@@ -168,7 +168,8 @@ def prepare_image(image, resolution: int):
 
 
 def check_decoding(d, where: str) -> dict:
-    """Validated text->image decoding defaults ({"cfg_scale": float, "num_retrieved": int});
+    """Validated text->image decoding defaults ({"cfg_scale": float, "num_retrieved": int,
+    "cdk_k": int}, any subset);
     errors name `where` (the file or argument) and the field."""
     if not isinstance(d, Mapping):
         raise CM3LeonError(f"{where}: expected a JSON object with {sorted(DECODING_KEYS)}, got {type(d).__name__}")
@@ -201,7 +202,8 @@ class CM3Leon:
         self.retrieval = retrieval  # retriever + memory bank (retrieval-augmented prompts), or None
         self.path = path
         self.prompts = PromptBuilder(vocab, text_tokenizer, model.config.max_seq_len, self.tokens_per_image)
-        self.decoding = {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED}
+        self.decoding = {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED,
+                         "cdk_k": Guidance("cdk").cdk_k}
         if decoding:
             self.decoding.update(check_decoding(decoding, "decoding"))
 
@@ -320,7 +322,7 @@ class CM3Leon:
     # --- text -> image ---------------------------------------------------------------------
     def sample_images(
         self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float | None = None, temperature: float = 1.0,
-        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
+        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int | None = None,
         num_candidates: int = 8, num_retrieved: int | None = None, seed: int | None = None, scorer: str = "auto",
         on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> list[ImageSample]:
@@ -330,8 +332,8 @@ class CM3Leon:
         "cdk" (contrastive decoding, temperature only: its plausibility set replaces top-p),
         "best_of_n" (`num_candidates` samples, half TopP+CFG, half CD-K, ranked by CLIP score
         or by the model's own caption likelihood; the best `n` are returned, best first).
-        cfg_scale / num_retrieved: None takes the model directory's decoding.json, else
-        DEFAULT_CFG_SCALE / DEFAULT_NUM_RETRIEVED (`self.decoding`).
+        cfg_scale / num_retrieved / cdk_k: None takes the model directory's decoding.json, else
+        DEFAULT_CFG_SCALE / DEFAULT_NUM_RETRIEVED / Guidance's cdk_k (`self.decoding`).
         num_retrieved: documents retrieved into the prompt when the model has an index.
         scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood".
         on_step: `generate`'s per-step hook, for every batch drawn (streaming partial images)."""
@@ -339,7 +341,8 @@ class CM3Leon:
             raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
         _check_n(n)
         seed = _new_seed(seed)
-        cfg_scale, num_retrieved = self._decoding(cfg_scale, num_retrieved)
+        cfg_scale, num_retrieved, cdk_k = self._decoding(cfg_scale=cfg_scale, num_retrieved=num_retrieved,
+                                                         cdk_k=cdk_k)
         topp = SamplerSettings(temperature, top_k, top_p)
         cdk_sampler = SamplerSettings(temperature)
         cfg = Guidance("cfg", cfg_scale=cfg_scale)
@@ -364,10 +367,9 @@ class CM3Leon:
             samples += draw(n_cdk, cdk, cdk_sampler, "cdk", seed + 1)
         return self.rerank(prompt, samples, scorer)[:n]
 
-    def _decoding(self, cfg_scale, num_retrieved) -> tuple:
-        """The call's cfg_scale / num_retrieved, the model's defaults where None."""
-        return (self.decoding["cfg_scale"] if cfg_scale is None else cfg_scale,
-                self.decoding["num_retrieved"] if num_retrieved is None else num_retrieved)
+    def _decoding(self, **given) -> tuple:
+        """The call's values of `given` (cfg_scale, num_retrieved, cdk_k), the model's where None."""
+        return tuple(self.decoding[k] if v is None else v for k, v in given.items())
 
     def _text_to_image_prompt(self, prompt: str, num_retrieved: int) -> tuple[TaskPrompt, list[str]]:
         """The text->image prompt (with retrieved documents when the model has an index) and
@@ -392,7 +394,7 @@ class CM3Leon:
 
     def sample_images_batch(
         self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float | None = None, temperature: float = 1.0,
-        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int = 10,
+        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int | None = None,
         num_candidates: int = 8, num_retrieved: int | None = None, seed: int | None = None, scorer: str = "auto",
     ) -> list[ImageSample]:
         """One image per prompt, every prompt in one batch (options as `sample_images`).
@@ -408,7 +410,8 @@ class CM3Leon:
         if not prompts:
             return []
         seed = _new_seed(seed)
-        cfg_scale, num_retrieved = self._decoding(cfg_scale, num_retrieved)
+        cfg_scale, num_retrieved, cdk_k = self._decoding(cfg_scale=cfg_scale, num_retrieved=num_retrieved,
+                                                         cdk_k=cdk_k)
         topp = SamplerSettings(temperature, top_k, top_p)
         cdk_sampler = SamplerSettings(temperature)
         cfg = Guidance("cfg", cfg_scale=cfg_scale)

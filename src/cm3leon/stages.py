@@ -86,12 +86,13 @@ def sft(ctx: PipelineContext, out: Path) -> dict:
 
 
 def write_decoding(p, model_dir: Path) -> None:
-    """The preset's text->image decoding (its CFG scale and retrieved documents) as the tuned
+    """The preset's text->image decoding (CFG scale, retrieved documents, CD-K's k) as the tuned
     model directory's defaults (decoding.json), so `CM3Leon.from_pretrained(...)`, the CLI and
     `cm3leon serve` draw the way the report measured."""
     from cm3leon.api import DECODING_FILE, DEFAULT_NUM_RETRIEVED, check_decoding
 
-    d = {"cfg_scale": p.cfg_scale, "num_retrieved": p.decoding.get("num_retrieved", DEFAULT_NUM_RETRIEVED)}
+    d = {"cfg_scale": p.cfg_scale, "num_retrieved": p.decoding.get("num_retrieved", DEFAULT_NUM_RETRIEVED),
+         **{k: p.decoding[k] for k in ("cdk_k",) if k in p.decoding}}
     write_json(model_dir / DECODING_FILE, check_decoding(d, "pipeline preset decoding"))
 
 
@@ -182,7 +183,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
         retrieved = [k for k in sorted({0, p.num_retrieved}) if k != shared_k]
         seeds = [ctx.seed + i for i in range(p.sweep_seeds)]
         common = dict(num_prompts=p.sweep_num, seeds=seeds, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding,
-                      retrieved=retrieved)
+                      retrieved=retrieved, **{k: p.decoding[k] for k in ("cdk_k",) if k in p.decoding})
         sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", cfg_scales=scales, best_of=p.sweep_best_of,
                        **common)
         if p.eval_before_sft:  # the same prompts and seeds before SFT: what instruction tuning changed

@@ -46,7 +46,9 @@ def register(sub) -> None:
     t.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model directory's decoding.json, else 3)")
     t.add_argument("--cdk-alpha", type=float, default=0.1, help="CD-K plausibility fraction (default 0.1)")
-    t.add_argument("--cdk-k", type=int, default=10, help="CD-K: threshold from the k-th best token (default 10)")
+    t.add_argument("--cdk-k", type=int, default=None,
+                   help="CD-K: threshold from the k-th best token (default: the model directory's decoding.json, "
+                        "else 10)")
     t.add_argument("--num-candidates", type=int, default=8, help="best_of_n: samples drawn (default 8)")
     t.add_argument("--num-retrieved", type=int, default=None,
                    help="documents retrieved into the prompt when the model has an index (default: the model "

@@ -176,7 +176,7 @@ class Handlers:
         docs = self.m.retrieve(text=prompt, k=k)
         shown = self.m.decode_images([list(d["image_codes"]) for d in docs]) if docs else []
         gallery = [(im, f"{d['score']:.3f} · {d['text']}") for im, d in zip(shown, docs)]
-        for image, _, status in self.text_to_image(prompt, "CFG", 1, cfg_scale, cdk_alpha=0.1, cdk_k=10,
+        for image, _, status in self.text_to_image(prompt, "CFG", 1, cfg_scale, cdk_alpha=0.1, cdk_k=self.m.decoding["cdk_k"],
                                                     temperature=1.0, top_p=0.9, seed=seed,
                                                     num_retrieved=k if use_docs else 0):
             yield gallery, image, status + ("" if use_docs else " · retrieval off")
@@ -238,7 +238,7 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                     n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="N (images; best-of-N: candidates)")
                     cfg_scale = gr.Slider(0, 10, value=m.decoding["cfg_scale"], step=0.1, label="CFG scale α")
                     cdk_alpha = gr.Slider(0.01, 1, value=0.1, step=0.01, label="CD-K α", visible=False)
-                    cdk_k = gr.Slider(1, 64, value=10, step=1, label="CD-K K", visible=False)
+                    cdk_k = gr.Slider(1, 64, value=m.decoding["cdk_k"], step=1, label="CD-K K", visible=False)
                     temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
                     t2i_seed = gr.Number(**seed)
