@@ -183,7 +183,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
         retrieved = [k for k in sorted({0, p.num_retrieved}) if k != shared_k]
         seeds = [ctx.seed + i for i in range(p.sweep_seeds)]
         common = dict(num_prompts=p.sweep_num, seeds=seeds, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding,
-                      retrieved=retrieved, **{k: p.decoding[k] for k in ("cdk_k",) if k in p.decoding})
+                      retrieved=retrieved)
         sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", cfg_scales=scales, best_of=p.sweep_best_of,
                        **common)
         if p.eval_before_sft:  # the same prompts and seeds before SFT: what instruction tuning changed

@@ -45,7 +45,7 @@ SHARED_DECODING_KEYS = ("cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha
 
 
 def decoding_settings(cfg_scales: Sequence[float], best_of: Sequence[int], temperature: float = 1.0,
-                      top_p: float = 0.9, cdk_alpha: float = 0.1, cdk_k: int = 10,
+                      top_p: float = 0.9, cdk_alpha: float = 0.1, cdk_k: int | None = None,
                       best_of_cfg_scale: float = 3.0, retrieved: Sequence[int] = (),
                       methods: Sequence[str] = IMAGE_METHODS) -> list[dict]:
     """The settings compared, each {"setting": label, "decoding": options for
@@ -101,7 +101,7 @@ def sweep_decoding(
     temperature: float = 1.0,
     top_p: float = 0.9,
     cdk_alpha: float = 0.1,
-    cdk_k: int = 10,
+    cdk_k: int | None = None,  # None: the model directory's own (decoding.json), else Guidance's
     best_of_cfg_scale: float = 3.0,
     fid_features: str = "retriever",
     clip_retriever: str | os.PathLike | None = None,
