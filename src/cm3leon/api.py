@@ -188,6 +188,16 @@ def check_decoding(d, where: str) -> dict:
     return out
 
 
+def read_decoding(model_dir: str | os.PathLike) -> dict:
+    """A model directory's decoding.json, validated ({} when it has none)."""
+    path = Path(model_dir) / DECODING_FILE
+    if not path.is_file():
+        return {}
+    from cm3leon.utils.io import read_json
+
+    return check_decoding(read_json(path, "decoding settings"), str(path))
+
+
 class CM3Leon:
     """A trained CM3Leon: transformer, vocabulary, text and image tokenizers, and (optional)
     retriever + memory bank. Build with `from_pretrained`."""
@@ -238,13 +248,8 @@ class CM3Leon:
                                f"{image_tok.config.codebook_size} but vocab.json says "
                                f"image_vocab_size={vocab.image_vocab_size}")
         retriever, retrieval = cls._load_retrieval(path, device)
-        decoding = None
-        if (path / DECODING_FILE).is_file():
-            from cm3leon.utils.io import read_json
-
-            decoding = check_decoding(read_json(path / DECODING_FILE, "decoding settings"), str(path / DECODING_FILE))
         return cls(model, vocab, text_tok, image_tok, retriever=retriever, retrieval=retrieval, path=path,
-                   decoding=decoding)
+                   decoding=read_decoding(path))
 
     @staticmethod
     def _load_retrieval(path: Path, device):

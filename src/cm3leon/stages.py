@@ -89,10 +89,9 @@ def write_decoding(p, model_dir: Path) -> None:
     """The preset's text->image decoding (CFG scale, retrieved documents, CD-K's k) as the tuned
     model directory's defaults (decoding.json), so `CM3Leon.from_pretrained(...)`, the CLI and
     `cm3leon serve` draw the way the report measured."""
-    from cm3leon.api import DECODING_FILE, DEFAULT_NUM_RETRIEVED, check_decoding
+    from cm3leon.api import DECODING_FILE, DECODING_KEYS, check_decoding
 
-    d = {"cfg_scale": p.cfg_scale, "num_retrieved": p.decoding.get("num_retrieved", DEFAULT_NUM_RETRIEVED),
-         **{k: p.decoding[k] for k in ("cdk_k",) if k in p.decoding}}
+    d = {"cfg_scale": p.cfg_scale, **{k: v for k, v in p.decoding.items() if k in DECODING_KEYS}}
     write_json(model_dir / DECODING_FILE, check_decoding(d, "pipeline preset decoding"))
 
 

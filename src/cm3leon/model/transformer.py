@@ -234,6 +234,8 @@ class CM3LeonTransformer(nn.Module):
             The loss is the same, up to float rounding.
         """
         B, T = tokens.shape
+        if targets is not None and (head_rows is not None or last_only):
+            raise CM3LeonError("forward: head_rows / last_only compute part of the logits; no loss with them")
         if input_pos is not None:
             if not self.has_caches:
                 raise CM3LeonError("forward: input_pos given but setup_caches() was not called")
@@ -267,8 +269,6 @@ class CM3LeonTransformer(nn.Module):
             logits = F.linear(x, head[lo:hi])  # (B, T, hi - lo)
         else:
             logits = F.linear(x, head)[..., : self.config.vocab_size]  # (B, T, vocab_size)
-        if targets is not None and (head_rows is not None or last_only):
-            raise CM3LeonError("forward: head_rows / last_only compute part of the logits; no loss with them")
         loss = None
         if targets is not None:
             flat_targets = targets.reshape(-1)

@@ -176,9 +176,9 @@ class Handlers:
         docs = self.m.retrieve(text=prompt, k=k)
         shown = self.m.decode_images([list(d["image_codes"]) for d in docs]) if docs else []
         gallery = [(im, f"{d['score']:.3f} · {d['text']}") for im, d in zip(shown, docs)]
-        for image, _, status in self.text_to_image(prompt, "CFG", 1, cfg_scale, cdk_alpha=0.1, cdk_k=self.m.decoding["cdk_k"],
-                                                    temperature=1.0, top_p=0.9, seed=seed,
-                                                    num_retrieved=k if use_docs else 0):
+        for image, _, status in self.text_to_image(prompt, "CFG", 1, cfg_scale, cdk_alpha=0.1,
+                                                    cdk_k=self.m.decoding["cdk_k"], temperature=1.0, top_p=0.9,
+                                                    seed=seed, num_retrieved=k if use_docs else 0):
             yield gallery, image, status + ("" if use_docs else " · retrieval off")
 
     @_in_page
