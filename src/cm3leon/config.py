@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from cm3leon.errors import CM3LeonError
+from cm3leon.utils.presets import lookup
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,4 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
 
 
 def get_pipeline_preset(name: str, **overrides) -> PipelinePreset:
-    if name not in PIPELINE_PRESETS:
-        raise CM3LeonError(f"unknown pipeline preset {name!r}; choose one of {sorted(PIPELINE_PRESETS)}")
-    return replace(PIPELINE_PRESETS[name], **overrides)
+    return replace(lookup(PIPELINE_PRESETS, name, "pipeline"), **overrides)

@@ -12,6 +12,7 @@ from typing import Any
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.dataclass_io import from_dict_strict
+from cm3leon.utils.presets import lookup
 
 # Activations the decoder supports; names match `transformers.activations.ACT2FN`, so an
 # exported checkpoint runs the same function under `OPTForCausalLM`.
@@ -119,9 +120,7 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """The preset called exactly `name` (see PRESETS), with fields overridden."""
-        if name not in PRESETS:
-            raise CM3LeonError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        values = {**PRESETS[name], **overrides}
+        values = {**lookup(PRESETS, name, "model"), **overrides}
         if "vocab_size" not in values:
             raise CM3LeonError(f"model preset {name!r} needs vocab_size= (the unified Vocab.size)")
         return cls.from_dict(values)

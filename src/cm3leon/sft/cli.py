@@ -23,6 +23,7 @@ import numpy as np
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.train.config import DTYPES
+from cm3leon.utils.presets import lookup
 
 # SFT changes to the train preset of the same name. Paper (Sec. 4): LR 5e-5, 150 warmup steps.
 # The CPU presets fine-tune a model of a few million parameters for ~1-2 minutes: with so few
@@ -155,12 +156,11 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
     unknown = sorted(set(overrides) - train_keys - mix_keys - cm3_keys - set(SFT_OPTIONS))
     if unknown:
         raise CM3LeonError(f"sft: unknown option(s) {unknown}")
-    if preset not in SFT_PRESETS:
-        raise CM3LeonError(f"unknown SFT preset {preset!r}; choose one of {sorted(SFT_PRESETS)}")
+    sft_preset = lookup(SFT_PRESETS, preset, "SFT")
     _check_model_dir(init)
 
     model_cfg = read_json(init / "config.json", "model config")
-    train_over = {**SFT_PRESETS[preset], **{k: v for k, v in overrides.items() if k in train_keys}}
+    train_over = {**sft_preset, **{k: v for k, v in overrides.items() if k in train_keys}}
     cfg = TrainConfig.from_preset(preset, **train_over)
     max_len = int(model_cfg.get("max_seq_len", cfg.seq_len))
     if cfg.seq_len > max_len:

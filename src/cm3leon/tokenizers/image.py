@@ -24,6 +24,7 @@ from torch import nn
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.io import atomic_path, load_safetensors, read_json, write_json
+from cm3leon.utils.presets import lookup
 
 FORMAT = "cm3leon-vq/1"
 CONFIG_FILE = "config.json"
@@ -178,9 +179,7 @@ PRESETS: dict[str, VQConfig] = {
 
 def get_preset(name: str, **overrides) -> VQConfig:
     """A copy of the named preset, with optional field overrides."""
-    if name not in PRESETS:
-        raise CM3LeonError(f"unknown image tokenizer preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(lookup(PRESETS, name, "image tokenizer"), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------

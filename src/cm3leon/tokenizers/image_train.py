@@ -29,6 +29,7 @@ from cm3leon.tokenizers.image import (VQConfig, VQModel, as_8bit, code_stability
                                       tensor_to_images)
 from cm3leon.utils.io import atomic_path, load_safetensors, read_json, remove_stale_temporaries, write_json
 from cm3leon.utils.logging import MetricsLogger, progress, trim_metrics
+from cm3leon.utils.presets import lookup
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -503,7 +504,7 @@ def train_image_tokenizer(data: str | Path, out: str | Path, preset: str = "demo
     Running again with the same `out` resumes from the checkpoint. Returns the metrics."""
     out = Path(out)
     cfg = config or get_preset(preset)
-    tc = train_config or TRAIN_PRESETS.get(preset, VQTrainConfig())
+    tc = train_config or lookup(TRAIN_PRESETS, preset, "image tokenizer training")
     overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr),
                                    ("disc_start", disc_start), ("roundtrip_steps", roundtrip_steps),
                                    ("roundtrip_decoder", roundtrip_decoder)) if v is not None}

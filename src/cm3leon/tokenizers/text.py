@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.io import atomic_path
+from cm3leon.utils.presets import lookup
 
 # Named vocabulary sizes. The paper's is 56,320; the small default suits small data.
 VOCAB_PRESETS = {"paper": 56_320, "small": 1_024, "tiny": 512}
@@ -85,12 +86,10 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 def resolve_vocab_size(value: int | str) -> int:
     if isinstance(value, int):
         return value
-    if value in VOCAB_PRESETS:
-        return VOCAB_PRESETS[value]
     try:
         return int(value)
-    except ValueError:
-        raise CM3LeonError(f"--vocab-size: {value!r} is neither a number nor one of {sorted(VOCAB_PRESETS)}") from None
+    except (TypeError, ValueError):
+        return lookup(VOCAB_PRESETS, value, "vocabulary size (--vocab-size: a number or a preset)")
 
 
 def train_text_tokenizer(data: str | Path, out: str | Path, vocab_size: int | str = DEFAULT_VOCAB_SIZE,

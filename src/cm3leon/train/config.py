@@ -13,6 +13,7 @@ from typing import Any
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.dataclass_io import from_dict_strict
+from cm3leon.utils.presets import lookup
 
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32", "auto")
@@ -103,9 +104,7 @@ class TrainConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
         """The preset called exactly `name` (see TRAIN_PRESETS), with fields overridden."""
-        if name not in TRAIN_PRESETS:
-            raise CM3LeonError(f"unknown train preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-        return cls.from_dict({**TRAIN_PRESETS[name], **overrides})
+        return cls.from_dict({**lookup(TRAIN_PRESETS, name, "train"), **overrides})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)
