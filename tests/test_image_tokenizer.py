@@ -11,8 +11,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.tokenizers.image import (PRESETS, VQConfig, VQModel, as_8bit, codebook_stats, get_preset,
-                                      images_to_tensor, tensor_to_images)
+from cm3leon.convert.taming import load_taming_vqgan
+from cm3leon.tokenizers.image import PRESETS, VQConfig, VQModel, as_8bit, get_preset, images_to_tensor, tensor_to_images
+from cm3leon.tokenizers.image_metrics import codebook_stats
 
 TINY = dict(resolution=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
             z_channels=8, embed_dim=4, codebook_size=32, norm_groups=4)
@@ -209,7 +210,7 @@ def test_from_taming_fake_checkpoint_loads_with_weights_only_and_matches(tmp_pat
     state = {**src.state_dict(), "loss.discriminator.main.0.weight": torch.zeros(2, 3, 4, 4)}  # taming extras
     torch.save({"state_dict": state, "global_step": 7}, tmp_path / "vqgan.ckpt")
     _write_taming_yaml(tmp_path / "vqgan.yaml", src.config)
-    loaded = VQModel.from_taming(tmp_path / "vqgan.ckpt", tmp_path / "vqgan.yaml")
+    loaded = load_taming_vqgan(tmp_path / "vqgan.ckpt", tmp_path / "vqgan.yaml")
     assert loaded.config.codebook_type == "nearest"
     x = rand_images(2, 32)
     assert torch.equal(loaded.encode(x), src.encode(x))
@@ -218,8 +219,8 @@ def test_from_taming_fake_checkpoint_loads_with_weights_only_and_matches(tmp_pat
     # a Lightning-style checkpoint with pickled Python objects needs explicit trust
     torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, tmp_path / "pl.ckpt")
     with pytest.raises(CM3LeonError, match="trust_checkpoint=True"):
-        VQModel.from_taming(tmp_path / "pl.ckpt", tmp_path / "vqgan.yaml")
-    trusted = VQModel.from_taming(tmp_path / "pl.ckpt", tmp_path / "vqgan.yaml", trust_checkpoint=True)
+        load_taming_vqgan(tmp_path / "pl.ckpt", tmp_path / "vqgan.yaml")
+    trusted = load_taming_vqgan(tmp_path / "pl.ckpt", tmp_path / "vqgan.yaml", trust_checkpoint=True)
     assert torch.equal(trusted.encode(x), src.encode(x))
 
     # the CLI converts to our directory format
@@ -354,7 +355,7 @@ def test_gan_loss_starts_at_disc_start(tmp_path):
 def test_lpips_loads_local_weights_in_torchvision_layout(tmp_path):
     from safetensors.torch import save_file
 
-    from cm3leon.tokenizers.image_train import LPIPS, load_lpips
+    from cm3leon.tokenizers.image_losses import LPIPS, load_lpips
 
     torch.manual_seed(0)
     ref = LPIPS()
@@ -375,7 +376,7 @@ def test_lpips_loads_local_weights_in_torchvision_layout(tmp_path):
 
 
 def test_foreground_weights_mark_pixels_that_differ_from_the_border_background():
-    from cm3leon.tokenizers.image_train import foreground_weights
+    from cm3leon.tokenizers.image_losses import foreground_weights
 
     x = torch.ones(2, 3, 8, 8)  # white background in [-1, 1]
     x[0, :, 2:4, 2:4] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # a red 2x2 object
@@ -431,7 +432,7 @@ def test_error_seeding_restarts_dead_codes_where_quantization_error_is_largest()
 def test_roundtrip_objective_pulls_reconstructions_onto_the_teachers_codes(decoder):
     import copy
 
-    from cm3leon.tokenizers.image_train import roundtrip_step
+    from cm3leon.tokenizers.image_losses import roundtrip_step
 
     m = tiny_model(codebook_type="cosine", codebook_size=16)
     teacher = copy.deepcopy(m)
@@ -470,7 +471,7 @@ def test_roundtrip_objective_pulls_reconstructions_onto_the_teachers_codes(decod
 def test_roundtrip_gradient_reaches_only_pixels_inside_the_8bit_range():
     import copy
 
-    from cm3leon.tokenizers.image_train import roundtrip_step
+    from cm3leon.tokenizers.image_losses import roundtrip_step
 
     m = tiny_model(codebook_type="cosine", codebook_size=16)
     teacher = copy.deepcopy(m)

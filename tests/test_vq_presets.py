@@ -9,7 +9,8 @@ from PIL import Image
 from torch import nn
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.tokenizers.image import VQModel, code_stability, get_preset
+from cm3leon.tokenizers.image import VQModel, get_preset
+from cm3leon.tokenizers.image_metrics import code_stability
 
 
 def test_cm3leon_preset_full_width_maps_256px_to_32x32_latents_and_back_on_meta():

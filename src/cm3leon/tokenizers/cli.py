@@ -79,11 +79,11 @@ def _image(args) -> int:
     from cm3leon.errors import CM3LeonError
 
     if args.from_taming:
-        from cm3leon.tokenizers.image import VQModel
+        from cm3leon.convert.taming import load_taming_vqgan
 
         if not args.yaml:
             raise CM3LeonError("--from-taming needs --yaml (the checkpoint's taming config)")
-        model = VQModel.from_taming(args.from_taming, args.yaml, trust_checkpoint=args.trust_checkpoint)
+        model = load_taming_vqgan(args.from_taming, args.yaml, trust_checkpoint=args.trust_checkpoint)
         model.save_pretrained(args.out)
         cfg = model.config
         print(json.dumps({"out": str(Path(args.out)), "resolution": cfg.resolution, "grid": list(cfg.grid),

@@ -7,13 +7,12 @@ tokenizer (https://arxiv.org/abs/2203.13131): 256x256 -> 32x32 = 1,024 codes fro
 
 Parameter names follow the taming layout (`encoder.down.0.block.0.norm1.weight`,
 `quantize.embedding.weight`, `quant_conv`, ...), so a taming checkpoint such as Chameleon's
-released `vqgan.ckpt` loads without renaming (`VQModel.from_taming`), and the encoder matches
+released `vqgan.ckpt` loads without renaming (`cm3leon.convert.taming.load_taming_vqgan`), and the encoder matches
 `transformers`' `ChameleonVQVAE` name for name.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
@@ -620,26 +619,7 @@ class VQModel(nn.Module):
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"image tokenizer weights not found: {weights}")
-        _load_state(model, load_safetensors(weights, "image tokenizer weights"), str(weights))
-        return model.to(device).eval()
-
-    @classmethod
-    def from_taming(cls, ckpt_path: str | Path, yaml_path: str | Path, trust_checkpoint: bool = False,
-                    device: str | torch.device = "cpu") -> "VQModel":
-        """Load a taming-transformers VQGAN (`.ckpt` + its `.yaml`), e.g. Chameleon's released
-        `vqgan.ckpt` / `vqgan.yaml`.
-
-        The checkpoint is read with `torch.load(weights_only=True)`. Lightning checkpoints hold
-        Python objects besides the weights and then need `trust_checkpoint=True`, which runs
-        the pickle: only do that for a file from a source you trust."""
-        cfg = config_from_taming_yaml(yaml_path)
-        state = _read_taming_state(Path(ckpt_path), trust_checkpoint)
-        model = cls(cfg)
-        keep = {k: v for k, v in state.items() if k.split(".")[0] in _TAMING_PREFIXES}
-        if not keep:
-            raise CM3LeonError(f"{ckpt_path}: no VQGAN weights found (expected keys like "
-                               f"'encoder.conv_in.weight'; found e.g. {sorted(state)[:5]})")
-        _load_state(model, keep, str(ckpt_path))
+        load_weights(model, load_safetensors(weights, "image tokenizer weights"), str(weights))
         return model.to(device).eval()
 
     @property
@@ -647,10 +627,8 @@ class VQModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-_TAMING_PREFIXES = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
-
-
-def _load_state(model: VQModel, state: dict, where: str) -> None:
+def load_weights(model: VQModel, state: dict, where: str) -> None:
+    """Load `state` into `model`, or name what does not match (`where`: the file)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -664,68 +642,6 @@ def _load_state(model: VQModel, state: dict, where: str) -> None:
         raise CM3LeonError(f"{where}: {len(bad)} tensors have the wrong shape, e.g. {k}: "
                            f"{tuple(state[k].shape)} in the file vs {tuple(expected[k].shape)} from the config")
     model.load_state_dict({k: v for k, v in state.items()}, strict=True)
-
-
-def config_from_taming_yaml(yaml_path: str | Path) -> VQConfig:
-    """VQConfig from a taming VQGAN yaml (`model.params.{embed_dim, n_embed, ddconfig}`)."""
-    import yaml
-
-    yaml_path = Path(yaml_path)
-    if not yaml_path.is_file():
-        raise FileNotFoundError(f"taming config not found: {yaml_path}")
-    try:
-        doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CM3LeonError(f"{yaml_path}: not valid YAML ({e})") from None
-    params = doc.get("model", doc) if isinstance(doc, dict) else None
-    params = params.get("params", params) if isinstance(params, dict) else None
-    if not isinstance(params, dict) or "ddconfig" not in params:
-        raise CM3LeonError(f"{yaml_path}: expected a taming VQGAN config with model.params.ddconfig")
-    dd = params["ddconfig"]
-    target = str(doc.get("model", {}).get("target", "")) if isinstance(doc.get("model"), dict) else ""
-    if "Gumbel" in target or "EMA" in target:
-        raise CM3LeonError(f"{yaml_path}: {target} is not supported (only the plain VQModel quantizer)")
-    if dd.get("double_z"):
-        raise CM3LeonError(f"{yaml_path}: ddconfig.double_z=true is not a VQGAN encoder")
-    if int(dd.get("out_ch", dd.get("in_channels", 3))) != int(dd.get("in_channels", 3)):
-        raise CM3LeonError(f"{yaml_path}: out_ch must equal in_channels")
-    try:
-        return VQConfig(
-            resolution=int(dd["resolution"]), in_channels=int(dd.get("in_channels", 3)),
-            base_channels=int(dd["ch"]), channel_multipliers=tuple(dd["ch_mult"]),
-            num_res_blocks=int(dd["num_res_blocks"]), attn_resolutions=tuple(dd.get("attn_resolutions") or ()),
-            z_channels=int(dd["z_channels"]), embed_dim=int(params["embed_dim"]),
-            codebook_size=int(params["n_embed"]), beta=float(params.get("beta", 0.25)),
-            codebook_type="nearest", dropout=float(dd.get("dropout", 0.0)), norm_groups=32,
-        )
-    except KeyError as e:
-        raise CM3LeonError(f"{yaml_path}: missing field {e.args[0]!r}") from None
-
-
-def _read_taming_state(ckpt_path: Path, trust_checkpoint: bool) -> dict:
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"taming checkpoint not found: {ckpt_path}")
-    if ckpt_path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(ckpt_path))
-    try:
-        obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an UnpicklingError for Lightning objects, or a corrupt file
-        if not trust_checkpoint:
-            raise CM3LeonError(
-                f"{ckpt_path}: cannot be read as plain weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                "Taming/Lightning .ckpt files also pickle Python objects (callbacks, hyper-parameters), and "
-                "unpickling runs code, so it is off by default. If you trust where the file came from, pass "
-                "trust_checkpoint=True (CLI: --trust-checkpoint).") from None
-        try:
-            obj = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e2:
-            raise CM3LeonError(f"{ckpt_path}: not a readable PyTorch checkpoint ({type(e2).__name__}: {e2})") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CM3LeonError(f"{ckpt_path}: expected a state dict (or a dict with 'state_dict') of tensors")
-    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -771,51 +687,5 @@ def as_8bit(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
 
 
-def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict:
-    """Usage (fraction of codes ever used) and perplexity (exp of the code entropy)."""
-    counts = torch.bincount(torch.as_tensor(codes).reshape(-1).long(), minlength=codebook_size).double()
-    p = counts / counts.sum().clamp(min=1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    return {"codebook_usage": round((counts > 0).float().mean().item(), 4),
-            "codes_used": int((counts > 0).sum().item()),
-            "perplexity": round(math.exp(entropy), 2)}
-
-
-@torch.no_grad()
-def code_stability(vq: VQModel, images, batch_size: int = 256, round_pixels: bool = True) -> float:
-    """Fraction of codes that survive encode -> decode -> encode unchanged.
-
-    A generated image is decoded from codes and may be tokenized again (editing, re-ranking,
-    a saved picture fed back); codes that drift on the way make that lossy. `images`: a float
-    tensor [B, C, H, W] in [-1, 1], a uint8 tensor [B, C, H, W] in [0, 255], or PIL images.
-    `round_pixels` rounds decoded images to 8-bit values first, as a saved image would be."""
-    if isinstance(images, (list, tuple)):
-        images = images_to_tensor(images, size=vq.config.resolution)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise CM3LeonError(f"code_stability: images must be a tensor [B, C, H, W] or a list of PIL images, got {shape}")
-    if images.shape[0] == 0:
-        raise CM3LeonError("code_stability: no images given")
-    if batch_size < 1:
-        raise CM3LeonError(f"code_stability: batch_size must be >= 1, got {batch_size}")
-    was_training = vq.training
-    vq.eval()  # training mode would update an EMA codebook while measuring
-    same = total = 0
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i:i + batch_size]
-            if x.dtype == torch.uint8:
-                x = x.float() / 127.5 - 1.0
-            codes = vq.encode(x)
-            recon = vq.decode(codes)
-            if round_pixels:
-                recon = as_8bit(recon)
-            same += (vq.encode(recon) == codes).sum().item()
-            total += codes.numel()
-    finally:
-        vq.train(was_training)
-    return same / total
-
-
-__all__ = ["VQConfig", "VQModel", "PRESETS", "get_preset", "images_to_tensor", "tensor_to_images",
-           "as_8bit", "codebook_stats", "code_stability", "config_from_taming_yaml"]
+__all__ = ["VQConfig", "VQModel", "PRESETS", "get_preset", "load_weights", "images_to_tensor", "tensor_to_images",
+           "as_8bit"]
