@@ -1,4 +1,4 @@
-"""Images per second: `CM3Leon.sample_images_batch` against the exported model in plain
+"""Images per second: `CM3Leon.sample_images` against the exported model in plain
 `transformers` (`CM3LeonOPTForCausalLM.generate` + the `cm3leon.hf` processors), same prompts,
 same CFG, same seed — and a check that both wrote the same codes.
 
@@ -46,7 +46,7 @@ def main() -> int:
         batch = build_image_prompt(Path(tmp) / "hf", prompts)
 
         def run_ours(seed):
-            return [list(s.codes) for s in ours.sample_images_batch(
+            return [list(s.codes) for s in ours.sample_images(
                 prompts, method="cfg", cfg_scale=args.cfg_scale, temperature=1.0, top_p=0.9, seed=seed,
                 num_retrieved=0)]
 

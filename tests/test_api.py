@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3leon.api import (DECODING_FILE, DEFAULT_CFG_SCALE, DEFAULT_NUM_RETRIEVED, REQUIRED_FILES, CM3Leon,
-                         prepare_image)
+from cm3leon.api import REQUIRED_FILES, CM3Leon, prepare_image
+from cm3leon.decode.config import DECODING_FILE, DecodingConfig
 from cm3leon.cli import main
 from cm3leon.errors import CM3LeonError
 
@@ -62,7 +62,7 @@ def test_clip_scorer_without_a_retriever_or_an_unknown_scorer_is_a_clear_error(m
     with pytest.raises(CM3LeonError, match="retriever"):
         m.sample_images("a red circle", method="best_of_n", num_candidates=2, scorer="clip")
     with pytest.raises(CM3LeonError, match="scorer"):
-        m.sample_images_batch(["a red circle"], method="best_of_n", num_candidates=2, scorer="vibes")
+        m.sample_images(["a red circle"], method="best_of_n", num_candidates=2, scorer="vibes")
 
 
 def test_text_tasks_return_strings(m, picture):
@@ -259,18 +259,21 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     d = tmp_path / "model"
     shutil.copytree(model_dir, d)
     plain = CM3Leon.from_pretrained(d)
-    assert plain.decoding == {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED, "cdk_k": 10}
+    assert plain.decoding == DecodingConfig() and plain.decoding.model_defaults() == {
+        "cfg_scale": 3.0, "num_retrieved": 2, "cdk_k": 10}  # the paper's settings (CD-K's k: ours)
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
-    assert tuned.decoding == {"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}
+    assert tuned.decoding.model_defaults() == {"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}
     cdk = tuned.sample_images("a blue square", method="cdk", seed=3)[0]
     assert cdk.settings["guidance"]["cdk_k"] == 1
     assert cdk.codes == plain.sample_images("a blue square", method="cdk", cdk_k=1, seed=3)[0].codes
     default = tuned.sample_images("a blue square", method="cfg", seed=3)[0]
     assert default.settings["guidance"] == {"method": "cfg", "cfg_scale": 1.5}
     assert default.codes == plain.sample_images("a blue square", method="cfg", cfg_scale=1.5, seed=3)[0].codes
-    batch = tuned.sample_images_batch(["a blue square"], method="cfg", seed=3)[0]
-    assert batch.settings["guidance"]["cfg_scale"] == 1.5
+    batch = tuned.sample_images(["a blue square", "a red circle"], method="cfg", seed=3)
+    assert [s.settings["guidance"]["cfg_scale"] for s in batch] == [1.5, 1.5]
+    config = tuned.sample_images("a blue square", decoding=DecodingConfig(cfg_scale=1.5), seed=3)[0]
+    assert config.codes == default.codes  # a whole DecodingConfig in place of the model's
     given = tuned.sample_images("a blue square", method="cfg", cfg_scale=4.0, seed=3)[0]
     assert given.settings["guidance"]["cfg_scale"] == 4.0
 

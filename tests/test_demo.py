@@ -48,8 +48,8 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     # ... which the tuned model directory recommends to every later user of it (API, CLI, serve)
     preset = PIPELINE_PRESETS["quick"]
     assert json.loads((out / "sft" / "decoding.json").read_text()) == {
-        "cfg_scale": preset.cfg_scale, "num_retrieved": preset.decoding["num_retrieved"],
-        "cdk_k": preset.decoding["cdk_k"]}
+        "cfg_scale": preset.decoding.cfg_scale, "num_retrieved": preset.decoding.num_retrieved,
+        "cdk_k": preset.decoding.cdk_k}
     assert all(0.0 <= m["accuracy_both"] <= 1.0 for m in gen["methods"].values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0
@@ -86,7 +86,8 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
     from cm3leon.data.shapes import synthesize
 
     monkeypatch.setitem(config.PIPELINE_PRESETS, "quick",
-                        replace(config.PIPELINE_PRESETS["quick"], decoding={"num_retrieved": 1}))
+                        replace(config.PIPELINE_PRESETS["quick"],
+                                decoding=config.PIPELINE_PRESETS["quick"].decoding.replace(num_retrieved=1)))
 
     data = tmp_path / "mine"
     synthesize(data, num=200, size=48, max_objects=1, seed=5)

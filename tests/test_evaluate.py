@@ -73,16 +73,16 @@ class Oracle:
     def _key(im) -> bytes:
         return np.asarray(im).tobytes()
 
-    def text_to_image_batch(self, prompts, seed=None, **decoding):
+    def text_to_image(self, prompts, seed=None, decoding=None):
         return [self.image_of[p] for p in prompts]
 
-    def image_to_text_batch(self, images, seed=None):
+    def image_to_text(self, images, seed=None):
         return [self.caption_of[self._key(im)] for im in images]
 
-    def answer_batch(self, images, questions, seed=None):
+    def answer(self, images, questions, seed=None):
         return [self.answer_of[(self._key(im), q)] for im, q in zip(images, questions)]
 
-    def edit_batch(self, images, instructions, seed=None):
+    def edit(self, images, instructions, seed=None):
         return [self.target_of[(self._key(im), ins)] for im, ins in zip(images, instructions)]
 
 
@@ -186,8 +186,8 @@ def test_sweep_shares_its_decoding_options_with_every_setting(model_dir, shapes_
     monkeypatch.setattr(ev, "generate_images", lambda m, p, d, *a, **k: seen.append(d) or real(m, p, d, *a, **k))
     sweep_decoding(model_dir, shapes_dir, tmp_path / "s", cfg_scales=(2,), best_of=(2,), num_prompts=2, split="train",
                    decoding={"num_retrieved": 0, "scorer": "likelihood"})
-    assert [d["method"] for d in seen] == ["topp", "cfg", "cdk", "best_of_n"]
-    assert all(d["num_retrieved"] == 0 and d["scorer"] == "likelihood" for d in seen)
+    assert [d.method for d in seen] == ["topp", "cfg", "cdk", "best_of_n"]
+    assert all(d.num_retrieved == 0 and d.scorer == "likelihood" for d in seen)
 
 
 def test_sweep_over_seeds_reports_mean_and_spread_and_compares_retrieval_k(model_dir, shapes_dir, tmp_path,
@@ -200,10 +200,10 @@ def test_sweep_over_seeds_reports_mean_and_spread_and_compares_retrieval_k(model
                         lambda m, p, d, seed, *a, **k: calls.append((d, seed)) or real(m, p, d, seed, *a, **k))
     res = sweep_decoding(model_dir, shapes_dir, tmp_path / "s", cfg_scales=(2,), best_of=(), num_prompts=3,
                          split="train", seeds=(5, 6, 7), retrieved=(1,), methods="topp,cfg",
-                         decoding={"num_retrieved": 0}, best_of_cfg_scale=1.5)
+                         decoding={"num_retrieved": 0, "cfg_scale": 1.5})
     assert [r["setting"] for r in res["rows"]] == ["TopP", "TopP+CFG a=2", "TopP+CFG a=1.5 k=1"]
     assert [seed for _, seed in calls] == [5, 6, 7] * 3  # every setting on every seed
-    assert [d["num_retrieved"] for d, _ in calls] == [0] * 6 + [1] * 3  # the k row overrides the shared k
+    assert [d.num_retrieved for d, _ in calls] == [0] * 6 + [1] * 3  # the k row overrides the shared k
     for r in res["rows"]:
         vals = r["both_seeds"]
         assert len(vals) == 3 and r["both"] == pytest.approx(sum(vals) / 3)
@@ -255,16 +255,25 @@ def test_bad_arguments_raise_clear_errors(model_dir, shapes_dir, tmp_path):
         sweep_decoding(model_dir, shapes_dir, tmp_path, decoding={"num_retreived": 0})
 
 
-def test_batched_api_matches_one_at_a_time(model_dir, shapes_dir):
+def test_a_list_is_one_batch_with_the_same_answers_as_one_at_a_time(model_dir, shapes_dir):
     m = CM3Leon.from_pretrained(model_dir)
     images = [load_image(p, None) for p in sorted((shapes_dir / "images").glob("*.png"))[:3]]
     questions = ["What color is the circle?", "How many shapes are there?", "Is there a red square?"]
-    assert m.answer_batch(images, questions, max_new_tokens=4) == [
+    assert m.answer(images, questions, max_new_tokens=4) == [
         m.answer(im, q, max_new_tokens=4) for im, q in zip(images, questions)]
-    assert m.image_to_text_batch(images, max_new_tokens=4) == [m.image_to_text(im, max_new_tokens=4) for im in images]
+    assert m.image_to_text(images, max_new_tokens=4) == [m.image_to_text(im, max_new_tokens=4) for im in images]
     assert m.encode_images(images) == [m.encode_image(im) for im in images]
     prompts = ["a red circle", "two shapes: a green triangle and a yellow diamond"]
     for method in ("cfg", "best_of_n"):
-        samples = m.sample_images_batch(prompts, method=method, num_candidates=3, seed=random.Random(0).randrange(99))
+        samples = m.sample_images(prompts, method=method, num_candidates=3, seed=random.Random(0).randrange(99))
         assert [s.prompt for s in samples] == prompts and all(s.image.size == (16, 16) for s in samples)
-    assert len(m.edit_batch(images[:2], ["make it blue", "remove the red circle"], seed=0)) == 2
+    two = m.sample_images(prompts, n=2, method="cfg", seed=4)
+    assert [s.prompt for s in two] == [prompts[0]] * 2 + [prompts[1]] * 2  # n per prompt, prompt by prompt
+    assert [s.codes for s in m.sample_images([prompts[0]], n=2, seed=4)] == \
+        [s.codes for s in m.sample_images(prompts[0], n=2, seed=4)]  # a list of one is the single call
+    edited = m.edit(images[:2], ["make it blue", "remove the red circle"], seed=0)
+    assert isinstance(edited, list) and len(edited) == 2
+    with pytest.raises(CM3LeonError, match="equal length"):
+        m.answer(images, questions[:2])
+    with pytest.raises(CM3LeonError, match="one image and one question"):
+        m.answer(images[0], questions)

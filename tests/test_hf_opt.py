@@ -186,7 +186,7 @@ def test_transformers_generate_with_the_cm3leon_processors_draws_our_image(tmp_p
     prompts = ["a red circle", "a blue square on the left"]
     batch = build_image_prompt(tmp_path / "hf", prompts)
     for temperature, seed in ((0.0, None), (1.0, 11)):
-        samples = ours.sample_images_batch(prompts, method="cfg", cfg_scale=2.5, temperature=temperature,
+        samples = ours.sample_images(prompts, method="cfg", cfg_scale=2.5, temperature=temperature,
                                            top_p=0.9, seed=seed if seed is not None else 0, num_retrieved=0)
         for model, same in ((hf, True), (plain, not segments)):
             cfg = BatchedCFGLogitsProcessor(2.5, batch.constraint, temperature=temperature, top_p=0.9, seed=seed)
@@ -216,7 +216,7 @@ def test_the_readme_snippet_runs(tmp_path, tiny_model_dir_factory):
     scope: dict = {}
     exec(compile(code.replace('"runs/hf"', repr(str(tmp_path / "hf"))), "README.md", "exec"), scope)
     m = CM3Leon.from_pretrained(model_dir)
-    ours = m.sample_images_batch(["a large red circle", "a small blue square"], method="cfg", cfg_scale=1.5,
+    ours = m.sample_images(["a large red circle", "a small blue square"], method="cfg", cfg_scale=1.5,
                                  temperature=1.0, top_p=0.9, seed=0, num_retrieved=0)
     theirs = scope["out"][:2, scope["batch"].prompt_length:-1] - m.vocab.image_offset
     assert [list(s.codes) for s in ours] == theirs.tolist()
@@ -263,12 +263,12 @@ def test_export_carries_the_model_directorys_cfg_scale(tmp_path, tiny_model_dir_
     model was measured to draw best with), else the decoder's default."""
     import json
 
-    from cm3leon.api import DECODING_FILE, DEFAULT_CFG_SCALE
+    from cm3leon.decode.config import DECODING_FILE, DecodingConfig
 
     model_dir = tiny_model_dir_factory(tmp_path / "m", ["a red circle on the left", "two blue squares"] * 4)
     export_hf(model_dir, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "generation_config.json").read_text())["cm3leon"]["cfg_scale"] == \
-        DEFAULT_CFG_SCALE
+        DecodingConfig.cfg_scale
     (model_dir / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0}))
     export_hf(model_dir, tmp_path / "tuned")
     assert json.loads((tmp_path / "tuned" / "generation_config.json").read_text())["cm3leon"]["cfg_scale"] == 1.5

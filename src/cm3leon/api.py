@@ -6,13 +6,16 @@
     text = m.image_to_text(img)
     ans = m.answer(img, "what colour is the shape?")
     out = m.edit(img, "make it blue")
+    imgs = m.text_to_image(["a red circle", "a blue square"], seed=0)   # a batch: one call, one pass
 
+One method per task; each takes one input or a list of them (a list is decoded as one batch
+and gives a list back). Text->image settings are a `DecodingConfig` (`m.decoding`: the paper's
+defaults with the model directory's decoding.json applied); keyword options override fields.
 Prompt layouts are documented in `cm3leon.decode.tasks`; decoding in `cm3leon.decode`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from cm3leon.decode.config import IMAGE_METHODS, SCORERS, DecodingConfig, check_model_decoding, read_model_decoding
 from cm3leon.decode.generate import generate
 from cm3leon.decode.guidance import Guidance
 from cm3leon.decode.processors import ImageConstraint, ImageInfillConstraint, SamplerSettings, TextConstraint
@@ -29,15 +33,7 @@ from cm3leon.decode.rerank import rank, sequence_logprob, split_methods
 from cm3leon.decode.tasks import Document, PromptBuilder, TaskPrompt, box_to_region
 from cm3leon.errors import CM3LeonError
 
-IMAGE_METHODS = ("topp", "cfg", "cdk", "best_of_n")
-SCORERS = ("auto", "clip", "likelihood")  # best-of-N re-ranking (CM3Leon.rerank)
-DEFAULT_NUM_RETRIEVED = 2  # documents retrieved into a text->image prompt (paper Sec. 2: k = 2)
-DEFAULT_CFG_SCALE = Guidance("cfg").cfg_scale  # when neither the call nor the model directory says
-# A model directory may recommend its text->image decoding in decoding.json (the pipeline
-# writes the preset's, chosen by its own sweep: a small tuned model draws best at a lower CFG
-# scale and without retrieved documents); arguments given to a call override it.
-DECODING_FILE = "decoding.json"
-DECODING_KEYS = {"cfg_scale": (0.0, 100.0), "num_retrieved": (0, 64), "cdk_k": (1, 1 << 20)}
+__all__ = ["CM3Leon", "ImageSample", "DecodingConfig", "IMAGE_METHODS", "SCORERS", "prepare_image"]
 
 # What each part of a model directory is, for error messages.
 REQUIRED_FILES = (
@@ -99,6 +95,13 @@ def _new_seed(seed: int | None) -> int:
 def _check_n(n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
         raise CM3LeonError(f"n must be an integer in [1, {MAX_SAMPLES}], got {n!r}")
+
+
+def _as_batch(x, what: str) -> tuple[bool, list]:
+    """(single, items): a list or tuple is a batch; anything else is one item."""
+    if isinstance(x, (list, tuple)):
+        return False, list(x)
+    return True, [x]
 
 
 def _array_to_uint8(a: np.ndarray) -> np.ndarray:
@@ -167,43 +170,12 @@ def prepare_image(image, resolution: int):
     return image
 
 
-def check_decoding(d, where: str) -> dict:
-    """Validated text->image decoding defaults ({"cfg_scale": float, "num_retrieved": int,
-    "cdk_k": int}, any subset);
-    errors name `where` (the file or argument) and the field."""
-    if not isinstance(d, Mapping):
-        raise CM3LeonError(f"{where}: expected a JSON object with {sorted(DECODING_KEYS)}, got {type(d).__name__}")
-    unknown = sorted(set(d) - set(DECODING_KEYS))
-    if unknown:
-        raise CM3LeonError(f"{where}: unknown field(s) {unknown}; known: {sorted(DECODING_KEYS)}")
-    out = {}
-    for k, v in d.items():
-        lo, hi = DECODING_KEYS[k]
-        integral = isinstance(lo, int)
-        ok = not isinstance(v, bool) and isinstance(v, int if integral else (int, float))
-        if not ok or not lo <= v <= hi or (not integral and not math.isfinite(v)):
-            raise CM3LeonError(f"{where}: {k} must be {'an integer' if integral else 'a number'} in [{lo}, {hi}], "
-                               f"got {v!r}")
-        out[k] = int(v) if integral else float(v)
-    return out
-
-
-def read_decoding(model_dir: str | os.PathLike) -> dict:
-    """A model directory's decoding.json, validated ({} when it has none)."""
-    path = Path(model_dir) / DECODING_FILE
-    if not path.is_file():
-        return {}
-    from cm3leon.utils.io import read_json
-
-    return check_decoding(read_json(path, "decoding settings"), str(path))
-
-
 class CM3Leon:
     """A trained CM3Leon: transformer, vocabulary, text and image tokenizers, and (optional)
     retriever + memory bank. Build with `from_pretrained`."""
 
     def __init__(self, model, vocab, text_tokenizer, image_tokenizer, retriever=None, retrieval=None,
-                 path: Path | None = None, decoding: Mapping[str, Any] | None = None):
+                 path: Path | None = None, decoding: DecodingConfig | Mapping[str, Any] | None = None):
         self.model = model.eval()
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
@@ -212,10 +184,10 @@ class CM3Leon:
         self.retrieval = retrieval  # retriever + memory bank (retrieval-augmented prompts), or None
         self.path = path
         self.prompts = PromptBuilder(vocab, text_tokenizer, model.config.max_seq_len, self.tokens_per_image)
-        self.decoding = {"cfg_scale": DEFAULT_CFG_SCALE, "num_retrieved": DEFAULT_NUM_RETRIEVED,
-                         "cdk_k": Guidance("cdk").cdk_k}
-        if decoding:
-            self.decoding.update(check_decoding(decoding, "decoding"))
+        # text->image defaults: the paper's, with what the model directory recommends
+        # (decoding.json: the pipeline writes the settings its own sweep chose)
+        self.decoding = decoding if isinstance(decoding, DecodingConfig) else \
+            DecodingConfig().replace(**check_model_decoding(decoding or {}, "decoding"))
 
     # --- loading ---------------------------------------------------------------------------
     @classmethod
@@ -249,7 +221,7 @@ class CM3Leon:
                                f"image_vocab_size={vocab.image_vocab_size}")
         retriever, retrieval = cls._load_retrieval(path, device)
         return cls(model, vocab, text_tok, image_tok, retriever=retriever, retrieval=retrieval, path=path,
-                   decoding=read_decoding(path))
+                   decoding=DecodingConfig().replace(**read_model_decoding(path)))
 
     @staticmethod
     def _load_retrieval(path: Path, device):
@@ -326,122 +298,63 @@ class CM3Leon:
 
     # --- text -> image ---------------------------------------------------------------------
     def sample_images(
-        self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float | None = None, temperature: float = 1.0,
-        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int | None = None,
-        num_candidates: int = 8, num_retrieved: int | None = None, seed: int | None = None, scorer: str = "auto",
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
+        self, prompts: str | Sequence[str], n: int = 1, decoding: DecodingConfig | None = None,
+        seed: int | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None, **options,
     ) -> list[ImageSample]:
-        """Images for a text prompt, with their metadata.
+        """Images for text prompts, with their metadata: n per prompt, all drawn in one batch
+        (a list of prompts gives a flat list, prompt by prompt: the n of the first, then the next).
 
-        method: "topp" (plain nucleus sampling), "cfg" (TopP + classifier-free guidance),
-        "cdk" (contrastive decoding, temperature only: its plausibility set replaces top-p),
-        "best_of_n" (`num_candidates` samples, half TopP+CFG, half CD-K, ranked by CLIP score
-        or by the model's own caption likelihood; the best `n` are returned, best first).
-        cfg_scale / num_retrieved / cdk_k: None takes the model directory's decoding.json, else
-        DEFAULT_CFG_SCALE / DEFAULT_NUM_RETRIEVED / Guidance's cdk_k (`self.decoding`).
-        num_retrieved: documents retrieved into the prompt when the model has an index.
-        scorer: how best-of-N ranks (`rerank`): "auto", "clip" or "likelihood".
+        decoding: a `DecodingConfig` (default `self.decoding`); options: any of its fields
+        (method, cfg_scale, temperature, top_p, top_k, cdk_alpha, cdk_k, num_candidates,
+        num_retrieved, scorer; None keeps the config's). Methods: "topp" (plain nucleus
+        sampling), "cfg" (TopP + classifier-free guidance), "cdk" (contrastive decoding,
+        temperature only: its plausibility set replaces top-p), "best_of_n" (`num_candidates`
+        per prompt, half TopP+CFG, half CD-K, ranked by `rerank`; the best n are kept, best first).
         on_step: `generate`'s per-step hook, for every batch drawn (streaming partial images)."""
-        if method not in IMAGE_METHODS:
-            raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
+        one = isinstance(prompts, str)
+        prompts = [prompts] if one else list(prompts) if isinstance(prompts, (list, tuple)) else None
+        if prompts is None or not all(isinstance(p, str) for p in prompts):
+            raise CM3LeonError("prompts must be a string or a list of strings")
         _check_n(n)
+        d = (decoding or self.decoding).replace(**options)
         seed = _new_seed(seed)
-        cfg_scale, num_retrieved, cdk_k = self._decoding(cfg_scale=cfg_scale, num_retrieved=num_retrieved,
-                                                         cdk_k=cdk_k)
-        topp = SamplerSettings(temperature, top_k, top_p)
-        cdk_sampler = SamplerSettings(temperature)
-        cfg = Guidance("cfg", cfg_scale=cfg_scale)
-        cdk = Guidance("cdk", cdk_alpha=cdk_alpha, cdk_k=cdk_k)
-        tp, keys = self._text_to_image_prompt(prompt, num_retrieved)
-
-        def draw(count: int, guidance: Guidance | None, sampler: SamplerSettings, name: str,
-                 s: int) -> list[ImageSample]:
-            return self._draw_images([(prompt, tp, keys)] * count, guidance, sampler, name, s, on_step)
-
-        if method == "topp":
-            return draw(n, None, topp, "topp", seed)
-        if method == "cfg":
-            return draw(n, cfg, topp, "cfg", seed)
-        if method == "cdk":
-            return draw(n, cdk, cdk_sampler, "cdk", seed)
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < n:
-            raise CM3LeonError(f"num_candidates must be an integer >= n ({n}), got {num_candidates!r}")
-        n_cfg, n_cdk = split_methods(num_candidates)
-        samples = draw(n_cfg, cfg, topp, "cfg", seed)
+        if not prompts:
+            return []
+        rows = [(p, *self._text_to_image_prompt(p, d.num_retrieved)) for p in prompts]
+        if d.method != "best_of_n":
+            return self._draw_images([r for r in rows for _ in range(n)], d, d.method, seed, on_step)
+        if d.num_candidates < n:
+            raise CM3LeonError(f"num_candidates must be >= n ({n}), got {d.num_candidates}")
+        n_cfg, n_cdk = split_methods(d.num_candidates)
+        cands = self._draw_images([r for r in rows for _ in range(n_cfg)], d, "cfg", seed, on_step)
+        by_prompt = [cands[i * n_cfg:(i + 1) * n_cfg] for i in range(len(rows))]
         if n_cdk:
-            samples += draw(n_cdk, cdk, cdk_sampler, "cdk", seed + 1)
-        return self.rerank(prompt, samples, scorer)[:n]
-
-    def _decoding(self, **given) -> tuple:
-        """The call's values of `given` (cfg_scale, num_retrieved, cdk_k), the model's where None."""
-        return tuple(self.decoding[k] if v is None else v for k, v in given.items())
+            more = self._draw_images([r for r in rows for _ in range(n_cdk)], d, "cdk", seed + 1, on_step)
+            for i in range(len(rows)):
+                by_prompt[i] += more[i * n_cdk:(i + 1) * n_cdk]
+        return [s for p, c in zip(prompts, by_prompt) for s in self.rerank(p, c, d.scorer)[:n]]
 
     def _text_to_image_prompt(self, prompt: str, num_retrieved: int) -> tuple[TaskPrompt, list[str]]:
         """The text->image prompt (with retrieved documents when the model has an index) and
         the keys of those documents."""
-        docs = self._retrieve(text=prompt, k=num_retrieved) if isinstance(prompt, str) and prompt.strip() else []
+        docs = self._retrieve(text=prompt, k=num_retrieved) if prompt.strip() else []
         return self.prompts.text_to_image(prompt, [d for _, d in docs]), [k for k, _ in docs]
 
-    def _draw_images(self, rows: Sequence[tuple[str, TaskPrompt, list[str]]], guidance: Guidance | None,
-                     sampler: SamplerSettings, name: str, seed: int, on_step=None) -> list[ImageSample]:
-        """One image per row (prompt, its TaskPrompt, retrieved keys), all rows in one batch."""
-        streams = None
+    def _draw_images(self, rows: Sequence[tuple[str, TaskPrompt, list[str]]], d: DecodingConfig, method: str,
+                     seed: int, on_step=None) -> list[ImageSample]:
+        """One image per row (prompt, its TaskPrompt, retrieved keys), all rows in one batch,
+        with `method`'s guidance and sampler from `d`."""
+        guidance, streams = d.guidance(method), None
         if guidance is not None:
             per_row = [tp.guidance_streams(guidance.method) for _, tp, _ in rows]
             streams = [[r[j] for r in per_row] for j in range(len(per_row[0]))]
         constraint = ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image)
-        res = generate(self.model, [tp.cond for _, tp, _ in rows], constraint, sampler=sampler, guidance=guidance,
-                       guidance_prompts=streams, seed=seed, on_step=on_step)
+        res = generate(self.model, [tp.cond for _, tp, _ in rows], constraint, sampler=d.sampler(method),
+                       guidance=guidance, guidance_prompts=streams, seed=seed, on_step=on_step)
         codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
         images = self.decode_images(codes)
-        return [ImageSample(im, c, p, name, seed, i, res.settings, truncated_tokens=tp.truncated_tokens,
+        return [ImageSample(im, c, p, method, seed, i, res.settings, truncated_tokens=tp.truncated_tokens,
                             retrieved=keys) for i, (im, c, (p, tp, keys)) in enumerate(zip(images, codes, rows))]
-
-    def sample_images_batch(
-        self, prompts: Sequence[str], method: str = "cfg", cfg_scale: float | None = None, temperature: float = 1.0,
-        top_p: float | None = 0.9, top_k: int | None = None, cdk_alpha: float = 0.1, cdk_k: int | None = None,
-        num_candidates: int = 8, num_retrieved: int | None = None, seed: int | None = None, scorer: str = "auto",
-    ) -> list[ImageSample]:
-        """One image per prompt, every prompt in one batch (options as `sample_images`).
-
-        For "best_of_n", `num_candidates` per prompt are drawn (all prompts' TopP+CFG
-        candidates in one batch, then all CD-K ones) and each prompt keeps its best. A batch
-        draws different random numbers than one-prompt calls, so images differ from
-        `sample_images` with the same seed (each is reproducible on its own)."""
-        if method not in IMAGE_METHODS:
-            raise CM3LeonError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise CM3LeonError("prompts must be a list of strings")
-        if not prompts:
-            return []
-        seed = _new_seed(seed)
-        cfg_scale, num_retrieved, cdk_k = self._decoding(cfg_scale=cfg_scale, num_retrieved=num_retrieved,
-                                                         cdk_k=cdk_k)
-        topp = SamplerSettings(temperature, top_k, top_p)
-        cdk_sampler = SamplerSettings(temperature)
-        cfg = Guidance("cfg", cfg_scale=cfg_scale)
-        cdk = Guidance("cdk", cdk_alpha=cdk_alpha, cdk_k=cdk_k)
-        rows = [(p, *self._text_to_image_prompt(p, num_retrieved)) for p in prompts]
-        if method == "topp":
-            return self._draw_images(rows, None, topp, "topp", seed)
-        if method == "cfg":
-            return self._draw_images(rows, cfg, topp, "cfg", seed)
-        if method == "cdk":
-            return self._draw_images(rows, cdk, cdk_sampler, "cdk", seed)
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-            raise CM3LeonError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
-        n_cfg, n_cdk = split_methods(num_candidates)
-        cands = self._draw_images([r for r in rows for _ in range(n_cfg)], cfg, topp, "cfg", seed)
-        by_prompt = [cands[i * n_cfg:(i + 1) * n_cfg] for i in range(len(rows))]
-        if n_cdk:
-            more = self._draw_images([r for r in rows for _ in range(n_cdk)], cdk, cdk_sampler, "cdk", seed + 1)
-            for i in range(len(rows)):
-                by_prompt[i] += more[i * n_cdk:(i + 1) * n_cdk]
-        return [self.rerank(p, s, scorer)[0] for p, s in zip(prompts, by_prompt)]
-
-    def text_to_image_batch(self, prompts: Sequence[str], **kwargs) -> list:
-        """One PIL image per prompt, generated in one batch (options: `sample_images_batch`)."""
-        return [s.image for s in self.sample_images_batch(prompts, **kwargs)]
 
     def rerank(self, prompt: str, samples: list[ImageSample], scorer: str = "auto") -> list[ImageSample]:
         """Score every sample and return them all, best first. scorer: "clip" (the retriever's
@@ -462,23 +375,17 @@ class CM3Leon:
             scorer = "likelihood"
         return rank(samples, scores, scorer)
 
-    def text_to_image(self, prompt: str, n: int = 1, method: str = "cfg", cfg_scale: float | None = None,
-                      temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
-                      seed: int | None = None, **kwargs):
-        """Generate an image for `prompt`: a PIL image when n == 1, else a list of n.
-        Other options (cdk_alpha, cdk_k, num_candidates, num_retrieved): see `sample_images`."""
-        samples = self.sample_images(prompt, n=n, method=method, cfg_scale=cfg_scale, temperature=temperature,
-                                     top_p=top_p, top_k=top_k, seed=seed, **kwargs)
-        images = [s.image for s in samples]
-        return images[0] if n == 1 else images
+    def text_to_image(self, prompts: str | Sequence[str], n: int = 1, seed: int | None = None, **options):
+        """Images for text prompts: one prompt and n == 1 gives a PIL image; otherwise a list
+        (n per prompt, prompt by prompt). Options: `sample_images`'."""
+        images = [s.image for s in self.sample_images(prompts, n=n, seed=seed, **options)]
+        return images[0] if isinstance(prompts, str) and n == 1 else images
 
     # --- image -> text ---------------------------------------------------------------------
-    def _write_text(self, tp: TaskPrompt, max_new_tokens: int, temperature: float, top_p, top_k,
-                    seed: int | None) -> str:
-        return self._write_texts([tp], max_new_tokens, temperature, top_p, top_k, seed)[0]
-
     def _write_texts(self, tps: Sequence[TaskPrompt], max_new_tokens: int, temperature: float, top_p, top_k,
                      seed: int | None) -> list[str]:
+        if not tps:
+            return []
         res = generate(
             self.model, [tp.cond for tp in tps], TextConstraint(self.vocab, self.model.config.vocab_size),
             max_new_tokens=max_new_tokens, sampler=SamplerSettings(temperature, top_k, top_p), seed=_new_seed(seed),
@@ -490,93 +397,78 @@ class CM3Leon:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise CM3LeonError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
-    def image_to_text(self, image, max_new_tokens: int = 32, temperature: float = 0.0,
+    def image_to_text(self, images, max_new_tokens: int = 32, temperature: float = 0.0,
                       top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                      num_retrieved: int = 0) -> str:
-        """Caption an image by CM3 infilling (greedy by default). num_retrieved > 0 puts
-        documents retrieved by the image into the prompt (when the model has an index)."""
+                      num_retrieved: int = 0) -> str | list[str]:
+        """Caption images by CM3 infilling (greedy by default): one image -> str, a list -> a
+        list, decoded in one batch. num_retrieved > 0 puts documents retrieved by each image
+        into its prompt (when the model has an index)."""
         self._check_max_new(max_new_tokens)
-        codes = self.encode_image(image)
-        docs = []
+        one, images = _as_batch(images, "images")
+        codes = self.encode_images(images)
+        docs = [[]] * len(images)
         if num_retrieved > 0 and self.retrieval is not None:
-            docs = [d for _, d in self._retrieve(image=prepare_image(image, self.resolution), k=num_retrieved)]
-        tp = self.prompts.caption(codes, max_new_tokens, docs)
-        return self._write_text(tp, max_new_tokens, temperature, top_p, top_k, seed)
+            docs = [[d for _, d in self._retrieve(image=prepare_image(im, self.resolution), k=num_retrieved)]
+                    for im in images]
+        tps = [self.prompts.caption(c, max_new_tokens, ds) for c, ds in zip(codes, docs)]
+        texts = self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed)
+        return texts[0] if one else texts
 
-    def answer(self, image, question: str, max_new_tokens: int = 16, temperature: float = 0.0,
-               top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> str:
-        """Answer a question about an image by infilling the answer span of the VQA template
-        (see `cm3leon.decode.tasks`); the template's closing '.' is removed."""
+    def answer(self, images, questions: str | Sequence[str], max_new_tokens: int = 16, temperature: float = 0.0,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> str | list[str]:
+        """Answer questions about images by infilling the answer span of the VQA template (see
+        `cm3leon.decode.tasks`; the template's closing '.' is removed): one image and one
+        question -> str; lists of equal length -> a list, decoded in one batch."""
         self._check_max_new(max_new_tokens)
-        tp = self.prompts.vqa(self.encode_image(image), question, max_new_tokens)
-        text = self._write_text(tp, max_new_tokens, temperature, top_p, top_k, seed)
-        return text[:-1].rstrip() if text.endswith(".") else text
-
-    def image_to_text_batch(self, images: Sequence, max_new_tokens: int = 32, temperature: float = 0.0,
-                            top_p: float | None = None, top_k: int | None = None,
-                            seed: int | None = None) -> list[str]:
-        """`image_to_text` for many images in one batch (no retrieved documents)."""
-        self._check_max_new(max_new_tokens)
-        tps = [self.prompts.caption(c, max_new_tokens) for c in self.encode_images(images)]
-        return self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed) if tps else []
-
-    def answer_batch(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 16,
-                     temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
-                     seed: int | None = None) -> list[str]:
-        """`answer` for many (image, question) pairs in one batch."""
-        self._check_max_new(max_new_tokens)
-        if len(images) != len(questions):
-            raise CM3LeonError(f"answer_batch: {len(images)} images but {len(questions)} questions")
+        one, images = _as_batch(images, "images")
+        one_q, questions = _as_batch(questions, "questions")
+        if one != one_q or len(images) != len(questions):
+            raise CM3LeonError(f"answer: give one image and one question, or lists of equal length "
+                               f"(got {len(images)} image(s), {len(questions)} question(s))")
         tps = [self.prompts.vqa(c, q, max_new_tokens) for c, q in zip(self.encode_images(images), questions)]
-        texts = self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed) if tps else []
-        return [t[:-1].rstrip() if t.endswith(".") else t for t in texts]
+        texts = [t[:-1].rstrip() if t.endswith(".") else t
+                 for t in self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed)]
+        return texts[0] if one else texts
 
     # --- image -> image --------------------------------------------------------------------
-    def edit(self, image, instruction: str, image_guidance: float = 1.5, text_guidance: float = 7.5,
-             temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
-             seed: int | None = None):
-        """Edit an image following an instruction (paper Table 5 template), with two-scale
-        guidance in one batch: image 1.5, text 7.5 by default (paper Sec. 5). -> PIL image."""
-        return self.edit_samples(image, instruction, image_guidance, text_guidance, temperature, top_p, top_k,
-                                 seed)[0].image
-
-    def edit_samples(self, image, instruction: str, image_guidance: float = 1.5, text_guidance: float = 7.5,
-                     temperature: float = 1.0, top_p: float | None = 0.9, top_k: int | None = None,
-                     seed: int | None = None, n: int = 1,
+    def edit_samples(self, images, instructions: str | Sequence[str], image_guidance: float = 1.5,
+                     text_guidance: float = 7.5, temperature: float = 1.0, top_p: float | None = 0.9,
+                     top_k: int | None = None, seed: int | None = None, n: int = 1,
                      on_step: Callable[[int, torch.Tensor], None] | None = None) -> list[ImageSample]:
-        """`edit` with metadata, n samples in one batch (on_step: `generate`'s per-step hook)."""
+        """Edit images following instructions (paper Table 5 template), with two-scale
+        guidance in one batch: image 1.5, text 7.5 by default (paper Sec. 5). n samples per
+        (image, instruction), all in one batch, pair by pair. on_step: `generate`'s hook."""
         _check_n(n)
-        guidance = Guidance("edit", image_scale=image_guidance, text_scale=text_guidance)
-        sampler = SamplerSettings(temperature, top_k, top_p)
-        seed = _new_seed(seed)
-        tp = self.prompts.edit(self.encode_image(image), instruction)
-        res = generate(
-            self.model, [tp.cond] * n, ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image),
-            sampler=sampler, guidance=guidance, guidance_prompts=[[p] * n for p in tp.guidance_streams("edit")],
-            seed=seed, on_step=on_step,
-        )
-        codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
-        return [ImageSample(im, c, instruction, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)
-                for i, (im, c) in enumerate(zip(self.decode_images(codes), codes))]
-
-    def edit_batch(self, images: Sequence, instructions: Sequence[str], image_guidance: float = 1.5,
-                   text_guidance: float = 7.5, temperature: float = 1.0, top_p: float | None = 0.9,
-                   top_k: int | None = None, seed: int | None = None) -> list:
-        """`edit` for many (image, instruction) pairs in one batch -> PIL images."""
-        if len(images) != len(instructions):
-            raise CM3LeonError(f"edit_batch: {len(images)} images but {len(instructions)} instructions")
+        one, images = _as_batch(images, "images")
+        one_i, instructions = _as_batch(instructions, "instructions")
+        if one != one_i or len(images) != len(instructions):
+            raise CM3LeonError(f"edit: give one image and one instruction, or lists of equal length "
+                               f"(got {len(images)} image(s), {len(instructions)} instruction(s))")
         if not images:
             return []
         guidance = Guidance("edit", image_scale=image_guidance, text_scale=text_guidance)
-        tps = [self.prompts.edit(c, ins) for c, ins in zip(self.encode_images(images), instructions)]
+        sampler = SamplerSettings(temperature, top_k, top_p)
+        seed = _new_seed(seed)
+        tps = [tp for c, ins in zip(self.encode_images(images), instructions) for tp in [self.prompts.edit(c, ins)] * n]
         per_row = [tp.guidance_streams("edit") for tp in tps]
         res = generate(
             self.model, [tp.cond for tp in tps],
             ImageConstraint(self.vocab, self.model.config.vocab_size, self.tokens_per_image),
-            sampler=SamplerSettings(temperature, top_k, top_p), guidance=guidance,
-            guidance_prompts=[[r[j] for r in per_row] for j in range(len(per_row[0]))], seed=_new_seed(seed),
+            sampler=sampler, guidance=guidance, guidance_prompts=[[r[j] for r in per_row] for j in range(len(per_row[0]))],
+            seed=seed, on_step=on_step,
         )
-        return self.decode_images([self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens])
+        codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
+        rows = [ins for ins in instructions for _ in range(n)]
+        return [ImageSample(im, c, ins, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)
+                for i, (im, c, ins, tp) in enumerate(zip(self.decode_images(codes), codes, rows, tps))]
+
+    def edit(self, images, instructions: str | Sequence[str], image_guidance: float = 1.5,
+             text_guidance: float = 7.5, temperature: float = 1.0, top_p: float | None = 0.9,
+             top_k: int | None = None, seed: int | None = None):
+        """`edit_samples`' images: one image and one instruction -> a PIL image; lists -> a list."""
+        samples = self.edit_samples(images, instructions, image_guidance, text_guidance, temperature, top_p, top_k,
+                                    seed)
+        return samples[0].image if isinstance(instructions, str) else [s.image for s in samples]
 
     def infill_image(self, image, box: Sequence[float], prompt: str | None = None, temperature: float = 1.0,
                      top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from cm3leon.decode.config import DecodingConfig
 from cm3leon.utils.presets import lookup
 
 
@@ -25,10 +26,9 @@ class PipelinePreset:
     sft_preset: str | None = None  # default: same name as `model`
     generate_methods: tuple[str, ...] = ("topp", "cfg", "cdk", "best_of_n")
     generate_prompts: int = 16
-    cfg_scale: float = 3.0
-    # text->image options every generation, evaluation and sweep of the run shares (a model
-    # pretrained without retrieved documents is prompted without them: num_retrieved 0)
-    decoding: dict = field(default_factory=dict)
+    # text->image decoding of every generation, evaluation and sweep of the run, and the tuned
+    # model's decoding.json (its MODEL_KEYS: CFG scale, retrieved documents, CD-K's k)
+    decoding: DecodingConfig = DecodingConfig()
     eval_num: int = 100  # items per task in the final evaluation
     eval_before_sft: bool = True  # also evaluate the pretrained model (captions, VQA) to show SFT's effect
     sweep: bool = True  # the decoding sweep (CFG scale, best-of-N)
@@ -36,7 +36,7 @@ class PipelinePreset:
     sweep_seeds: int = 3  # sampling seeds per sweep setting (the spread beside each figure)
     # `cm3leon demo`: the built-in generator's settings (cm3leon.data.shapes.synthesize)
     demo_data: dict = field(default_factory=lambda: {"num": 4000, "size": 48, "max_objects": 1})
-    sweep_cfg_scales: tuple[float, ...] | None = None  # None: eval.sweep.DEFAULT_CFG_SCALES (+ cfg_scale)
+    sweep_cfg_scales: tuple[float, ...] | None = None  # None: eval.sweep.DEFAULT_CFG_SCALES (+ decoding's)
     sweep_best_of: tuple[int, ...] = (1, 2, 4, 8)
 
     def to_dict(self) -> dict:
@@ -106,25 +106,25 @@ _CPU_SFT = dict(lr=1e-3, batch_tokens=1024, micro_batch_size=2, warmup_steps=30,
 # so low that log p_cond - log p_uncond picks rare codes everywhere (scattered fragments): 13% of
 # 48 validation prompts x 2 seeds drawn right at k = 10 (alpha 0.1), 99% at k = 1 (alpha 0.1),
 # 100% at k = 1 (alpha 0.5); temperature 0.5 at k = 10: 18%.
-_CPU_DECODING = dict(num_retrieved=0, cdk_k=1)
+_CPU_CDK_K = 1
 # CFG scale chosen by the demo's own sweep on 100 validation items (decoding num_retrieved 0):
 # TopP 73%, CFG 1.5 91%, 2 88%, 3 78% colour+shape; the right number of objects 99% / 99% / 97%
 # / 88%. Past 2 the guided stream overshoots into extra objects and broken shapes.
 _CPU_CFG_SCALE = 1.5
+_CPU_DECODING = DecodingConfig(cfg_scale=_CPU_CFG_SCALE, num_retrieved=0, cdk_k=_CPU_CDK_K)
 
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "quick": PipelinePreset(
         text_vocab="tiny", image_tokenizer="patch48", demo_data={"num": 600, "size": 48, "max_objects": 1},
         retriever_steps=60, retriever_batch_size=64, num_retrieved=1,
         model="demo-small", pretrain=dict(_CPU_PRETRAIN, steps=120, eval_every=60, ckpt_every=60),
-        sft=dict(_CPU_SFT, steps=60), decoding=_CPU_DECODING, cfg_scale=_CPU_CFG_SCALE,
+        sft=dict(_CPU_SFT, steps=60), decoding=_CPU_DECODING,
         generate_prompts=8, eval_num=24, eval_before_sft=False, sweep=False,
     ),
     "demo": PipelinePreset(
         image_tokenizer="patch48", model="demo-small",
         pretrain=dict(_CPU_PRETRAIN, steps=600, eval_every=200, ckpt_every=200),
         sft=dict(_CPU_SFT, steps=720, eval_every=240, ckpt_every=240), decoding=_CPU_DECODING,
-        cfg_scale=_CPU_CFG_SCALE,
         sweep_num=32, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8),
     ),
     # For those who can wait (`cm3leon demo --preset long`, sized for <= 60 min on a 2-core CPU
@@ -136,7 +136,7 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
         pretrain=dict(_CPU_PRETRAIN, steps=2400, lr=1.5e-3, warmup_steps=60, eval_every=400, ckpt_every=400),
         sft=dict(_CPU_SFT, steps=1500, warmup_steps=50, eval_every=300, ckpt_every=300,
                  weights={"vqa": 3.0, "caption": 2.0, "t2i": 2.0, "edit": 3.0, "layout": 1.0}),
-        decoding=_CPU_DECODING, cfg_scale=_CPU_CFG_SCALE,
+        decoding=_CPU_DECODING,
         eval_num=200, sweep_num=48, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8),
     ),
     "350m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="350m", eval_num=1000, sweep_num=500),

@@ -89,10 +89,9 @@ def write_decoding(p, model_dir: Path) -> None:
     """The preset's text->image decoding (CFG scale, retrieved documents, CD-K's k) as the tuned
     model directory's defaults (decoding.json), so `CM3Leon.from_pretrained(...)`, the CLI and
     `cm3leon serve` draw the way the report measured."""
-    from cm3leon.api import DECODING_FILE, DECODING_KEYS, check_decoding
+    from cm3leon.decode.config import write_model_decoding
 
-    d = {"cfg_scale": p.cfg_scale, **{k: v for k, v in p.decoding.items() if k in DECODING_KEYS}}
-    write_json(model_dir / DECODING_FILE, check_decoding(d, "pipeline preset decoding"))
+    write_model_decoding(model_dir, p.decoding)
 
 
 def _prompts(ctx: PipelineContext, n: int) -> list[str]:
@@ -130,8 +129,7 @@ def generate(ctx: PipelineContext, out: Path) -> dict:
     for method in p.generate_methods:
         d = out / method
         d.mkdir(parents=True, exist_ok=True)
-        samples = model.sample_images_batch(prompts, method=method, cfg_scale=p.cfg_scale, seed=ctx.seed,
-                                            **p.decoding)
+        samples = model.sample_images(prompts, decoding=p.decoding.replace(method=method), seed=ctx.seed)
         rows, ok_by_count = [], {}
         for i, s in enumerate(samples):
             f = d / f"{i:03d}.png"
@@ -163,7 +161,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
     from cm3leon.eval.evaluate import evaluate_model
 
     p = _preset(ctx)
-    decoding = {"method": "cfg", "cfg_scale": p.cfg_scale, **p.decoding}
+    decoding = p.decoding.replace(method="cfg")
     results = {"sft": evaluate_model(ctx.stage_dir("sft"), ctx.data, out / "sft", num_prompts=p.eval_num,
                                      decoding=decoding, seed=ctx.seed)}
     if p.eval_before_sft:
@@ -171,22 +169,19 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
                                              metrics=("shapes", "cider", "vqa"), num_prompts=p.eval_num,
                                              decoding=decoding, seed=ctx.seed)
     if p.sweep:
-        from cm3leon.api import DEFAULT_NUM_RETRIEVED
         from cm3leon.eval.sweep import DEFAULT_CFG_SCALES, sweep_decoding
 
         # the usual range (or the preset's) and the run's own scale; retrieval compared at
         # the pretraining k against the run's own k (paper Sec. 2); the paper's claims
         # (retrieval, decoding, SFT) each over `sweep_seeds` sampling seeds
-        scales = sorted({*(p.sweep_cfg_scales or DEFAULT_CFG_SCALES), float(p.cfg_scale)})
-        shared_k = p.decoding.get("num_retrieved", DEFAULT_NUM_RETRIEVED)
-        retrieved = [k for k in sorted({0, p.num_retrieved}) if k != shared_k]
+        scales = sorted({*(p.sweep_cfg_scales or DEFAULT_CFG_SCALES), float(p.decoding.cfg_scale)})
+        retrieved = [k for k in sorted({0, p.num_retrieved}) if k != p.decoding.num_retrieved]
         seeds = [ctx.seed + i for i in range(p.sweep_seeds)]
-        common = dict(num_prompts=p.sweep_num, seeds=seeds, best_of_cfg_scale=p.cfg_scale, decoding=p.decoding,
-                      retrieved=retrieved)
+        common = dict(num_prompts=p.sweep_num, seeds=seeds, decoding=p.decoding, retrieved=retrieved)
         sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", cfg_scales=scales, best_of=p.sweep_best_of,
                        **common)
         if p.eval_before_sft:  # the same prompts and seeds before SFT: what instruction tuning changed
-            sweep_decoding(ctx.stage_dir("pretrain"), ctx.data, out / "sweep_pretrain", cfg_scales=[p.cfg_scale],
+            sweep_decoding(ctx.stage_dir("pretrain"), ctx.data, out / "sweep_pretrain", cfg_scales=[p.decoding.cfg_scale],
                            best_of=(), methods=("topp", "cfg"), **common)
     headline = run_metrics(ctx)
     write_json(ctx.out / "metrics.json", headline)

@@ -270,11 +270,11 @@ def _write_hf_tokenizer(src: Path, dst: Path, config: ModelConfig) -> list[str]:
     written = ["tokenizer.json", "tokenizer_config.json"]
     vq = src / "image_tokenizer" / "config.json"
     if vq.is_file():
-        from cm3leon.api import DEFAULT_CFG_SCALE, read_decoding
+        from cm3leon.decode.config import DecodingConfig
         from cm3leon.tokenizers.image import VQConfig
 
         tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config")).tokens_per_image
-        cfg_scale = read_decoding(src).get("cfg_scale", DEFAULT_CFG_SCALE)
+        cfg_scale = DecodingConfig.from_model_dir(src).cfg_scale
         (dst / "generation_config.json").write_text(json.dumps({
             "bos_token_id": vocab.eos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
             "max_new_tokens": tokens_per_image + 1, "do_sample": False,

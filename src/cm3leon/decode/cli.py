@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from cm3leon.decode import config as decoding_config
+
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -23,12 +25,14 @@ def register(sub) -> None:
     gsub = p.add_subparsers(dest="generate_command", metavar="TASK")
     gsub.required = True
 
-    def common(q, image_sampling: bool) -> None:
+    def common(q, image_sampling: bool | None) -> None:
         q.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, ...)")
         q.add_argument("--out", default="samples", help="output folder (default ./samples)")
         q.add_argument("--device", default="cpu", help="torch device (default cpu)")
         q.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
         q.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+        if image_sampling is None:  # text -> image: every DecodingConfig flag
+            return
         q.add_argument("--temperature", type=float, default=1.0 if image_sampling else 0.0,
                        help="0 = greedy (default %(default)s)")
         q.add_argument("--top-p", type=float, default=0.9 if image_sampling else None,
@@ -36,26 +40,12 @@ def register(sub) -> None:
         q.add_argument("--top-k", type=int, default=None, help="keep the k best tokens (default all)")
 
     t = gsub.add_parser("image", help="text -> image")
-    common(t, True)
+    common(t, None)
     t.add_argument("text", nargs="*", default=[], help="text prompt(s), e.g. \"a red circle\"")
     t.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     t.add_argument("--prompts", help="a text file with one prompt per line")
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    t.add_argument("--method", default="cfg", choices=["topp", "cfg", "cdk", "best_of_n"],
-                   help="decoding method (default cfg)")
-    t.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model directory's decoding.json, else 3)")
-    t.add_argument("--cdk-alpha", type=float, default=0.1, help="CD-K plausibility fraction (default 0.1)")
-    t.add_argument("--cdk-k", type=int, default=None,
-                   help="CD-K: threshold from the k-th best token (default: the model directory's decoding.json, "
-                        "else 10)")
-    t.add_argument("--num-candidates", type=int, default=8, help="best_of_n: samples drawn (default 8)")
-    t.add_argument("--num-retrieved", type=int, default=None,
-                   help="documents retrieved into the prompt when the model has an index (default: the model "
-                        "directory's decoding.json, else 2)")
-    t.add_argument("--scorer", choices=("auto", "clip", "likelihood"), default="auto",
-                   help="best_of_n ranking: the retriever's CLIP score, the model's own caption likelihood, "
-                        "or auto (clip when the model has a retriever)")
+    decoding_config.add_arguments(t)  # the model directory's decoding.json unless given
     t.set_defaults(func=_image)
 
     c = gsub.add_parser("caption", help="image -> text (infilling)")
@@ -110,9 +100,9 @@ def _next_index(out: Path) -> int:
     return max(nums, default=-1) + 1
 
 
-def generate_images(m, prompts: list[str], out: Path, n: int = 1, method: str = "cfg", seed: int = 0,
-                    **options) -> list[dict]:
-    """Images for every prompt into `out` (PNG + samples.jsonl rows); returns the rows."""
+def generate_images(m, prompts: list[str], out: Path, n: int = 1, seed: int = 0, **options) -> list[dict]:
+    """Images for every prompt into `out` (PNG + samples.jsonl rows); returns the rows.
+    options: DecodingConfig fields over the model's (`m.decoding`)."""
     from cm3leon.errors import CM3LeonError
     from cm3leon.utils.logging import progress
 
@@ -120,10 +110,11 @@ def generate_images(m, prompts: list[str], out: Path, n: int = 1, method: str = 
         raise CM3LeonError("no prompts: pass --prompt TEXT or --prompts FILE")
     out.mkdir(parents=True, exist_ok=True)
     first = _next_index(out)
+    decoding = m.decoding.replace(**options)
     rows = []
-    with progress(total=len(prompts), desc=f"generate {method}", unit="prompt") as bar:
+    with progress(total=len(prompts), desc=f"generate {decoding.method}", unit="prompt") as bar:
         for i, prompt in enumerate(prompts):
-            samples = m.sample_images(prompt, n=n, method=method, seed=seed + i, **options)
+            samples = m.sample_images(prompt, n=n, decoding=decoding, seed=seed + i)
             for j, s in enumerate(samples):
                 f = out / f"{first + i:04d}_{j}.png"
                 _save_png(s.image, f)
@@ -148,12 +139,7 @@ def _read_prompts(args) -> list[str]:
 def _image(args) -> int:
     m = _load(args)
     out = Path(args.out)
-    rows = generate_images(
-        m, _read_prompts(args), out, n=args.n, method=args.method, seed=args.seed, cfg_scale=args.cfg_scale,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, cdk_alpha=args.cdk_alpha,
-        cdk_k=args.cdk_k, num_candidates=args.num_candidates, num_retrieved=args.num_retrieved,
-        scorer=args.scorer,
-    )
+    rows = generate_images(m, _read_prompts(args), out, n=args.n, seed=args.seed, **decoding_config.given(args))
     print(f"wrote {len(rows)} image(s) and {out / SAMPLES_FILE}", file=sys.stderr)
     return 0
 

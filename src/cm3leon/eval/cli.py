@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cm3leon.decode import config as decoding_config
 from cm3leon.errors import CM3LeonError
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -74,8 +75,6 @@ def register(sub) -> None:
         q.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
         q.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
         q.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-        q.add_argument("--temperature", type=float, default=1.0, help="text->image sampling temperature (default 1)")
-        q.add_argument("--top-p", type=float, default=0.9, help="text->image nucleus mass (default 0.9)")
 
     from cm3leon.eval.evaluate import METRICS
 
@@ -84,11 +83,7 @@ def register(sub) -> None:
     model_args(m, 200)
     m.add_argument("--metrics", default=",".join(METRICS),
                    help=f"comma-separated, any of {', '.join(METRICS)} (default all)")
-    m.add_argument("--method", default="cfg", choices=["topp", "cfg", "cdk", "best_of_n"],
-                   help="text->image decoding (default cfg)")
-    m.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model directory's decoding.json, else 3)")
-    m.add_argument("--num-candidates", type=int, default=8, help="best_of_n: candidates per prompt (default 8)")
+    decoding_config.add_arguments(m)  # text->image decoding: the model's decoding.json unless given
     m.set_defaults(func=_model)
 
     w = esub.add_parser("sweep", help="compare decoding: TopP, TopP+CFG over scales, CD-K, best-of-N "
@@ -96,18 +91,17 @@ def register(sub) -> None:
     model_args(w, 100)
     w.add_argument("--cfg-scales", default="1,2,3,5,7", help="CFG scales α (default 1,2,3,5,7)")
     w.add_argument("--best-of", default="1,2,4,8", help="best-of-N candidate counts (default 1,2,4,8)")
-    w.add_argument("--best-of-cfg-scale", type=float, default=3.0,
-                   help="CFG scale of best-of-N's TopP+CFG half and of the --retrieved settings")
     w.add_argument("--seeds", default=None,
                    help="sampling seeds, comma-separated: each figure is the mean over them, with its spread "
                         "(default: --seed alone)")
     w.add_argument("--methods", default=None,
                    help="decoding families to compare, comma-separated (default all: topp, cfg, cdk, best_of_n)")
-    w.add_argument("--num-retrieved", type=int, default=None,
-                   help="documents retrieved into every setting's prompt (default: the API's)")
     w.add_argument("--retrieved", default="",
                    help="k values, comma-separated: extra TopP+CFG settings with k retrieved documents "
                         "(retrieval k vs the shared --num-retrieved)")
+    # what every setting starts from (the model's decoding.json unless given); --cfg-scale is
+    # best-of-N's and the --retrieved settings' scale
+    decoding_config.add_arguments(w, skip=("method", "num_candidates"))
     w.set_defaults(func=_sweep)
 
 
@@ -259,12 +253,8 @@ def _model(args) -> int:
     from cm3leon.eval.report import markdown_table
 
     num, split = _num_and_split(args)
-    decoding = {"method": args.method, "cfg_scale": args.cfg_scale, "temperature": args.temperature,
-                "top_p": args.top_p}
-    if args.method == "best_of_n":
-        decoding["num_candidates"] = args.num_candidates
     res = evaluate_model(args.model, args.data, args.out, metrics=args.metrics, split=split, num_prompts=num,
-                         decoding=decoding, seed=args.seed, batch_size=args.batch_size,
+                         decoding=decoding_config.given(args), seed=args.seed, batch_size=args.batch_size,
                          fid_features=args.fid_features, clip_retriever=args.clip_retriever, images=args.images,
                          device=args.device)
     print(markdown_table(headline_rows(res["metrics"]), ["metric", "value", "n", "note"]))
@@ -277,12 +267,11 @@ def _sweep(args) -> int:
     from cm3leon.eval.sweep import spread_rows, sweep_decoding
 
     num, split = _num_and_split(args)
-    shared = {} if args.num_retrieved is None else {"num_retrieved": args.num_retrieved}
     res = sweep_decoding(args.model, args.data, args.out, cfg_scales=args.cfg_scales, best_of=args.best_of,
                          num_prompts=num, seed=args.seed, split=split, batch_size=args.batch_size,
-                         temperature=args.temperature, top_p=args.top_p, best_of_cfg_scale=args.best_of_cfg_scale,
                          fid_features=args.fid_features, clip_retriever=args.clip_retriever, images=args.images,
-                         device=args.device, decoding=shared, seeds=args.seeds, retrieved=args.retrieved,
+                         device=args.device, decoding=decoding_config.given(args), seeds=args.seeds,
+                         retrieved=args.retrieved,
                          methods=args.methods)
     print(markdown_table(spread_rows(res["rows"], res["metrics"]), ["setting", *res["metrics"], "seconds_per_image"]))
     print(f"wrote {Path(args.out) / 'sweep.json'}, sweep.md and {len(res['plots'])} plot(s)")

@@ -28,16 +28,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
 
 METRICS = ("shapes", "clip", "fid", "cider", "vqa", "edit")
 DEFAULT_METRICS = METRICS
-DEFAULT_DECODING = {"method": "cfg", "temperature": 1.0, "top_p": 0.9}  # + the model's decoding.json
-# The text->image options `CM3Leon.sample_images_batch` takes.
-DECODING_KEYS = ("method", "cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_candidates",
-                 "num_retrieved", "scorer")
 GRID_MAX = 32  # images per sample grid
 
 # ---- data -----------------------------------------------------------------------------------
@@ -355,8 +352,8 @@ def score_edits(edited: Sequence[Any], targets: Sequence[Sequence[dict] | None],
 
 
 def load_model(model_dir, device: str = "auto"):
-    """A CM3Leon from a directory; an already loaded model (anything with the batch
-    methods `text_to_image_batch`, `image_to_text_batch`, ...) is returned as is."""
+    """A CM3Leon from a directory; an already loaded model (anything with CM3Leon's task
+    methods taking lists: `text_to_image`, `image_to_text`, `answer`, `edit`) is returned as is."""
     if not isinstance(model_dir, (str, os.PathLike)):
         return model_dir
     import torch
@@ -412,16 +409,17 @@ class FDScorer:
                 "n_fake": int(fake.shape[0]), "feature_dim": int(self.real.shape[1])}
 
 
-def generate_images(model, prompts: Sequence[str], decoding: dict, seed: int, batch_size: int,
+def generate_images(model, prompts: Sequence[str], decoding, seed: int, batch_size: int,
                     desc: str = "text->image") -> list:
-    """One image per prompt, `batch_size` prompts per call; batch b uses seed + b."""
+    """One image per prompt, `batch_size` prompts per call (decoding: a DecodingConfig);
+    batch b uses seed + b."""
     from cm3leon.utils.logging import progress
 
     out: list = []
     with progress(total=len(prompts), desc=desc, unit="img") as bar:
         for b, i in enumerate(range(0, len(prompts), batch_size)):
             chunk = list(prompts[i:i + batch_size])
-            out += model.text_to_image_batch(chunk, seed=seed + b, **decoding)
+            out += model.text_to_image(chunk, seed=seed + b, decoding=decoding)
             bar.update(len(chunk))
     return out
 
@@ -466,7 +464,7 @@ def evaluate_model(
     metrics: Sequence[str] | str = DEFAULT_METRICS,
     split: str | None = "test",
     num_prompts: int | None = 200,
-    decoding: dict | None = None,
+    decoding=None,
     seed: int = 0,
     batch_size: int = 16,
     fid_features: str = "retriever",
@@ -479,8 +477,9 @@ def evaluate_model(
 
     model_dir: a model directory or an already loaded model. metrics: any of METRICS
     (or a comma-separated string). num_prompts: items per task (None: the whole split).
-    decoding: text->image options for `CM3Leon.sample_images_batch` (None values and the rest
-    from the model directory's decoding.json, then DEFAULT_DECODING). fid_features:
+    decoding: text->image settings, a `DecodingConfig` or a dict of its fields applied over
+    the model's (`CM3Leon.decoding`: the paper's defaults with the model directory's
+    decoding.json; None values keep them). fid_features:
     "retriever" (the scoring retriever: `clip_retriever` or the model's own),
     "retriever:DIR", "inception:WEIGHTS.pth" or "pixelstats".
     images: the image folder of a COCO captions JSON. Returns the metrics.json content."""
@@ -492,15 +491,15 @@ def evaluate_model(
     check_num(num_prompts)
     if batch_size < 1:
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
-    bad = sorted(set(decoding or {}) - set(DECODING_KEYS))
-    if bad:
-        raise CM3LeonError(f"decoding: unknown option(s) {bad}; expected some of {', '.join(DECODING_KEYS)}")
+    if decoding is not None and not isinstance(decoding, (DecodingConfig, Mapping)):
+        raise CM3LeonError(f"decoding must be a DecodingConfig or a dict of its fields, got {type(decoding).__name__}")
+    DecodingConfig().replace(**({} if isinstance(decoding, DecodingConfig) else decoding or {}))  # names checked
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = load_model(model_dir, device)
-    given = {k: v for k, v in (decoding or {}).items() if v is not None}
-    decoding = {**DEFAULT_DECODING, **getattr(model, "decoding", {}), **given}  # recorded as used
+    decoding = decoding if isinstance(decoding, DecodingConfig) else \
+        getattr(model, "decoding", DecodingConfig()).replace(**(decoding or {}))
     size = getattr(model, "resolution", None)
     data_ = load_eval_data(data, split, num_prompts, size=size, images=images)
     retriever = scoring_retriever(model, clip_retriever)
@@ -562,7 +561,7 @@ def evaluate_model(
     if "cider" in metrics:
         t0 = time.perf_counter()
         src = [c.image for c in data_.images]
-        captions = _batched(model.image_to_text_batch, [src], batch_size, "captioning", seed)
+        captions = _batched(model.image_to_text, [src], batch_size, "captioning", seed)
         truths = [c.objects for c in data_.images] if data_.is_shapes else None
         summary, per = score_captions(captions, [c.references for c in data_.images], truths)
         results["cider"] = summary
@@ -589,7 +588,7 @@ def evaluate_model(
                 refs.append([x for x in a if isinstance(x, str)])
             keep = [i for i, a in enumerate(refs) if a and isinstance(rows[i].get("question"), str)]
             rows, refs = [rows[i] for i in keep], [refs[i] for i in keep]
-            answers = _batched(model.answer_batch, [[r["image_pil"] for r in rows], [r["question"] for r in rows]],
+            answers = _batched(model.answer, [[r["image_pil"] for r in rows], [r["question"] for r in rows]],
                                batch_size, "vqa", seed)
             types = [r.get("type", r.get("question_type")) for r in rows]
             results["vqa"], per = score_vqa(answers, refs, types)
@@ -614,7 +613,7 @@ def evaluate_model(
         else:
             t0 = time.perf_counter()
             rows = [r for r in rows if isinstance(r.get("instruction"), str)]
-            edited = _batched(model.edit_batch, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
+            edited = _batched(model.edit, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
                               batch_size, "editing", seed)
             targets = [edit_target_objects(r) for r in rows]
             results["edit"], per = score_edits(edited, targets, [r.get("type") for r in rows],
@@ -635,7 +634,7 @@ def evaluate_model(
     report = {
         "model": str(model_dir) if isinstance(model_dir, (str, os.PathLike)) else type(model_dir).__name__,
         "data": str(data), "split": split, "num_prompts": num_prompts, "num_images": len(data_.images),
-        "decoding": decoding, "seed": seed, "fid_features": fid_features,
+        "decoding": decoding.to_dict(), "seed": seed, "fid_features": fid_features,
         "metrics": {m: results[m] for m in metrics if m in results},
         "notes": data_.notes, "seconds": round(time.perf_counter() - t_start, 2),
     }

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cm3leon.api import IMAGE_METHODS
+from cm3leon.decode.config import IMAGE_METHODS, DecodingConfig
 from cm3leon.errors import CM3LeonError
 
 
@@ -40,38 +40,31 @@ def _check_list(values, name: str, kind, minimum) -> list:
 
 
 DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)  # CFG scales alpha compared by default
-# Options a sweep may share across its settings (each setting names its own method and N).
-SHARED_DECODING_KEYS = ("cfg_scale", "temperature", "top_p", "top_k", "cdk_alpha", "cdk_k", "num_retrieved", "scorer")
 
 
-def decoding_settings(cfg_scales: Sequence[float], best_of: Sequence[int], temperature: float = 1.0,
-                      top_p: float = 0.9, cdk_alpha: float = 0.1, cdk_k: int | None = None,
-                      best_of_cfg_scale: float = 3.0, retrieved: Sequence[int] = (),
-                      methods: Sequence[str] = IMAGE_METHODS) -> list[dict]:
-    """The settings compared, each {"setting": label, "decoding": options for
-    `sample_images_batch`, "cfg_scale", "num_candidates", "num_retrieved"} (None where
-    unused). `retrieved`: k values for extra TopP+CFG settings (at `best_of_cfg_scale`) that
-    put k retrieved documents in the prompt. `methods`: which of the API's IMAGE_METHODS to include
-    (the retrieval settings count as "cfg")."""
-    base = {"temperature": temperature, "top_p": top_p}
+def decoding_settings(base: DecodingConfig, cfg_scales: Sequence[float], best_of: Sequence[int],
+                      retrieved: Sequence[int] = (), methods: Sequence[str] = IMAGE_METHODS) -> list[dict]:
+    """The settings compared, each {"setting": label, "decoding": a DecodingConfig,
+    "cfg_scale", "num_candidates", "num_retrieved"} (None where unused), every one `base` with
+    its method (and scale, N or k) changed: TopP; TopP+CFG at each of `cfg_scales`; TopP+CFG at
+    base's scale with each k of `retrieved` documents in the prompt; CD-K; best-of-N for each N
+    of `best_of` (at base's scale). `methods`: which of IMAGE_METHODS to include (the
+    retrieval settings count as "cfg")."""
     none = {"cfg_scale": None, "num_candidates": None, "num_retrieved": None}
+    a0 = base.cfg_scale
     out = []
     if "topp" in methods:
-        out.append({"setting": "TopP", "decoding": {"method": "topp", **base}, **none})
+        out.append({"setting": "TopP", "decoding": base.replace(method="topp"), **none})
     if "cfg" in methods:
-        out += [{"setting": f"TopP+CFG a={a:g}", "decoding": {"method": "cfg", "cfg_scale": float(a), **base},
+        out += [{"setting": f"TopP+CFG a={a:g}", "decoding": base.replace(method="cfg", cfg_scale=float(a)),
                  **none, "cfg_scale": float(a)} for a in cfg_scales]
-        out += [{"setting": f"TopP+CFG a={best_of_cfg_scale:g} k={k}",
-                 "decoding": {"method": "cfg", "cfg_scale": float(best_of_cfg_scale), "num_retrieved": int(k), **base},
-                 **none, "cfg_scale": float(best_of_cfg_scale), "num_retrieved": int(k)} for k in retrieved]
+        out += [{"setting": f"TopP+CFG a={a0:g} k={k}", "decoding": base.replace(method="cfg", num_retrieved=int(k)),
+                 **none, "cfg_scale": a0, "num_retrieved": int(k)} for k in retrieved]
     if "cdk" in methods:
-        out.append({"setting": "CD-K", "decoding": {"method": "cdk", "temperature": temperature,
-                                                    "cdk_alpha": cdk_alpha, "cdk_k": cdk_k}, **none})
+        out.append({"setting": "CD-K", "decoding": base.replace(method="cdk"), **none})
     if "best_of_n" in methods:
-        out += [{"setting": f"best-of-{n}", "decoding": {"method": "best_of_n", "num_candidates": int(n),
-                                                          "cfg_scale": best_of_cfg_scale, "cdk_alpha": cdk_alpha,
-                                                          "cdk_k": cdk_k, **base},
-                 **none, "cfg_scale": best_of_cfg_scale, "num_candidates": int(n)} for n in best_of]
+        out += [{"setting": f"best-of-{n}", "decoding": base.replace(method="best_of_n", num_candidates=int(n)),
+                 **none, "cfg_scale": a0, "num_candidates": int(n)} for n in best_of]
     return out
 
 
@@ -98,24 +91,21 @@ def sweep_decoding(
     seed: int = 0,
     split: str | None = "test",
     batch_size: int = 16,
-    temperature: float = 1.0,
-    top_p: float = 0.9,
-    cdk_alpha: float = 0.1,
-    cdk_k: int | None = None,  # None: the model directory's own (decoding.json), else Guidance's
-    best_of_cfg_scale: float = 3.0,
     fid_features: str = "retriever",
     clip_retriever: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
     device: str = "auto",
-    decoding: dict | None = None,
+    decoding: DecodingConfig | dict | None = None,
     seeds: Sequence[int] | str | None = None,
     retrieved: Sequence[int] | str = (),
     methods: Sequence[str] | str | None = None,
 ) -> dict:
     """Compare decoding settings on the same prompts (the first `num_prompts` captions of
     `split`, same seeds for every setting); write sweep.json, sweep.md and
-    sweep_<metric>_vs_cfg.png / sweep_<metric>_vs_n.png into `out_dir`. `decoding`: options
-    every setting shares (SHARED_DECODING_KEYS, e.g. num_retrieved, scorer). `seeds`: the
+    sweep_<metric>_vs_cfg.png / sweep_<metric>_vs_n.png into `out_dir`. `decoding`: what
+    every setting starts from (a DecodingConfig, or a dict of its fields applied over the
+    model's own, `CM3Leon.decoding`; best-of-N and the retrieval settings take its CFG scale,
+    every setting its temperature, top-p, CD-K alpha and k, retrieved documents). `seeds`: the
     sampling seeds each setting is run with (default: `seed` alone); a row's figures are the
     means over them. `retrieved`: k values compared as extra TopP+CFG settings with k
     retrieved documents in the prompt. `methods`: the decoding families to run (default: all of
@@ -129,10 +119,12 @@ def sweep_decoding(
     from cm3leon.utils.io import atomic_path, write_json, write_text
     from cm3leon.utils.logging import MetricsLogger
 
-    bad = sorted(set(decoding or {}) - set(SHARED_DECODING_KEYS))
-    if bad:
-        raise CM3LeonError(f"sweep decoding: option(s) {bad} cannot be shared by every setting; "
-                           f"expected some of {', '.join(SHARED_DECODING_KEYS)}")
+    if decoding is not None and not isinstance(decoding, (DecodingConfig, dict)):
+        raise CM3LeonError(f"decoding must be a DecodingConfig or a dict of its fields, got {type(decoding).__name__}")
+    own = sorted({"method", "num_candidates"} & set(decoding if isinstance(decoding, dict) else {}))
+    if own:
+        raise CM3LeonError(f"sweep decoding: {own} cannot be shared: each setting names its own method and N")
+    DecodingConfig().replace(**({} if isinstance(decoding, DecodingConfig) else decoding or {}))  # names checked
     cfg_scales = _check_list(cfg_scales, "cfg_scales", float, 0.0)
     best_of = [int(n) for n in _check_list(best_of, "best_of", int, 1)]
     seeds = [seed] if seeds is None else [int(v) for v in _check_list(seeds, "seeds", int, 0)]
@@ -149,6 +141,8 @@ def sweep_decoding(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir, device)
+    base = decoding if isinstance(decoding, DecodingConfig) else \
+        getattr(model, "decoding", DecodingConfig()).replace(**(decoding or {}))
     data_ = load_eval_data(data, split, num_prompts, size=getattr(model, "resolution", None), images=images)
     prompts = [c.prompt for c in data_.images]
     retriever = scoring_retriever(model, clip_retriever)
@@ -182,18 +176,17 @@ def sweep_decoding(
         return fig
 
     rows = []
-    settings = decoding_settings(cfg_scales, best_of, temperature, top_p, cdk_alpha, cdk_k, best_of_cfg_scale,
-                                 retrieved, methods)
+    settings = decoding_settings(base, cfg_scales, best_of, retrieved, methods)
     if not settings:
         raise CM3LeonError(f"nothing to sweep: methods {methods} with cfg_scales {cfg_scales} and best_of {best_of}")
     with MetricsLogger(out / "sweep_log.jsonl") as log:
         for s in settings:
-            row = {"setting": s["setting"], "method": s["decoding"]["method"], "cfg_scale": s["cfg_scale"],
+            row = {"setting": s["setting"], "method": s["decoding"].method, "cfg_scale": s["cfg_scale"],
                    "num_candidates": s["num_candidates"], "num_retrieved": s["num_retrieved"]}
             per_seed, seconds = [], []
             for sd in seeds:
                 t0 = time.perf_counter()
-                generated = generate_images(model, prompts, {**(decoding or {}), **s["decoding"]}, sd, batch_size,
+                generated = generate_images(model, prompts, s["decoding"], sd, batch_size,
                                             desc=s["setting"] + (f" seed {sd}" if len(seeds) > 1 else ""))
                 seconds.append(time.perf_counter() - t0)
                 per_seed.append(score(generated))
@@ -232,7 +225,7 @@ def sweep_decoding(
     result = {
         "model": str(model_dir) if isinstance(model_dir, (str, os.PathLike)) else type(model_dir).__name__,
         "data": str(data), "split": split, "num_prompts": len(prompts), "seed": seeds[0], "seeds": seeds,
-        "shared_decoding": dict(decoding or {}),
+        "base_decoding": base.to_dict(),
         "scorer": retriever_name(retriever) if retriever is not None else None,
         "metrics": metrics, "rows": rows, "plots": plots, "notes": notes,
     }

@@ -19,7 +19,8 @@ from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
 
-from cm3leon.api import DEFAULT_NUM_RETRIEVED, IMAGE_METHODS, MAX_SEED, CM3Leon, prepare_image  # noqa: E402
+from cm3leon.api import MAX_SEED, CM3Leon, prepare_image  # noqa: E402
+from cm3leon.decode.config import IMAGE_METHODS, DecodingConfig  # noqa: E402
 from cm3leon.errors import CM3LeonError, require  # noqa: E402
 from cm3leon.serve.card import model_card  # noqa: E402
 from cm3leon.serve.stream import Partial, stream  # noqa: E402
@@ -176,9 +177,10 @@ class Handlers:
         docs = self.m.retrieve(text=prompt, k=k)
         shown = self.m.decode_images([list(d["image_codes"]) for d in docs]) if docs else []
         gallery = [(im, f"{d['score']:.3f} · {d['text']}") for im, d in zip(shown, docs)]
-        for image, _, status in self.text_to_image(prompt, "CFG", 1, cfg_scale, cdk_alpha=0.1,
-                                                    cdk_k=self.m.decoding["cdk_k"], temperature=1.0, top_p=0.9,
-                                                    seed=seed, num_retrieved=k if use_docs else 0):
+        d = self.m.decoding
+        for image, _, status in self.text_to_image(prompt, "CFG", 1, cfg_scale, cdk_alpha=d.cdk_alpha, cdk_k=d.cdk_k,
+                                                    temperature=d.temperature, top_p=d.top_p, seed=seed,
+                                                    num_retrieved=k if use_docs else 0):
             yield gallery, image, status + ("" if use_docs else " · retrieval off")
 
     @_in_page
@@ -236,11 +238,12 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                                         max_length=MAX_TEXT_CHARS + 1, elem_id="t2i-prompt")
                     method = gr.Radio(list(METHODS), value="CFG", label="decoding method")
                     n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="N (images; best-of-N: candidates)")
-                    cfg_scale = gr.Slider(0, 10, value=m.decoding["cfg_scale"], step=0.1, label="CFG scale α")
-                    cdk_alpha = gr.Slider(0.01, 1, value=0.1, step=0.01, label="CD-K α", visible=False)
-                    cdk_k = gr.Slider(1, 64, value=m.decoding["cdk_k"], step=1, label="CD-K K", visible=False)
-                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
+                    cfg_scale = gr.Slider(0, 10, value=m.decoding.cfg_scale, step=0.1, label="CFG scale α")
+                    cdk_alpha = gr.Slider(0.01, 1, value=m.decoding.cdk_alpha, step=0.01, label="CD-K α", visible=False)
+                    cdk_k = gr.Slider(1, 64, value=m.decoding.cdk_k, step=1, label="CD-K K", visible=False)
+                    temperature = gr.Slider(0, 2, value=m.decoding.temperature, step=0.05,
+                                            label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, value=m.decoding.top_p or 1.0, step=0.05, label="top-p")
                     t2i_seed = gr.Number(**seed)
                     go = gr.Button("Generate", variant="primary", elem_id="t2i-go")
                 with gr.Column():
@@ -261,8 +264,9 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                     with gr.Column():
                         r_prompt = gr.Textbox(label="prompt", max_lines=3, max_length=MAX_TEXT_CHARS + 1)
                         use_docs = gr.Checkbox(value=True, label="condition the generation on the retrieved documents")
-                        k = gr.Slider(1, MAX_DOCS, value=DEFAULT_NUM_RETRIEVED, step=1, label="k (documents)")
-                        r_cfg = gr.Slider(0, 10, value=m.decoding["cfg_scale"], step=0.1, label="CFG scale α")
+                        k = gr.Slider(1, MAX_DOCS, value=DecodingConfig.num_retrieved, step=1,
+                                      label="k (documents)")
+                        r_cfg = gr.Slider(0, 10, value=m.decoding.cfg_scale, step=0.1, label="CFG scale α")
                         r_seed = gr.Number(**seed)
                         r_go = gr.Button("Retrieve and generate", variant="primary")
                     with gr.Column():
@@ -299,8 +303,9 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                                              max_length=MAX_TEXT_CHARS + 1)
                     image_guidance = gr.Slider(0, 10, value=1.5, step=0.1, label="image guidance")
                     text_guidance = gr.Slider(0, 20, value=7.5, step=0.1, label="text guidance")
-                    e_temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature (0 = greedy)")
-                    e_top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
+                    e_temperature = gr.Slider(0, 2, value=m.decoding.temperature, step=0.05,
+                                            label="temperature (0 = greedy)")
+                    e_top_p = gr.Slider(0.05, 1, value=m.decoding.top_p or 1.0, step=0.05, label="top-p")
                     e_seed = gr.Number(**seed)
                     e_go = gr.Button("Edit", variant="primary")
                 with gr.Column():
