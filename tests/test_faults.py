@@ -97,6 +97,7 @@ def _clean(result: dict) -> dict:
     return {k: result[k] for k in CLEAN}
 
 
+@pytest.mark.slow
 def test_tokenize_killed_at_random_points_resumes_to_the_uninterrupted_shards(tmp_path):
     """`cm3leon tokenize` killed mid-shard / mid-meta.json three times: every shard on disk
     loads, and the resumed directory is the uninterrupted one byte for byte (batches of 3 do
@@ -119,6 +120,7 @@ def _index_inputs(root: Path) -> tuple[Path, Path, Path]:
     return data, root / "retriever", codes
 
 
+@pytest.mark.slow
 def test_index_build_killed_at_random_points_resumes_to_the_uninterrupted_index(tmp_path):
     """`cm3leon index build` killed mid-chunk and mid-output three times: every chunk and a
     finished bank load, and the resumed index's files are the uninterrupted ones byte for byte."""
@@ -130,6 +132,7 @@ def test_index_build_killed_at_random_points_resumes_to_the_uninterrupted_index(
     assert result["files_compared"] == 5  # index.json, index.faiss, vectors.npy, metadata.jsonl, image_codes.npy
 
 
+@pytest.mark.slow
 def test_neighbours_killed_at_random_times_rerun_to_the_uninterrupted_file(tmp_path):
     """`cm3leon index neighbors` is one pass (no partial state to resume): killed three times,
     then rerun, it writes the uninterrupted run's neighbors.npy / .json byte for byte."""
@@ -199,6 +202,7 @@ def _error_lines(stderr: str, command: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"cm3leon {command}: error:")]
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_still_loads(tmp_path):
     from cm3leon.train.checkpoint import list_checkpoints
 
