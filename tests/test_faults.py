@@ -1,6 +1,9 @@
-"""Fault injection: pretraining killed with SIGKILL at random points (mid-step, mid-checkpoint
-save) and resumed each time ends exactly where an uninterrupted run ends: no state that fails
-to load, the same final weights byte for byte, each metrics row once.
+"""Fault injection: every resumable stage (pretraining, SFT, VQ training, `cm3leon tokenize`,
+`cm3leon index build` and `index neighbors`) killed with SIGKILL at random points (mid-step,
+mid-save) and resumed each time ends exactly where an uninterrupted run ends: no state that
+fails to load, the same final outputs byte for byte, each metrics row / record / document once.
+A write that runs out of space (a file size limit in a subprocess) is one line from the CLI
+naming the file, and the previous version still loads.
 (`benchmarks/faults.py` is the long version with many more kills, and holds the helpers.)"""
 
 import random
@@ -15,9 +18,18 @@ from cm3leon.utils.logging import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from faults import STEPS, kill_at_random, logged_steps, pretrain_cmd, unloadable_checkpoints  # noqa: E402
+from faults import (STEPS, index_stage, kill_and_resume, kill_at_random, logged_steps, neighbors_stage,  # noqa: E402
+                    pretrain_cmd, sft_cmd, temporaries, tokenize_stage, unloadable_checkpoints, unloadable_codes,
+                    vq_cmd)
 from faults import make_codes as make_shapes_codes  # noqa: E402
+from test_retrieval import make_codes as make_fake_codes  # noqa: E402
+from test_retrieval import make_dataset as make_scenes  # noqa: E402
 from test_sequences import make_codes  # noqa: E402
+from test_tokenize import make_tokenizers, write_shapes  # noqa: E402
+
+# What a kill-and-resume run must show besides its kills: nothing unloadable, no byte of the
+# outputs different from the uninterrupted run's, no row twice or missing, no temporary left.
+CLEAN = {"corrupt_states": 0, "bytes_differing": 0, "duplicated_rows": 0, "missing_rows": 0, "temporaries_left": 0}
 
 
 @pytest.mark.slow
@@ -43,14 +55,6 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
-def sft_cmd(init: Path, data: Path, out: Path, steps: int = 16) -> list[str]:
-    """A tiny SFT run on the built-in data's tasks that checkpoints every 2 steps."""
-    call = (f"from cm3leon.sft.cli import run_sft; run_sft({str(init)!r}, {str(data)!r}, {str(out)!r}, "
-            f"preset='tiny', steps={steps}, seed=5, dtype='fp32', batch_tokens=512, peak_tflops=2.0, "
-            "ckpt_every=2, eval_every=0, log_every=1, response_only=True)")
-    return [sys.executable, "-c", call]
-
-
 @pytest.mark.slow
 def test_sft_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
     """The same guarantee for instruction tuning: its task cache, mixture stream position and
@@ -72,15 +76,6 @@ def test_sft_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert logged_steps(run) == list(range(1, 17))
 
 
-def vq_cmd(data: Path, out: Path, steps: int = 16) -> list[str]:
-    """A tiny VQGAN training run that checkpoints every 2 steps and logs every step."""
-    call = ("from dataclasses import replace; "
-            "from cm3leon.tokenizers.image_train import TRAIN_PRESETS, train_image_tokenizer; "
-            f"tc = replace(TRAIN_PRESETS['tiny'], steps={steps}, ckpt_every=2, log_every=1, roundtrip_steps=0); "
-            f"train_image_tokenizer({str(data)!r}, {str(out)!r}, preset='tiny', train_config=tc, seed=5, threads=1)")
-    return [sys.executable, "-c", call]
-
-
 @pytest.mark.slow
 def test_image_tokenizer_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
     """VQ training killed with SIGKILL resumes from its checkpoint to the same weights."""
@@ -96,3 +91,155 @@ def test_image_tokenizer_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
     assert logged_steps(run) == logged_steps(straight)  # each step once, in order
+
+
+def _clean(result: dict) -> dict:
+    return {k: result[k] for k in CLEAN}
+
+
+@pytest.mark.slow
+def test_tokenize_killed_at_random_points_resumes_to_the_uninterrupted_shards(tmp_path):
+    """`cm3leon tokenize` killed mid-shard / mid-meta.json three times: every shard on disk
+    loads, and the resumed directory is the uninterrupted one byte for byte (batches of 3 do
+    not divide shards of 4, so resumed batches start elsewhere)."""
+    data = write_shapes(tmp_path / "data", n=40)
+    vq, text = make_tokenizers(tmp_path, data)
+    result = kill_and_resume(tokenize_stage(data, vq, text, 40, batch_size=3, shard_size=4), tmp_path, 3,
+                             random.Random(3))
+    assert result["kills"] == 3 and result["resumes"] >= 3
+    assert _clean(result) == CLEAN, result["corrupt_examples"]
+    assert result["files_compared"] == 10 * 5 + 2  # 10 shards of 5 files, meta.json, tokenize_args.json
+
+
+def _index_inputs(root: Path) -> tuple[Path, Path, Path]:
+    from cm3leon.retrieval.train import train_retriever
+
+    data = make_scenes(root / "data")  # 32 scenes, 24 in train
+    codes = make_fake_codes(data, root / "codes")
+    train_retriever(data, root / "retriever", steps=2, batch_size=8, size=32, dim=16, seed=0)
+    return data, root / "retriever", codes
+
+
+@pytest.mark.slow
+def test_index_build_killed_at_random_points_resumes_to_the_uninterrupted_index(tmp_path):
+    """`cm3leon index build` killed mid-chunk and mid-output three times: every chunk and a
+    finished bank load, and the resumed index's files are the uninterrupted ones byte for byte."""
+    data, retriever, codes = _index_inputs(tmp_path)
+    result = kill_and_resume(index_stage(data, retriever, codes, 24, batch_size=2, chunk_size=2), tmp_path, 3,
+                             random.Random(4))
+    assert result["kills"] == 3 and result["resumes"] >= 3
+    assert _clean(result) == CLEAN, result["corrupt_examples"]
+    assert result["files_compared"] == 5  # index.json, index.faiss, vectors.npy, metadata.jsonl, image_codes.npy
+
+
+@pytest.mark.slow
+def test_neighbours_killed_at_random_times_rerun_to_the_uninterrupted_file(tmp_path):
+    """`cm3leon index neighbors` is one pass (no partial state to resume): killed three times,
+    then rerun, it writes the uninterrupted run's neighbors.npy / .json byte for byte."""
+    from cm3leon.retrieval.index import build_index
+
+    data, retriever, codes = _index_inputs(tmp_path)
+    build_index(data, retriever, tmp_path / "index", codes=codes, batch_size=8, chunk_size=8)
+    result = kill_and_resume(neighbors_stage(tmp_path / "index", codes), tmp_path, 3, random.Random(5))
+    assert result["kills"] == 3
+    assert _clean(result) == CLEAN, result["corrupt_examples"]
+
+
+def test_index_build_refuses_embedding_chunks_with_a_gap(tmp_path, monkeypatch):
+    """Chunks 0 and 2 without 1 (deleted by hand: the build itself removes embeddings/ in one
+    rename) would silently leave documents out on resume: a named error instead."""
+    from cm3leon.errors import CM3LeonError
+    from cm3leon.retrieval.encoder import BiEncoderRetriever
+    from cm3leon.retrieval.index import build_index
+
+    data, retriever, codes = _index_inputs(tmp_path)
+    real, calls = BiEncoderRetriever.embed_documents, []
+
+    def interrupted(self, texts, images):
+        calls.append(len(texts))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # after 3 chunks of 4 are on disk
+        return real(self, texts, images)
+
+    monkeypatch.setattr(BiEncoderRetriever, "embed_documents", interrupted)
+    out = tmp_path / "index"
+    with pytest.raises(KeyboardInterrupt):
+        build_index(data, retriever, out, batch_size=4, chunk_size=4)
+    (out / "embeddings" / "chunk-00001.npy").unlink()
+    with pytest.raises(CM3LeonError, match=r"embeddings: embedding chunks .* not numbered 0, 1"):
+        build_index(data, retriever, out, batch_size=4, chunk_size=4)
+
+
+RUN_OUT_OF_SPACE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit a write fails with EFBIG instead
+import {module} as target
+real = target.{name}
+
+def filling(*args, **kwargs):
+    filling.calls += 1
+    if filling.calls == {call}:  # the disk fills up before this write
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return real(*args, **kwargs)
+
+filling.calls = 0
+target.{name} = filling
+from cm3leon.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def run_out_of_space(module: str, name: str, call: int, limit: int, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a CLI command whose `call`-th call of module.name runs with files limited to
+    `limit` bytes (RLIMIT_FSIZE): as a disk that filled up mid-run."""
+    assert cmd[:3] == [sys.executable, "-m", "cm3leon.cli"]
+    script = RUN_OUT_OF_SPACE.format(module=module, name=name, call=call, limit=limit, argv=cmd[3:])
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+def _error_lines(stderr: str, command: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith(f"cm3leon {command}: error:")]
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_still_loads(tmp_path):
+    from cm3leon.train.checkpoint import list_checkpoints
+
+    codes = make_codes(tmp_path)
+    run = tmp_path / "run"
+    full = run_out_of_space("cm3leon.train.checkpoint", "save_checkpoint", 2, 16 << 10,
+                            pretrain_cmd(codes, run, steps=6))
+    assert full.returncode == 2, full.stderr[-3000:]
+    (line,) = _error_lines(full.stderr, "pretrain")
+    assert f"{run / 'checkpoints' / 'step-00000004'}: write failed, the file is over the file size limit" in line
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]  # no step-4 half-written in its place
+    assert unloadable_checkpoints(run) == [] and temporaries(run / "checkpoints") == []
+
+    done = subprocess.run(pretrain_cmd(codes, run, steps=6), capture_output=True, text=True)  # space again
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert logged_steps(run) == list(range(1, 7))
+
+
+def test_disk_full_while_tokenize_writes_a_shard_is_one_line_and_resumes(tmp_path):
+    from cm3leon.tokenizers.tokenize import tokenize_dataset
+
+    data = write_shapes(tmp_path / "data", n=12)
+    vq, text = make_tokenizers(tmp_path, data)
+    out = tmp_path / "codes"
+    cmd = [sys.executable, "-m", "cm3leon.cli", "tokenize", "--data", str(data), "--image-tokenizer", str(vq),
+           "--text-tokenizer", str(text), "--out", str(out), "--batch-size", "4", "--shard-size", "4"]
+    # a shard's image codes: 4 records x 64 codes x 2 bytes + the .npy header > 256 bytes
+    full = run_out_of_space("cm3leon.data.codes", "CodeShardWriter._flush", 2, 256, cmd)
+    assert full.returncode == 2, full.stderr[-3000:]
+    (line,) = _error_lines(full.stderr, "tokenize")
+    assert f"{out / 'shard-00001'}: write failed, the file is over the file size limit" in line
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000", "tokenize_args.json"]  # no temporary, no meta
+    assert unloadable_codes(out) == []
+
+    resumed = tokenize_dataset(data, vq, text, out, batch_size=4, shard_size=4)
+    straight = tokenize_dataset(data, vq, text, tmp_path / "straight", batch_size=4, shard_size=4)
+    assert resumed == straight
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        for f in (tmp_path / "straight" / shard).iterdir():
+            assert (out / shard / f.name).read_bytes() == f.read_bytes()

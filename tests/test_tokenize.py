@@ -32,18 +32,25 @@ def write_shapes(folder, n):
     return folder
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    data = write_shapes(root / "data", n=30)
-    with open(data / "captions.jsonl", "a") as f:  # one bad record: counted, not fatal
-        f.write(json.dumps({"image": "images/missing.png", "text": "gone"}) + "\n")
+def make_tokenizers(root, data):
+    """A BPE of the dataset's captions (root / "text") and a random 16-px VQ of 32 codes, 8x8
+    per image (root / "vq")."""
     captions = [json.loads(line)["text"] for line in open(data / "captions.jsonl")]
     TextTokenizer.train(captions * 5, vocab_size=300).save(root / "text")
     torch.manual_seed(0)
     VQModel(VQConfig(resolution=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
                      attn_resolutions=(), z_channels=8, embed_dim=4, codebook_size=32, norm_groups=4)
             ).save_pretrained(root / "vq")
+    return root / "vq", root / "text"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    data = write_shapes(root / "data", n=30)
+    with open(data / "captions.jsonl", "a") as f:  # one bad record: counted, not fatal
+        f.write(json.dumps({"image": "images/missing.png", "text": "gone"}) + "\n")
+    make_tokenizers(root, data)
     return root, data
 
 

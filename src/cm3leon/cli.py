@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cm3leon {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write outside atomic_path (an image, a report) that found no space
+        from cm3leon.utils.io import out_of_space_reason
+
+        reason = out_of_space_reason(e)
+        if reason is None or os.environ.get("CM3LEON_DEBUG"):
+            raise
+        print(f"cm3leon {args.command}: error: {e.filename or 'a file'}: write failed, {reason}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ncm3leon {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,15 @@ class CM3LeonError(ValueError):
     pass
 
 
+class DiskFullError(CM3LeonError):
+    """A write failed for lack of space (disk full, quota, file size limit); nothing was replaced.
+    `reason` says which."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class MissingDependencyError(ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 

@@ -121,6 +121,24 @@ def _shard_len(shard: Path) -> int:
     return int(np.load(shard / "split.npy", mmap_mode="r").shape[0])
 
 
+def load_shard(shard: Path) -> dict:
+    """A shard directory's arrays, memory-mapped ({"dir", "codes", "text", "offsets", "split",
+    "records": None}); a missing, damaged or inconsistent file is a CM3LeonError naming it."""
+    entry = {"dir": shard,
+             "codes": load_npy(shard / "image_codes.npy", "image codes"),
+             "text": load_npy(shard / "text_ids.npy", "text ids"),
+             "offsets": np.asarray(load_npy(shard / "text_offsets.npy", "text offsets")),
+             "split": np.asarray(load_npy(shard / "split.npy", "splits")),
+             "records": None}
+    n = len(entry["split"])
+    if entry["codes"].ndim < 2 or len(entry["codes"]) != n or len(entry["offsets"]) != n + 1 \
+            or (n and int(entry["offsets"][-1]) != len(entry["text"])):
+        raise CM3LeonError(f"{shard}: image_codes.npy {entry['codes'].shape}, text_offsets.npy "
+                           f"{entry['offsets'].shape}, text_ids.npy {entry['text'].shape} do not fit "
+                           f"{n} records (split.npy); re-run `cm3leon tokenize` into a new folder")
+    return entry
+
+
 def is_complete(path: str | Path) -> bool:
     p = Path(path) / "meta.json"
     if not p.is_file():
@@ -146,21 +164,7 @@ class CodeDataset:
         if not self.meta.get("complete"):
             raise CM3LeonError(f"{self.path}: tokenization did not finish; re-run `cm3leon tokenize` to resume")
         self.grid = tuple(self.meta["grid"])
-        self._shards = []
-        for shard in sorted(self.path.glob("shard-*")):
-            entry = {"dir": shard,
-                     "codes": load_npy(shard / "image_codes.npy", "image codes"),
-                     "text": load_npy(shard / "text_ids.npy", "text ids"),
-                     "offsets": np.asarray(load_npy(shard / "text_offsets.npy", "text offsets")),
-                     "split": np.asarray(load_npy(shard / "split.npy", "splits")),
-                     "records": None}
-            n = len(entry["split"])
-            if entry["codes"].ndim < 2 or len(entry["codes"]) != n or len(entry["offsets"]) != n + 1 \
-                    or (n and int(entry["offsets"][-1]) != len(entry["text"])):
-                raise CM3LeonError(f"{shard}: image_codes.npy {entry['codes'].shape}, text_offsets.npy "
-                                   f"{entry['offsets'].shape}, text_ids.npy {entry['text'].shape} do not fit "
-                                   f"{n} records (split.npy); re-run `cm3leon tokenize` into a new folder")
-            self._shards.append(entry)
+        self._shards = [load_shard(shard) for shard in sorted(self.path.glob("shard-*"))]
         self._starts = np.concatenate([[0], np.cumsum([len(s["split"]) for s in self._shards])]).astype(np.int64)
         total = int(self._starts[-1])
         if total != int(self.meta["num_records"]):

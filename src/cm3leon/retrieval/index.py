@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -33,13 +34,14 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.retrieval.policy import (
     Query, RetrievalPolicy, document_signature, image_digest, search_candidates, select_documents,
 )
-from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, read_jsonl, remove_stale_temporaries,
-                              write_json)
+from cm3leon.utils.io import (TMP_SUFFIX, atomic_path, file_digest, load_npy, read_json, read_jsonl,
+                              remove_stale_temporaries, write_json)
 from cm3leon.utils.logging import progress
 
 FORMAT = "cm3leon-index/1"
 NEIGHBORS_FORMAT = "cm3leon-neighbors/1"
 INDEX_TYPES = ("flat", "ivf", "ivfpq")
+EMBEDDINGS = "embeddings"  # the resumable chunks of a build in progress
 
 
 # ---------------------------------------------------------------------------- FAISS
@@ -301,14 +303,15 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     split_arg = None if split == "all" else split
 
     (out / "index.json").unlink(missing_ok=True)  # the directory is incomplete until the end
-    emb_dir = out / "embeddings"
+    emb_dir = out / EMBEDDINGS
     state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
              "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size,
              # the retriever's contents too: one retrained in place embeds differently
              "retriever_sha256": {f.name: file_digest(f) for f in (retriever_dir / "config.json",
                                                                    retriever_dir / "model.safetensors")
                                   if f.is_file()}}
-    remove_stale_temporaries(emb_dir)  # a chunk write cut short by a kill
+    remove_stale_temporaries(out)  # an output file write cut short by a kill, the old embeddings/
+    remove_stale_temporaries(emb_dir)  # ... or a chunk write
     if (emb_dir / "build.json").is_file():
         prev = read_json(emb_dir / "build.json")
         if prev != state:
@@ -319,6 +322,9 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
         emb_dir.mkdir(parents=True)
         write_json(emb_dir / "build.json", state)
     done_chunks = sorted(emb_dir.glob("chunk-*.npy"))
+    if [c.name for c in done_chunks] != [f"chunk-{i:05d}.npy" for i in range(len(done_chunks))]:
+        raise CM3LeonError(f"{emb_dir}: embedding chunks {[c.name for c in done_chunks]} are not numbered 0, 1, ... "
+                           f"(some were deleted); delete {emb_dir} to start over")
     done = sum(load_npy(c, "embedding chunk").shape[0] for c in done_chunks)
 
     chunk_vecs: list[np.ndarray] = []
@@ -411,7 +417,12 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
             "codes": str(Path(codes).resolve()) if codes is not None else None,
             "documents_without_codes": missing_codes if codes is not None else None}
     write_json(out / "index.json", info)
-    shutil.rmtree(emb_dir, ignore_errors=True)
+    # Out of the way in one rename, then deleted: a kill inside rmtree would leave chunks
+    # with gaps that a rerun would take for a prefix of the documents.
+    trash = out / f".{EMBEDDINGS}{TMP_SUFFIX}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(emb_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
     return info
 
 

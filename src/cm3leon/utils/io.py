@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cm3leon.errors import CM3LeonError
+from cm3leon.errors import CM3LeonError, DiskFullError
 
 
 @contextmanager
@@ -18,14 +20,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`.
 
     Works for files and directories alike: whatever the caller writes at the yielded path
-    replaces `path` in one `os.replace` (a directory target is removed first)."""
+    replaces `path` in one `os.replace` (a directory target is removed first). A write that
+    fails for lack of space is a DiskFullError naming `path`; the old `path` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    except OSError as e:
+        raise_if_out_of_space(e, path)
+        raise
     target = tmp / path.name
     try:
-        yield target
-        _fsync_tree(target)  # the data is on disk before the rename makes it visible
+        try:
+            yield target
+            _fsync_tree(target)  # the data is on disk before the rename makes it visible
+        except Exception as e:  # noqa: BLE001 - only a lack of space is translated, the rest re-raised
+            raise_if_out_of_space(e, path, tmp)
+            raise
         if path.is_dir() and target.is_dir():
             old = path.with_name(f".{path.name}{OLD_SUFFIX}")
             shutil.rmtree(old, ignore_errors=True)
@@ -40,6 +51,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 TMP_SUFFIX, OLD_SUFFIX = ".tmp", ".old"  # atomic_path's temporaries: `.NAME.XXXX.tmp`, `.NAME.old`
+OUT_OF_SPACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                       errno.EFBIG: "the file is over the file size limit"}
+LOW_SPACE_BYTES = 1 << 20  # less than this left free after a failed write: the disk filled up
+
+
+def out_of_space_reason(exc: BaseException, written: str | os.PathLike | None = None) -> str | None:
+    """Why a write failed, if for lack of space; else None.
+
+    safetensors gives the errno only in its message ("(os error 28)"); numpy and torch's zip
+    writer report a short write without it, so when `written` (the file or folder being
+    written) is given the disk itself is asked too: the free space left, and the process's
+    file size limit reached by a file in `written`."""
+    if isinstance(exc, DiskFullError):
+        return exc.reason
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(exc))):
+        code = int(m.group(1))
+    if code in OUT_OF_SPACE_ERRNOS:
+        return OUT_OF_SPACE_ERRNOS[code]
+    if written is None or not (isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"):
+        return None
+    written = Path(written)
+    try:
+        st = os.statvfs(written if written.is_dir() else written.parent)
+        if st.f_bavail * st.f_frsize < LOW_SPACE_BYTES:
+            return OUT_OF_SPACE_ERRNOS[errno.ENOSPC]
+        import resource
+    except (AttributeError, ImportError, OSError):  # not a Unix, or the folder is gone
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()]
+        if any(p.stat().st_size >= limit for p in files):
+            return f"{OUT_OF_SPACE_ERRNOS[errno.EFBIG]} of {limit} bytes"
+    return None
+
+
+def raise_if_out_of_space(exc: BaseException, path: str | os.PathLike, written: Path | None = None) -> None:
+    """Raise a DiskFullError naming `path` if `exc` is a write that found no space."""
+    reason = out_of_space_reason(exc, written)
+    if reason is not None:
+        raise DiskFullError(f"{path}: write failed, {reason}: free some space and run the command again",
+                            reason) from exc
 
 
 def _fsync_dir(path: Path) -> None:

@@ -46,8 +46,19 @@ class MetricsLogger:
             return
         row = {"time": round(time.time(), 3), "elapsed_s": round(time.time() - self._t0, 3)}
         row.update({k: (v.item() if hasattr(v, "item") else v) for k, v in fields.items()})
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+        except OSError as e:
+            from cm3leon.utils.io import raise_if_out_of_space
+
+            f, self._f = self._f, None
+            try:  # the unwritten row stays behind in the buffer: closing would fail the same way
+                f.close()
+            except OSError:
+                pass
+            raise_if_out_of_space(e, self.path)
+            raise
 
     def close(self) -> None:
         if self._f is not None:
