@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 from cm3leon.errors import CM3LeonError
 
 METRICS = ("shapes", "clip", "fid", "cider", "vqa", "edit")
+T2I_METRICS = ("shapes", "clip", "fid")  # the text->image ones
 DEFAULT_METRICS = METRICS
 DEFAULT_DECODING = {"method": "cfg", "temperature": 1.0, "top_p": 0.9}  # + the model's decoding.json
 # The text->image options `CM3Leon.sample_images_batch` takes.
@@ -480,7 +481,9 @@ def evaluate_model(
     model_dir: a model directory or an already loaded model. metrics: any of METRICS
     (or a comma-separated string). num_prompts: items per task (None: the whole split).
     decoding: text->image options for `CM3Leon.sample_images_batch` (None values and the rest
-    from the model directory's decoding.json, then DEFAULT_DECODING). fid_features:
+    from the model directory's decoding.json, then DEFAULT_DECODING); a loaded model of another
+    kind (the latent-diffusion baseline) names its own options in `decoding_keys` and their
+    defaults in `decoding`. fid_features:
     "retriever" (the scoring retriever: `clip_retriever` or the model's own),
     "retriever:DIR", "inception:WEIGHTS.pth" or "pixelstats".
     images: the image folder of a COCO captions JSON. Returns the metrics.json content."""
@@ -492,27 +495,30 @@ def evaluate_model(
     check_num(num_prompts)
     if batch_size < 1:
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
-    bad = sorted(set(decoding or {}) - set(DECODING_KEYS))
-    if bad:
-        raise CM3LeonError(f"decoding: unknown option(s) {bad}; expected some of {', '.join(DECODING_KEYS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = load_model(model_dir, device)
+    keys = getattr(model, "decoding_keys", DECODING_KEYS)
+    bad = sorted(set(decoding or {}) - set(keys))
+    if bad:
+        raise CM3LeonError(f"decoding: unknown option(s) {bad}; expected some of {', '.join(keys)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     given = {k: v for k, v in (decoding or {}).items() if v is not None}
-    decoding = {**DEFAULT_DECODING, **getattr(model, "decoding", {}), **given}  # recorded as used
+    defaults = DEFAULT_DECODING if keys is DECODING_KEYS else {}
+    decoding = {**defaults, **getattr(model, "decoding", {}), **given}  # recorded as used
     size = getattr(model, "resolution", None)
     data_ = load_eval_data(data, split, num_prompts, size=size, images=images)
     retriever = scoring_retriever(model, clip_retriever)
     results: dict[str, dict] = {}
     samples: list[dict] = []
+    seconds_per_image = None
     log = MetricsLogger(out / "eval_log.jsonl")
 
     def skip(metric: str, why: str) -> None:
         results[metric] = {"skipped": why}
 
     # --- text -> image -------------------------------------------------------------------
-    t2i = [m for m in ("shapes", "clip", "fid") if m in metrics]
+    t2i = [m for m in T2I_METRICS if m in metrics]
     if "shapes" in t2i and not data_.is_shapes:
         skip("shapes", f"{data}: no shapes annotations (annotations.jsonl): not a shapes dataset")
         t2i.remove("shapes")
@@ -532,6 +538,7 @@ def evaluate_model(
         t0 = time.perf_counter()
         prompts = [c.prompt for c in data_.images]
         generated = generate_images(model, prompts, decoding, seed, batch_size)
+        seconds_per_image = (time.perf_counter() - t0) / len(generated)  # generation alone
         rows = [{"task": "text_to_image", "prompt": p, "source": c.key, "image": f"images/t2i/{i:05d}.png"}
                 for i, (p, c) in enumerate(zip(prompts, data_.images))]
         for r, im in zip(rows, generated):
@@ -637,6 +644,7 @@ def evaluate_model(
         "data": str(data), "split": split, "num_prompts": num_prompts, "num_images": len(data_.images),
         "decoding": decoding, "seed": seed, "fid_features": fid_features,
         "metrics": {m: results[m] for m in metrics if m in results},
+        "seconds_per_image": seconds_per_image,  # text->image generation, `batch_size` prompts per call
         "notes": data_.notes, "seconds": round(time.perf_counter() - t_start, 2),
     }
     write_jsonl(out / "samples.jsonl", samples)
