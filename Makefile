@@ -13,12 +13,12 @@ HOST   ?= 127.0.0.1
 PORT   ?= 7860
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test demo demo-quick bench serve browser clean
+.PHONY: setup test demo demo-quick baselines bench serve browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,ui]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui,baselines]"
 	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit('torchvision must not be installed (it breaks the CPU torch build)' if u.find_spec('torchvision') else 0)"
 	touch $@
 
@@ -38,6 +38,12 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/cm3leon demo --out runs/demo-quick --quick
+
+# CM3Leon against a DALL-E-style and a latent-diffusion model at the same training FLOPs and
+# wall time, on the demo run (the [baselines] extra comes with setup).
+baselines: $(STAMP)
+	@test -f runs/demo/tokenize/meta.json || { echo "make baselines: no runs/demo; run 'make demo' first" >&2; exit 2; }
+	$(BIN)/cm3leon ablate --run runs/demo --baselines
 
 serve: $(STAMP)
 	@test -f $(MODEL)/model.safetensors || { echo "make serve: no model in $(MODEL); run 'make demo' first (or MODEL=DIR)" >&2; exit 2; }

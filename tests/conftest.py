@@ -61,6 +61,34 @@ TASK_SENTENCES = [
 ] * 4
 
 
+def build_tiny_run(run: Path, num_images: int = 60) -> Path:
+    """A pipeline run folder with the shared stages `cm3leon ablate` reuses, in seconds: 32-px
+    shapes data, tokenizers (a random `tiny` VQ), code shards with ONE neighbour per record, a
+    random tiny retriever and its memory bank; pipeline.json names the "quick" preset."""
+    import json
+
+    from cm3leon.data.shapes import synthesize
+    from cm3leon.retrieval.encoder import BiEncoder, BiEncoderConfig, save_bi_encoder
+    from cm3leon.retrieval.index import build_index, compute_neighbors
+    from cm3leon.tokenizers.image import VQModel, get_preset
+    from cm3leon.tokenizers.text import train_text_tokenizer
+    from cm3leon.tokenizers.tokenize import tokenize_dataset
+
+    data = run / "data"
+    synthesize(data, num=num_images, size=32, max_objects=1)
+    train_text_tokenizer(data, run / "text_tokenizer", vocab_size=300)
+    torch.manual_seed(0)
+    VQModel(get_preset("tiny")).save_pretrained(run / "image_tokenizer")
+    tokenize_dataset(data, run / "image_tokenizer", run / "text_tokenizer", run / "tokenize")
+    cfg = BiEncoderConfig(image_size=16, embed_dim=8, text_max_bytes=64, text_width=16, text_layers=1, text_heads=2,
+                          image_channels=(8, 8), image_pool=2)
+    save_bi_encoder(BiEncoder(cfg), run / "retrieval" / "retriever")
+    build_index(data, run / "retrieval" / "retriever", run / "retrieval" / "index", codes=run / "tokenize")
+    compute_neighbors(run / "retrieval" / "index", run / "tokenize", k=1)
+    (run / "pipeline.json").write_text(json.dumps({"data": str(data), "preset": "quick", "stages": {}}))
+    return run
+
+
 @pytest.fixture(scope="module")
 def task_model_dir(tmp_path_factory):
     """A tiny model directory whose tokenizer knows every task's words (one per test module)."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.ablate import AblationSpec, ablation_spec, plan_variants, run_ablations
@@ -26,28 +25,11 @@ def tiny_spec() -> AblationSpec:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A run folder with the shared stages the ablations reuse: tokenizers, code shards with ONE
-    neighbour per record (so k=2 needs neighbours retrieved again), retriever and memory bank."""
-    from cm3leon.data.shapes import synthesize
-    from cm3leon.retrieval.encoder import BiEncoder, BiEncoderConfig, save_bi_encoder
-    from cm3leon.retrieval.index import build_index, compute_neighbors
-    from cm3leon.tokenizers.image import VQModel, get_preset
-    from cm3leon.tokenizers.text import train_text_tokenizer
-    from cm3leon.tokenizers.tokenize import tokenize_dataset
+    """A tiny run folder (conftest.build_tiny_run: code shards with ONE neighbour per record, so
+    k=2 needs neighbours retrieved again) and its ablations."""
+    from conftest import build_tiny_run
 
-    root = tmp_path_factory.mktemp("ablate")
-    run, data = root / "run", root / "run" / "data"
-    synthesize(data, num=60, size=32, max_objects=1)
-    train_text_tokenizer(data, run / "text_tokenizer", vocab_size=300)
-    torch.manual_seed(0)
-    VQModel(get_preset("tiny")).save_pretrained(run / "image_tokenizer")
-    tokenize_dataset(data, run / "image_tokenizer", run / "text_tokenizer", run / "tokenize")
-    cfg = BiEncoderConfig(image_size=16, embed_dim=8, text_max_bytes=64, text_width=16, text_layers=1, text_heads=2,
-                          image_channels=(8, 8), image_pool=2)
-    save_bi_encoder(BiEncoder(cfg), run / "retrieval" / "retriever")
-    build_index(data, run / "retrieval" / "retriever", run / "retrieval" / "index", codes=run / "tokenize")
-    compute_neighbors(run / "retrieval" / "index", run / "tokenize", k=1)
-    (run / "pipeline.json").write_text(json.dumps({"data": str(data), "preset": "quick", "stages": {}}))
+    run = build_tiny_run(tmp_path_factory.mktemp("ablate") / "run")
     result = run_ablations(run, spec=tiny_spec())
     return run, result
 

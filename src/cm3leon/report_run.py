@@ -792,7 +792,27 @@ def _ablations(run: RunFolder, bar: QualityBar) -> list:
     elif (d / "results.md").is_file():
         blocks.append(Text((d / "results.md").read_text(encoding="utf-8"), code=True))
     blocks += [Image(p, caption=p.stem.replace("_", " "), width=520) for p in sorted(d.glob("*.png"))]
+    blocks += _baselines(run)
     return blocks or [Text(f"{d} holds no results.json, results.md or plots.")]
+
+
+def _baselines(run: RunFolder) -> list:
+    """`cm3leon ablate --baselines`: the table at both budgets, the notes and the compute plot."""
+    from cm3leon.eval.baselines import COLUMNS
+
+    res = run.json("ablate", "baselines", "metrics.json")
+    if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
+        return []
+    b = res.get("budgets") or {}
+    flops, secs = _num(b.get("train_flops")), _num(b.get("train_seconds"))
+    caption = ("Baselines at CM3Leon's budget (ablate/baselines/metrics.json): "
+               + (f"{flops:.3g} training FLOPs, " if flops is not None else "") + f"{_secs(secs)} of training steps")
+    blocks: list = [Table([_scalars(r) for r in res["rows"] if isinstance(r, dict)], COLUMNS, caption=caption)]
+    blocks += [Text(str(n)) for n in res.get("notes") or []]
+    d = run.path("ablate", "baselines")
+    blocks += [Image(d / p, caption=Path(p).stem.replace("_", " "), width=720) for p in res.get("plots") or []
+               if (d / p).is_file()]
+    return blocks
 
 
 def _stage_rows(run: RunFolder) -> list[dict]:

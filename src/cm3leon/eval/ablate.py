@@ -4,6 +4,11 @@ arXiv:2309.02591, Sec. 3 and Figures 2-4: larger models, retrieval and CFG / CD-
 FID; the baseline is the plain left-to-right text->image model of DALL-E / Parti).
 
     cm3leon ablate --run runs/demo --preset quick
+    cm3leon ablate --run runs/demo --baselines      # the "baselines" group instead
+
+The "baselines" group (`cm3leon.eval.baselines`) compares CM3Leon with a DALL-E-style model and a
+latent-diffusion model at the same training FLOPs and the same training wall time, with
+quality-vs-compute curves; it writes RUN/ablate/baselines/.
 
 A finished run folder's shared stages are reused as they are: the tokenizers, the code shards
 (RUN/tokenize, never re-tokenised) and the retriever with its memory bank (RUN/retrieval).
@@ -27,15 +32,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
+from cm3leon.eval.evaluate import T2I_METRICS
+from cm3leon.eval.run_folder import DONE, RunInputs, codes_with_neighbors, run_inputs, run_preset_name
 
-DONE = ".done"
+if TYPE_CHECKING:
+    from cm3leon.eval.baselines import BaselinesSpec
+
 ABLATION_PRESETS = ("quick", "full")
 GROUPS = ("size", "retrieval", "decoding", "baseline")
 METHODS = ("topp", "cfg", "cdk", "best_of_n")
-T2I_METRICS = ("shapes", "clip", "fid")
 # Settings that make the token budget: equal for every trained variant.
 BUDGET_KEYS = ("steps", "seq_len", "batch_tokens", "warmup_steps", "eval_every", "eval_batches", "ckpt_every",
                "log_every", "micro_batch_size")
@@ -67,7 +76,7 @@ class AblationSpec:
     base_k: int = 2  # k of the reference model (paper default: 2)
     order: str = "random"  # pair order of the CM3Leon variants (both directions, as the pipeline trains)
     methods: tuple[str, ...] = METHODS  # decoding methods compared on the reference model
-    cfg_scale: float = 3.0  # CFG scale α of every CFG evaluation
+    cfg_scale: float = DecodingConfig.cfg_scale  # CFG scale α of every CFG evaluation (the paper's 3)
     num_candidates: int = 4  # N of best-of-N
     num_prompts: int | None = 32  # text->image prompts per evaluation (test split captions)
     eval_batch_size: int = 16
@@ -129,14 +138,6 @@ class Variant:
 # ---- presets ---------------------------------------------------------------------------------
 
 
-def run_preset_name(run_dir: str | os.PathLike) -> str:
-    """The pipeline preset a run folder was made with (pipeline.json; default "demo")."""
-    f = Path(run_dir) / "pipeline.json"
-    if f.is_file():
-        return str(json.loads(f.read_text(encoding="utf-8")).get("preset") or "demo")
-    return "demo"
-
-
 def ablation_spec(preset: str, run_dir: str | os.PathLike | None = None, steps: int | None = None,
                   num_prompts: int | None = None) -> AblationSpec:
     """The comparison of an ablation preset.
@@ -165,7 +166,7 @@ def ablation_spec(preset: str, run_dir: str | os.PathLike | None = None, steps: 
         paper = p.model in ("350m", "760m", "7b")
         keys = [k for k in BUDGET_KEYS if not (paper and k == "micro_batch_size")]  # per-size memory
         spec = AblationSpec(base_preset=p.model, budget={k: getattr(cfg, k) for k in keys},
-                            sizes=PAPER_SIZES if paper else CPU_SIZES, cfg_scale=p.cfg_scale,
+                            sizes=PAPER_SIZES if paper else CPU_SIZES, cfg_scale=p.decoding.cfg_scale,
                             num_candidates=8, num_prompts=p.eval_num)
     if steps is not None:
         if steps < 1:
@@ -219,111 +220,37 @@ def _method_label(decoding: dict) -> str:
     return {"topp": "TopP", "cdk": "CD-K"}[m]
 
 
-# ---- the run folder ----------------------------------------------------------------------------
-
-
-@dataclass
-class RunInputs:
-    """What the ablations reuse from a finished pipeline run."""
-
-    run: Path
-    data: Path
-    codes: Path  # RUN/tokenize
-    neighbor_columns: int  # neighbours per record in RUN/tokenize/neighbors.npy (0: none)
-    retriever: Path | None  # RUN/retrieval/retriever
-    index: Path | None  # RUN/retrieval/index
-
-
-def run_inputs(run_dir: str | os.PathLike, data: str | os.PathLike | None = None) -> RunInputs:
-    """Find the shared stages of a run folder; a clear error names what is missing."""
-    import numpy as np
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CM3LeonError(f"--run: {run} is not a folder")
-    codes = run / "tokenize"
-    if not (codes / "meta.json").is_file() or not json.loads(
-            (codes / "meta.json").read_text(encoding="utf-8")).get("complete"):
-        raise CM3LeonError(f"--run: {codes} holds no finished code shards; run `cm3leon pipeline` (or "
-                           "`cm3leon demo`) on this folder first")
-    if data is None:
-        candidates = []
-        pipe = run / "pipeline.json"
-        if pipe.is_file():
-            d = json.loads(pipe.read_text(encoding="utf-8")).get("data")
-            if d:
-                candidates += [Path(d), run.parent / d]
-        meta_data = json.loads((codes / "meta.json").read_text(encoding="utf-8")).get("data")
-        if meta_data:
-            candidates.append(Path(meta_data))
-        candidates.append(run / "data")
-        data = next((c for c in candidates if c.exists()), None)
-        if data is None:
-            raise CM3LeonError(f"--run: the dataset of {run} was not found (tried {', '.join(map(str, candidates))}); "
-                               "pass --data DIR")
-    data = Path(data)
-    if not data.exists():
-        raise CM3LeonError(f"--data: {data} does not exist")
-    nb = codes / "neighbors.npy"
-    cols = int(np.load(nb, mmap_mode="r").shape[1]) if nb.is_file() else 0
-    retriever = run / "retrieval" / "retriever"
-    index = run / "retrieval" / "index"
-    return RunInputs(run, data, codes, cols, retriever if retriever.is_dir() else None,
-                     index if (index / "index.json").is_file() else None)
-
-
-def codes_with_neighbors(inputs: RunInputs, k: int, out: Path, seed: int = 0) -> Path:
-    """A code folder with at least k neighbours per record: RUN/tokenize itself when it has
-    them, else `out` = a view of its shards (links, nothing re-tokenised) with neighbours
-    retrieved again from the run's memory bank with k per record."""
-    from cm3leon.retrieval.index import compute_neighbors
-    from cm3leon.utils.io import write_json
-
-    if k <= inputs.neighbor_columns:
-        return inputs.codes
-    if inputs.index is None:
-        raise CM3LeonError(f"k={k} retrieved documents need the run's memory bank ({inputs.run / 'retrieval' / 'index'} "
-                           "is missing); run the retrieval stage or leave k > 0 out")
-    if (out / DONE).is_file() and json.loads((out / DONE).read_text(encoding="utf-8")).get("k") == k:
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    src = inputs.codes.resolve()
-    for shard in sorted(src.glob("shard-*")):
-        try:
-            os.symlink(shard, out / shard.name, target_is_directory=True)
-        except OSError:  # no symlinks on this filesystem: copy
-            shutil.copytree(shard, out / shard.name)
-    meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))
-    for key in ("image_tokenizer", "text_tokenizer", "data"):  # absolute: the view lives elsewhere
-        if meta.get(key):
-            p = Path(meta[key])
-            meta[key] = str(p.resolve() if p.is_absolute() or p.exists() else (src / p).resolve())
-    write_json(out / "meta.json", meta)
-    print(f"ablate: retrieving {k} neighbours per record (the run has {inputs.neighbor_columns})", file=sys.stderr)
-    compute_neighbors(inputs.index, out, k=k, seed=seed, data=inputs.data)
-    write_json(out / DONE, {"k": k, "source": str(src)})
-    return out
-
-
 # ---- running -----------------------------------------------------------------------------------
 
 
 def run_ablations(run_dir: str | os.PathLike, preset: str = "quick", out: str | os.PathLike | None = None,
-                  seed: int = 0, spec: AblationSpec | None = None, variants: Sequence[str] | None = None,
-                  data: str | os.PathLike | None = None, force: bool = False, device: str = "auto") -> dict:
+                  seed: int = 0, spec: AblationSpec | BaselinesSpec | None = None,
+                  variants: Sequence[str] | None = None, data: str | os.PathLike | None = None, force: bool = False,
+                  device: str = "auto", baselines: bool = False) -> dict:
     """Train and evaluate the ablation variants of a finished pipeline run; returns results.json.
 
     preset: "quick" (CPU, minutes) or "full" (the run's full pretraining budget per variant);
     `spec` replaces the preset's comparison (e.g. tiny settings). variants: names to run (with
     the variants whose models they reuse); None: all. out: default RUN/ablate. A variant with a
-    `.done` marker is not run again (force: it is). results.json has one row per finished variant."""
+    `.done` marker is not run again (force: it is). results.json has one row per finished variant.
+    baselines: run the "baselines" group instead (`cm3leon.eval.baselines.run_baselines`, with a
+    `BaselinesSpec`, default `baselines_spec(run_dir)`), into OUT/baselines; returns its metrics.json."""
     from cm3leon.utils.io import read_json, write_json
 
     inputs = run_inputs(run_dir, data)
-    spec = spec or ablation_spec(preset, run_dir)
     out = Path(out) if out is not None else inputs.run / "ablate"
+    if baselines:
+        from cm3leon.eval.baselines import BaselinesSpec, baselines_spec, run_baselines
+
+        if variants is not None:
+            raise CM3LeonError("variants select ablation variants; the baselines comparison runs as a whole")
+        if spec is not None and not isinstance(spec, BaselinesSpec):
+            raise CM3LeonError(f"baselines=True takes a BaselinesSpec, got {type(spec).__name__}")
+        return run_baselines(inputs, out / "baselines", spec or baselines_spec(run_dir), seed=seed, force=force,
+                             device=device)
+    if spec is not None and not isinstance(spec, AblationSpec):
+        raise CM3LeonError(f"spec: an AblationSpec, got {type(spec).__name__} (a BaselinesSpec needs baselines=True)")
+    spec = spec or ablation_spec(preset, run_dir)
     plan = plan_variants(spec, seed)
     names = [v.name for v in plan]
     if variants is not None:

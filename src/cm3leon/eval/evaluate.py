@@ -34,6 +34,7 @@ from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
 
 METRICS = ("shapes", "clip", "fid", "cider", "vqa", "edit")
+T2I_METRICS = ("shapes", "clip", "fid")  # the text->image ones
 DEFAULT_METRICS = METRICS
 GRID_MAX = 32  # images per sample grid
 
@@ -479,7 +480,8 @@ def evaluate_model(
     (or a comma-separated string). num_prompts: items per task (None: the whole split).
     decoding: text->image settings, a `DecodingConfig` or a dict of its fields applied over
     the model's (`CM3Leon.decoding`: the paper's defaults with the model directory's
-    decoding.json; None values keep them). fid_features:
+    decoding.json; None values keep them); a loaded model of another kind (the latent-diffusion
+    baseline) names its own options in `decoding_keys` and their defaults in `decoding`. fid_features:
     "retriever" (the scoring retriever: `clip_retriever` or the model's own),
     "retriever:DIR", "inception:WEIGHTS.pth" or "pixelstats".
     images: the image folder of a COCO captions JSON. Returns the metrics.json content."""
@@ -493,25 +495,32 @@ def evaluate_model(
         raise CM3LeonError(f"batch_size must be >= 1, got {batch_size}")
     if decoding is not None and not isinstance(decoding, (DecodingConfig, Mapping)):
         raise CM3LeonError(f"decoding must be a DecodingConfig or a dict of its fields, got {type(decoding).__name__}")
-    DecodingConfig().replace(**({} if isinstance(decoding, DecodingConfig) else decoding or {}))  # names checked
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = load_model(model_dir, device)
-    decoding = decoding if isinstance(decoding, DecodingConfig) else \
-        getattr(model, "decoding", DecodingConfig()).replace(**(decoding or {}))
+    own = getattr(model, "decoding_keys", None)  # a model of another kind names its own options
+    if own is None:
+        decoding = decoding if isinstance(decoding, DecodingConfig) else \
+            getattr(model, "decoding", DecodingConfig()).replace(**(decoding or {}))
+    else:
+        bad = sorted(set(decoding or {}) - set(own))
+        if bad:
+            raise CM3LeonError(f"decoding: unknown option(s) {bad}; expected some of {', '.join(own)}")
+        decoding = {**model.decoding, **{k: v for k, v in (decoding or {}).items() if v is not None}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     size = getattr(model, "resolution", None)
     data_ = load_eval_data(data, split, num_prompts, size=size, images=images)
     retriever = scoring_retriever(model, clip_retriever)
     results: dict[str, dict] = {}
     samples: list[dict] = []
+    seconds_per_image = None
     log = MetricsLogger(out / "eval_log.jsonl")
 
     def skip(metric: str, why: str) -> None:
         results[metric] = {"skipped": why}
 
     # --- text -> image -------------------------------------------------------------------
-    t2i = [m for m in ("shapes", "clip", "fid") if m in metrics]
+    t2i = [m for m in T2I_METRICS if m in metrics]
     if "shapes" in t2i and not data_.is_shapes:
         skip("shapes", f"{data}: no shapes annotations (annotations.jsonl): not a shapes dataset")
         t2i.remove("shapes")
@@ -531,6 +540,7 @@ def evaluate_model(
         t0 = time.perf_counter()
         prompts = [c.prompt for c in data_.images]
         generated = generate_images(model, prompts, decoding, seed, batch_size)
+        seconds_per_image = (time.perf_counter() - t0) / len(generated)  # generation alone
         rows = [{"task": "text_to_image", "prompt": p, "source": c.key, "image": f"images/t2i/{i:05d}.png"}
                 for i, (p, c) in enumerate(zip(prompts, data_.images))]
         for r, im in zip(rows, generated):
@@ -634,8 +644,9 @@ def evaluate_model(
     report = {
         "model": str(model_dir) if isinstance(model_dir, (str, os.PathLike)) else type(model_dir).__name__,
         "data": str(data), "split": split, "num_prompts": num_prompts, "num_images": len(data_.images),
-        "decoding": decoding.to_dict(), "seed": seed, "fid_features": fid_features,
+        "decoding": decoding.to_dict() if isinstance(decoding, DecodingConfig) else decoding, "seed": seed, "fid_features": fid_features,
         "metrics": {m: results[m] for m in metrics if m in results},
+        "seconds_per_image": seconds_per_image,  # text->image generation, `batch_size` prompts per call
         "notes": data_.notes, "seconds": round(time.perf_counter() - t_start, 2),
     }
     write_jsonl(out / "samples.jsonl", samples)

@@ -106,7 +106,8 @@ class ByteTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.text_width)
         self.proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def token_states(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states after the final LayerNorm, (states [N, T, W], mask [N, T]), T = L / p."""
         n, length = ids.shape
         pad = -length % self.patch
         if pad:
@@ -115,9 +116,12 @@ class ByteTextEncoder(nn.Module):
         x = self.tok(ids).reshape(n, -1, self.patch * self.tok.embedding_dim)  # (N, L/p, p*W)
         mask = mask.reshape(n, -1, self.patch).any(-1)  # (N, L/p): a patch with any real byte
         x = self.merge(x) + self.pos[: x.shape[1]]  # (N, T, W)
-        x = self.blocks(x, src_key_padding_mask=~mask)
+        return self.norm(self.blocks(x, src_key_padding_mask=~mask)), mask
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x, mask = self.token_states(ids, mask)
         m = mask.unsqueeze(-1).to(x.dtype)
-        x = (self.norm(x) * m).sum(1) / m.sum(1).clamp_min(1.0)  # (N, W)
+        x = (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (N, W)
         return self.proj(x)
 
 
@@ -180,6 +184,31 @@ class Retriever:
     def _image(self, images: list) -> torch.Tensor:
         raise NotImplementedError
 
+    def _text_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def text_width(self) -> int:
+        """Width of the text encoder's per-token states (`embed_text_tokens`)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_text_tokens(self, texts: Sequence[str], max_tokens: int, batch_size: int = 256
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's last per-token states, the text conditioning of a latent-diffusion
+        model (Stable Diffusion cross-attends to CLIP's the same way): (states [N, max_tokens,
+        text_width] float32 on CPU, zero where padded; mask [N, max_tokens], True on real tokens).
+        Longer texts keep their first max_tokens states."""
+        texts = list(texts)
+        states = torch.zeros(len(texts), max_tokens, self.text_width)
+        mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
+        for i in range(0, len(texts), batch_size):
+            s, m = self._text_tokens(texts[i:i + batch_size])
+            t = min(max_tokens, s.shape[1])
+            states[i:i + s.shape[0], :t] = (s[:, :t] * m[:, :t, None]).float().cpu()
+            mask[i:i + s.shape[0], :t] = m[:, :t].cpu()
+        return states, mask
+
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """[N, D] float32 on CPU, unit norm."""
@@ -224,6 +253,14 @@ class BiEncoderRetriever(Retriever):
     def _image(self, images):
         return self.model.encode_image(images_to_uint8(images, self.image_size).to(self.device))
 
+    def _text_tokens(self, texts):
+        ids, mask = encode_bytes(texts, self.model.cfg.text_max_bytes)
+        return self.model.text.token_states(ids.to(self.device), mask.to(self.device))
+
+    @property
+    def text_width(self) -> int:
+        return self.model.cfg.text_width
+
 
 # OpenAI CLIP's normalisation, used when the directory has no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -257,12 +294,23 @@ class CLIPRetriever(Retriever):
         self.mean = np.asarray(pre.get("image_mean", CLIP_MEAN), dtype=np.float32)
         self.std = np.asarray(pre.get("image_std", CLIP_STD), dtype=np.float32)
 
-    def _text(self, texts):
+    def _text_model(self, texts):
+        """(CLIP text-model output, attention mask [N, L] on the device)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_len,
                              return_tensors="pt")
-        out = self.model.text_model(input_ids=enc["input_ids"].to(self.device),
-                                    attention_mask=enc["attention_mask"].to(self.device))
-        return self.model.text_projection(out.pooler_output)
+        mask = enc["attention_mask"].to(self.device)
+        return self.model.text_model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask), mask
+
+    def _text(self, texts):
+        return self.model.text_projection(self._text_model(texts)[0].pooler_output)
+
+    def _text_tokens(self, texts):
+        out, mask = self._text_model(texts)
+        return out.last_hidden_state, mask.bool()
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
 
     def _image(self, images):
         pixels = torch.from_numpy(np.stack([self._preprocess(im) for im in images])).to(self.device)
