@@ -15,7 +15,8 @@ from cm3leon.cli import main
 from cm3leon.data.readers import load_image
 from cm3leon.data.shapes import synthesize
 from cm3leon.errors import CM3LeonError
-from cm3leon.eval.evaluate import METRICS, evaluate_model, load_eval_data
+from cm3leon.eval.data import load_eval_data
+from cm3leon.eval.evaluate import METRICS, evaluate_model
 from cm3leon.eval.sweep import sweep_decoding
 from cm3leon.retrieval.encoder import BiEncoder, BiEncoderConfig, save_bi_encoder
 from cm3leon.utils.io import read_jsonl
@@ -179,7 +180,7 @@ def test_sweep_writes_one_row_per_setting_and_plots_against_cfg_and_n(model_with
 
 
 def test_sweep_shares_its_decoding_options_with_every_setting(model_dir, shapes_dir, tmp_path, monkeypatch):
-    import cm3leon.eval.evaluate as ev
+    import cm3leon.eval.tasks.text_to_image as ev
 
     seen = []
     real = ev.generate_images
@@ -192,7 +193,7 @@ def test_sweep_shares_its_decoding_options_with_every_setting(model_dir, shapes_
 
 def test_sweep_over_seeds_reports_mean_and_spread_and_compares_retrieval_k(model_dir, shapes_dir, tmp_path,
                                                                           monkeypatch):
-    import cm3leon.eval.evaluate as ev
+    import cm3leon.eval.tasks.text_to_image as ev
 
     calls = []
     real = ev.generate_images

@@ -16,338 +16,27 @@ inputs are absent):
 - "edit": on `edits.jsonl`, the rate at which the checker finds the edited image equal to the
   target scene (shapes data).
 
-Scoring is separate from generation (`score_text_to_image`, `score_captions`, `score_vqa`,
-`score_edits` take generated outputs), so any system's outputs, or the real images
-themselves, go through exactly the same path.
+Each task lives in its module of `cm3leon.eval.tasks` with its model-free scorer
+(`score_shapes_images`, `score_captions`, `score_vqa`, `score_edits` take generated
+outputs), so any system's outputs, or the real images themselves, go through exactly the
+same path; the data it reads is `cm3leon.eval.data`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
+from cm3leon.eval.data import check_num, load_eval_data
+from cm3leon.eval.tasks import TaskContext
+from cm3leon.eval.tasks.text_to_image import METRICS as T2I_METRICS
 
-METRICS = ("shapes", "clip", "fid", "cider", "vqa", "edit")
-T2I_METRICS = ("shapes", "clip", "fid")  # the text->image ones
+METRICS = (*T2I_METRICS, "cider", "vqa", "edit")
 DEFAULT_METRICS = METRICS
-GRID_MAX = 32  # images per sample grid
-
-# ---- data -----------------------------------------------------------------------------------
-
-
-@dataclass
-class CaptionedImage:
-    """One image of the split with every reference caption; `objects` is its shapes
-    annotation (None outside shapes data)."""
-
-    key: str
-    image: Any  # PIL image
-    references: list[str]
-    objects: list[dict] | None = None
-
-    @property
-    def prompt(self) -> str:
-        return self.references[0]
-
-
-@dataclass
-class EvalData:
-    """What the evaluation reads from a dataset: images with their captions (any format the
-    readers open: folder, webdataset shards, COCO JSON) and, for a folder, its instruction
-    files (vqa.jsonl, edits.jsonl) and shapes annotations."""
-
-    path: Path
-    split: str | None
-    images: list[CaptionedImage]
-    folder: Path | None  # the dataset folder (None for shards / COCO)
-    is_shapes: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
-def _stem(rel: str) -> str:
-    # the readers' split key: the file name up to its first dot
-    return rel.replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0]
-
-
-def _row_split(row: dict) -> str:
-    from cm3leon.data.readers import hash_split
-
-    return row.get("split") or hash_split(_stem(row["image"]))
-
-
-def check_num(num: int | None) -> None:
-    """A prompt count: a positive integer, or None for all of them."""
-    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
-        raise CM3LeonError(f"num_prompts must be a positive integer or None (all), got {num!r}")
-
-
-def load_eval_data(data: str | os.PathLike, split: str | None = "test", num: int | None = None,
-                   size: int | None = None, images: str | os.PathLike | None = None) -> EvalData:
-    """The first `num` images of `split` (None: all) with all their captions, read by the
-    dataset readers; images are decoded only for the images kept (`size`: short-side resize
-    + centre crop, None keeps them as stored). `images`: a COCO image folder."""
-    from cm3leon.data.readers import detect_format, load_image, SkipRecord
-    from cm3leon.utils.io import read_jsonl
-
-    from cm3leon.data.codes import SPLITS
-
-    check_num(num)
-    if split is not None and split not in SPLITS:
-        raise CM3LeonError(f"split: unknown split {split!r}; expected one of {SPLITS} or None (all)")
-    source = detect_format(data, images)
-    groups: dict[Any, dict] = {}
-    for unit in source.units():
-        for item in source.items(unit, True):
-            if isinstance(item, SkipRecord) or (split is not None and item.split != split):
-                continue
-            gid = item.meta.get("image_id", str(item.image) if isinstance(item.image, Path) else item.key)
-            g = groups.get(gid)
-            if g is None:
-                if num is not None and len(groups) >= num:
-                    continue  # still read on: later rows may add captions of kept images
-                g = groups[gid] = {"item": item, "refs": []}
-            refs = item.meta.get("references")
-            if refs:  # COCO: every caption of the image comes with each record
-                g["refs"] = [r for r in refs if isinstance(r, str) and r.strip()]
-            else:
-                g["refs"].append(item.text)
-    folder = Path(data) if Path(data).is_dir() and (Path(data) / "captions.jsonl").is_file() else None
-    annotations: dict[str, list[dict]] = {}
-    if folder is not None and (folder / "annotations.jsonl").is_file():
-        for row in read_jsonl(folder / "annotations.jsonl"):
-            if isinstance(row.get("image"), str) and isinstance(row.get("objects"), list):
-                annotations[str((folder / row["image"]).resolve())] = row["objects"]
-    out = EvalData(Path(data), split, [], folder, is_shapes=bool(annotations))
-    skipped = 0
-    for g in groups.values():
-        item = g["item"]
-        try:
-            im = load_image(item.image, size)
-        except SkipRecord:
-            skipped += 1
-            continue
-        objects = annotations.get(str(Path(item.image).resolve())) if isinstance(item.image, Path) else None
-        out.images.append(CaptionedImage(item.key, im, g["refs"], objects))
-    if skipped:
-        out.notes.append(f"{skipped} unreadable image(s) of split {split!r} skipped")
-    if not out.images:
-        raise CM3LeonError(f"{data}: no readable images in split {split!r}")
-    return out
-
-
-def load_instruction_rows(data: EvalData, filename: str, image_keys: Sequence[str], num: int | None,
-                          size: int | None) -> list[dict] | None:
-    """The first `num` rows of `filename` (vqa.jsonl, edits.jsonl) in the data's split with
-    their images loaded; None when the dataset has no such file."""
-    from cm3leon.data.readers import confined_path, iter_jsonl_objects, load_image, SkipRecord
-
-    if data.folder is None or not (data.folder / filename).is_file():
-        return None
-    rows = []
-    for _, obj in iter_jsonl_objects(data.folder / filename):
-        if num is not None and len(rows) >= num:
-            break
-        if isinstance(obj, SkipRecord) or not all(isinstance(obj.get(k), str) for k in image_keys):
-            continue
-        if data.split is not None and _row_split(obj) != data.split:
-            continue
-        try:
-            rows.append({**obj, **{f"{k}_pil": load_image(confined_path(data.folder, obj[k]), size)
-                                   for k in image_keys}})
-        except SkipRecord:
-            continue
-    return rows
-
-
-# ---- scoring (model-free) -------------------------------------------------------------------
-
-
-def _group_means(results: Sequence[dict], keys: Sequence[str]) -> dict:
-    n = len(results)
-    return {k: sum(bool(r[k]) for r in results) / n for k in keys} | {"n": n}
-
-
-def score_shapes_images(images: Sequence[Any], prompts: Sequence[str],
-                        truths: Sequence[Sequence[dict] | None] | None = None) -> tuple[dict, list[dict]]:
-    """Checker accuracy of generated images against their prompts (shapes captions).
-
-    Returns (summary, per-image verdicts). Summary: prompt accuracy ("colour", "shape",
-    "both", "size", "position", "all", "count": as many objects drawn as asked,
-    "both_and_count": both and count, "n"), also `by_num_objects`; `scene`: object
-    precision / recall and exact scene on (colour, shape) for prompts naming every object
-    of the true scene, by number of objects; `scene_layout`: the same on all four attributes
-    (shape, colour, size, cell) for prompts that state every size and position. Prompts that
-    name no object are not scored (counted as "unparsed")."""
-    from cm3leon.data.checker import check_prompt
-    from cm3leon.data.shapes import parse_caption
-    from cm3leon.eval.shapes_metrics import DEFAULT_MATCH_ON, prompt_accuracy, scene_metrics
-    from cm3leon.utils.logging import progress
-
-    if len(images) != len(prompts) or (truths is not None and len(truths) != len(prompts)):
-        raise CM3LeonError(f"{len(images)} images, {len(prompts)} prompts"
-                           + (f", {len(truths)} truths" if truths is not None else ""))
-    verdicts: list[dict | None] = []
-    parsed = []
-    with progress(total=len(images), desc="shapes checker", unit="img") as bar:
-        for im, p in zip(images, prompts):
-            req = parse_caption(p)
-            parsed.append(req)
-            verdicts.append(check_prompt(im, req) if req else None)
-            bar.update(1)
-    idx = [i for i, v in enumerate(verdicts) if v is not None]
-    if not idx:
-        raise CM3LeonError("no prompt names a shape (\"[size] colour shape\"); the shapes metric needs shapes captions")
-    flags = ("colour_ok", "shape_ok", "both_ok", "size_ok", "position_ok", "all_ok")
-    acc = prompt_accuracy([i for i in idx], [prompts[i] for i in idx], check=lambda i, _p: verdicts[i])
-    f = acc["fields"]
-    summary: dict[str, Any] = {"colour": acc["colour"], "shape": acc["shape"], "both": acc["both"],
-                               "size": f["size_ok"], "position": f["position_ok"], "all": f["all_ok"],
-                               "count": f["count_ok"],  # as many objects drawn as asked
-                               "n": acc["n"], "unparsed": len(prompts) - len(idx)}
-    for v in verdicts:
-        if v is not None:
-            v["both_ok"] = bool(v["colour_ok"]) and bool(v["shape_ok"])
-    # colour + shape right and no extra object drawn
-    summary["both_and_count"] = sum(verdicts[i]["both_ok"] and bool(verdicts[i]["count_ok"]) for i in idx) / len(idx)
-    by_n: dict[int, list[dict]] = defaultdict(list)
-    for i in idx:
-        by_n[len(parsed[i])].append(verdicts[i])
-    summary["by_num_objects"] = {k: {n.replace("_ok", ""): v for n, v in _group_means(by_n[k], flags).items()}
-                                 for k in sorted(by_n)}
-
-    def detected(i: int) -> list[dict]:
-        return verdicts[i]["detections"]
-
-    if truths is not None:
-        full = [i for i in idx if truths[i] is not None and len(parsed[i]) == len(truths[i])]
-        if full:
-            s = scene_metrics(full, [truths[i] for i in full], detect=detected, match_on=("shape", "color"))
-            s.pop("per_image")
-            summary["scene"] = s
-        layout = [i for i in full if all(o["size"] and o["cell"] is not None for o in parsed[i])]
-        if layout:
-            s = scene_metrics(layout, [truths[i] for i in layout], detect=detected, match_on=DEFAULT_MATCH_ON)
-            s.pop("per_image")
-            summary["scene_layout"] = s
-    per_image = [None if v is None else {**{k: bool(v[k]) for k in flags}, "count_ok": bool(v["count_ok"]),
-                                         "detected": [f"{d['size']} {d['color']} {d['shape']} {d['position']}"
-                                                      for d in v["detections"]]}
-                 for v in verdicts]
-    return summary, per_image
-
-
-def clip_scores(retriever, images: Sequence[Any], texts: Sequence[str], batch_size: int = 64) -> list[float]:
-    """Cosine similarity of each image with its text in the retriever's space (CLIP score)."""
-    from cm3leon.utils.logging import progress
-
-    out: list[float] = []
-    with progress(total=len(images), desc="clip score", unit="img") as bar:
-        for i in range(0, len(images), batch_size):
-            scores = retriever.clip_score(list(images[i:i + batch_size]), list(texts[i:i + batch_size]))
-            out += [float(x) for x in scores]
-            bar.update(min(batch_size, len(images) - i))
-    return out
-
-
-def retriever_name(retriever) -> str:
-    """"CLIP" for a local CLIP retriever, "retriever" for the bi-encoder trained here."""
-    return "CLIP" if getattr(retriever, "kind", None) == "clip" else "retriever"
-
-
-def score_captions(captions: Sequence[str], references: Sequence[Sequence[str]],
-                   truths: Sequence[Sequence[dict] | None] | None = None) -> tuple[dict, list[dict]]:
-    """CIDEr-D and BLEU-4 against all references; with shapes truths also the checker's
-    caption accuracy ("correct": colours and shapes named exactly right). -> (summary, per caption)."""
-    from cm3leon.data.checker import caption_correct
-    from cm3leon.eval.captioning import caption_metrics
-    from cm3leon.eval.shapes_metrics import caption_accuracy
-
-    if len(captions) != len(references):
-        raise CM3LeonError(f"{len(captions)} captions but {len(references)} reference lists")
-    summary = caption_metrics(list(captions), [list(r) for r in references])
-    per = [{} for _ in captions]
-    if truths is not None:
-        idx = [i for i, t in enumerate(truths) if t is not None]
-        if idx:
-            acc = caption_accuracy([captions[i] for i in idx], [truths[i] for i in idx])
-            summary["shapes"] = {"correct": acc["correct"], "colour": acc["fields"]["colour_ok"],
-                                 "shape": acc["fields"]["shape_ok"], "n": acc["n"]}
-            for i in idx:
-                v = caption_correct(captions[i], truths[i])
-                per[i] = {k: v[k] for k in ("colour_ok", "shape_ok", "all_ok")}
-    return summary, per
-
-
-def score_vqa(answers: Sequence[str], references: Sequence[Sequence[str]],
-              types: Sequence[str | None] | None = None) -> tuple[dict, list[float]]:
-    """VQAv2 accuracy (percent), overall and by question type. -> (summary, per question 0..1)."""
-    from cm3leon.eval.vqa import vqa_score
-
-    res = vqa_score(list(answers), [list(r) for r in references])
-    per = res.pop("per_question")
-    if types is not None:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for t, a in zip(types, per):
-            groups[str(t or "other")].append(a)
-        res["by_type"] = {t: {"vqa_accuracy": 100.0 * sum(v) / len(v), "n": len(v)} for t, v in sorted(groups.items())}
-    return res, per
-
-
-def edit_target_objects(row: dict) -> list[dict] | None:
-    """The objects the edited image should show: the row's `target_objects`, else what the
-    checker reads off the rendered target image (exact on clean renderings); None when the
-    target cannot be read (an unnamed shape)."""
-    from cm3leon.data.checker import UNKNOWN_SHAPE, detect_objects
-
-    if isinstance(row.get("target_objects"), list):
-        return row["target_objects"]
-    dets = detect_objects(row["target_image_pil"])
-    if any(d.shape == UNKNOWN_SHAPE for d in dets):
-        return None
-    return [{"shape": d.shape, "color": d.color, "size": d.size, "cell": list(d.cell)} for d in dets]
-
-
-def score_edits(edited: Sequence[Any], targets: Sequence[Sequence[dict] | None], types: Sequence[str | None],
-                sources: Sequence[Any] | None = None) -> tuple[dict, list[dict | None]]:
-    """The rate of edited images whose detected scene equals the target scene exactly
-    ("done_rate"), object precision / recall, by edit type; with `sources`, the same rate for
-    the unedited source image ("do_nothing_baseline": what returning the input scores)."""
-    from cm3leon.data.checker import detect_objects, score_scene
-
-    per: list[dict | None] = []
-    groups: dict[str, list[dict]] = defaultdict(list)
-    base = []
-    for i, (im, tgt, t) in enumerate(zip(edited, targets, types)):
-        if tgt is None:
-            per.append(None)
-            continue
-        s = score_scene(detect_objects(im), tgt)
-        v = {"done": bool(s["exact"]), "precision": s["precision"], "recall": s["recall"]}
-        per.append(v)
-        groups[str(t or "other")].append(v)
-        if sources is not None:
-            base.append(bool(score_scene(detect_objects(sources[i]), tgt)["exact"]))
-    judged = [v for v in per if v is not None]
-    if not judged:
-        raise CM3LeonError("no edit target could be read by the checker")
-
-    def agg(vs: list[dict]) -> dict:
-        n = len(vs)
-        return {"done_rate": sum(v["done"] for v in vs) / n, "precision": sum(v["precision"] for v in vs) / n,
-                "recall": sum(v["recall"] for v in vs) / n, "n": n}
-
-    out = agg(judged) | {"unjudged": len(per) - len(judged)}
-    out["by_type"] = {t: agg(vs) for t, vs in sorted(groups.items())}
-    if base:
-        out["do_nothing_baseline"] = sum(base) / len(base)
-    return out, per
-
 
 # ---- models and feature spaces --------------------------------------------------------------
 
@@ -377,74 +66,7 @@ def scoring_retriever(model, clip_retriever: str | os.PathLike | None = None):
     return getattr(model, "retriever", None)
 
 
-def fd_extractor(spec: str, retriever) -> tuple[Any | None, str | None]:
-    """(feature extractor, None) for --fid-features, or (None, why not): "retriever" = the
-    scoring retriever, "retriever:DIR", "inception:WEIGHTS", "pixelstats"."""
-    from cm3leon.eval.fid import RetrieverExtractor, make_extractor
-
-    if spec == "retriever":
-        if retriever is None:
-            return None, ("no retriever to extract features with (the model directory has no retriever/); "
-                          "pass fid_features='inception:WEIGHTS.pth' or 'pixelstats', or clip_retriever=DIR")
-        return RetrieverExtractor(retriever, name=retriever_name(retriever)), None
-    return make_extractor(spec), None
-
-
-class FDScorer:
-    """Fréchet distance of generated image sets against one real set, whose features are
-    extracted once."""
-
-    def __init__(self, extractor, real_images: Sequence[Any], batch_size: int = 64):
-        from cm3leon.eval.fid import extract_features, metric_name
-
-        self.extractor = extractor
-        self.name = metric_name(extractor)
-        self.batch_size = batch_size
-        self.real = extract_features(real_images, extractor, batch_size, desc="features (real)")
-
-    def __call__(self, fake_images: Sequence[Any]) -> dict:
-        from cm3leon.eval.fid import extract_features, frechet_distance
-
-        fake = extract_features(fake_images, self.extractor, self.batch_size, desc="features (generated)")
-        return {"name": self.name, "value": frechet_distance(self.real, fake), "n_real": int(self.real.shape[0]),
-                "n_fake": int(fake.shape[0]), "feature_dim": int(self.real.shape[1])}
-
-
-def generate_images(model, prompts: Sequence[str], decoding, seed: int, batch_size: int,
-                    desc: str = "text->image") -> list:
-    """One image per prompt, `batch_size` prompts per call (decoding: a DecodingConfig);
-    batch b uses seed + b."""
-    from cm3leon.utils.logging import progress
-
-    out: list = []
-    with progress(total=len(prompts), desc=desc, unit="img") as bar:
-        for b, i in enumerate(range(0, len(prompts), batch_size)):
-            chunk = list(prompts[i:i + batch_size])
-            out += model.text_to_image(chunk, seed=seed + b, decoding=decoding)
-            bar.update(len(chunk))
-    return out
-
-
-def _batched(fn: Callable, columns: Sequence[Sequence], batch_size: int, desc: str, seed: int) -> list:
-    from cm3leon.utils.logging import progress
-
-    n = len(columns[0])
-    out: list = []
-    with progress(total=n, desc=desc, unit="item") as bar:
-        for b, i in enumerate(range(0, n, batch_size)):
-            out += fn(*[list(c[i:i + batch_size]) for c in columns], seed=seed + b)
-            bar.update(min(batch_size, n - i))
-    return out
-
-
 # ---- the evaluation -------------------------------------------------------------------------
-
-
-def _save_png(image, path: Path) -> None:
-    from cm3leon.utils.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 def _parse_metrics(metrics) -> list[str]:
@@ -485,7 +107,7 @@ def evaluate_model(
     "retriever" (the scoring retriever: `clip_retriever` or the model's own),
     "retriever:DIR", "inception:WEIGHTS.pth" or "pixelstats".
     images: the image folder of a COCO captions JSON. Returns the metrics.json content."""
-    from cm3leon.eval.report import image_grid
+    from cm3leon.eval.tasks import captioning, editing, text_to_image, vqa
     from cm3leon.utils.io import write_json, write_jsonl, write_text
     from cm3leon.utils.logging import MetricsLogger
 
@@ -510,146 +132,23 @@ def evaluate_model(
     out.mkdir(parents=True, exist_ok=True)
     size = getattr(model, "resolution", None)
     data_ = load_eval_data(data, split, num_prompts, size=size, images=images)
-    retriever = scoring_retriever(model, clip_retriever)
-    results: dict[str, dict] = {}
-    samples: list[dict] = []
-    seconds_per_image = None
-    log = MetricsLogger(out / "eval_log.jsonl")
-
-    def skip(metric: str, why: str) -> None:
-        results[metric] = {"skipped": why}
-
-    # --- text -> image -------------------------------------------------------------------
-    t2i = [m for m in T2I_METRICS if m in metrics]
-    if "shapes" in t2i and not data_.is_shapes:
-        skip("shapes", f"{data}: no shapes annotations (annotations.jsonl): not a shapes dataset")
-        t2i.remove("shapes")
-    if "clip" in t2i and retriever is None:
-        skip("clip", "no retriever to score with: the model directory has no retriever/ and no clip_retriever given")
-        t2i.remove("clip")
-    extractor = None
-    if "fid" in t2i:
-        extractor, why = fd_extractor(fid_features, retriever)
-        if extractor is None:
-            skip("fid", why)
-            t2i.remove("fid")
-        elif len(data_.images) < 2:
-            skip("fid", f"Fréchet distance needs at least 2 images; split {split!r} gave {len(data_.images)}")
-            t2i.remove("fid")
-    if t2i:
-        t0 = time.perf_counter()
-        prompts = [c.prompt for c in data_.images]
-        generated = generate_images(model, prompts, decoding, seed, batch_size)
-        seconds_per_image = (time.perf_counter() - t0) / len(generated)  # generation alone
-        rows = [{"task": "text_to_image", "prompt": p, "source": c.key, "image": f"images/t2i/{i:05d}.png"}
-                for i, (p, c) in enumerate(zip(prompts, data_.images))]
-        for r, im in zip(rows, generated):
-            _save_png(im, out / r["image"])
-        marks = None
-        if "shapes" in t2i:
-            summary, per = score_shapes_images(generated, prompts, [c.objects for c in data_.images])
-            results["shapes"] = summary
-            for r, v in zip(rows, per):
-                r["verdict"] = v
-            marks = [None if v is None else v["all_ok"] for v in per]
-        if "clip" in t2i:
-            cs = clip_scores(retriever, generated, prompts)
-            real = clip_scores(retriever, [c.image for c in data_.images], prompts)
-            results["clip"] = {"name": f"CLIP score ({retriever_name(retriever)})", "value": sum(cs) / len(cs),
-                               "real_images": sum(real) / len(real), "n": len(cs)}
-            for r, v in zip(rows, cs):
-                r["clip_score"] = v
-        if "fid" in t2i:
-            results["fid"] = FDScorer(extractor, [c.image for c in data_.images])(generated)
-        samples += rows
-        k = min(GRID_MAX, len(generated))
-        _save_png(image_grid(generated[:k], captions=prompts[:k], marks=marks[:k] if marks else None),
-                  out / "grid_text_to_image.png")
-        log.log(task="text_to_image", n=len(generated), seconds=round(time.perf_counter() - t0, 2))
-
-    # --- image -> text -------------------------------------------------------------------
-    if "cider" in metrics:
-        t0 = time.perf_counter()
-        src = [c.image for c in data_.images]
-        captions = _batched(model.image_to_text, [src], batch_size, "captioning", seed)
-        truths = [c.objects for c in data_.images] if data_.is_shapes else None
-        summary, per = score_captions(captions, [c.references for c in data_.images], truths)
-        results["cider"] = summary
-        samples += [{"task": "captioning", "source": c.key, "caption": cap, "references": c.references,
-                     **({"verdict": v} if v else {})} for c, cap, v in zip(data_.images, captions, per)]
-        k = min(GRID_MAX, len(src))
-        _save_png(image_grid(src[:k], captions=captions[:k], marks=[v.get("all_ok") for v in per[:k]]),
-                  out / "grid_captioning.png")
-        log.log(task="captioning", n=len(captions), seconds=round(time.perf_counter() - t0, 2))
-
-    # --- VQA -----------------------------------------------------------------------------
-    if "vqa" in metrics:
-        rows = load_instruction_rows(data_, "vqa.jsonl", ("image",), num_prompts, size)
-        if rows is None:
-            skip("vqa", f"{data}: no vqa.jsonl")
-        elif not rows:
-            skip("vqa", f"{data}: vqa.jsonl has no usable rows in split {split!r}")
-        else:
-            t0 = time.perf_counter()
-            refs = []
-            for r in rows:
-                a = r.get("answers", r.get("answer"))
-                a = [a] if isinstance(a, str) else [x["answer"] if isinstance(x, dict) else x for x in (a or [])]
-                refs.append([x for x in a if isinstance(x, str)])
-            keep = [i for i, a in enumerate(refs) if a and isinstance(rows[i].get("question"), str)]
-            rows, refs = [rows[i] for i in keep], [refs[i] for i in keep]
-            answers = _batched(model.answer, [[r["image_pil"] for r in rows], [r["question"] for r in rows]],
-                               batch_size, "vqa", seed)
-            types = [r.get("type", r.get("question_type")) for r in rows]
-            results["vqa"], per = score_vqa(answers, refs, types)
-            samples += [{"task": "vqa", "source": r["image"], "question": r["question"], "answer": a,
-                         "references": ref, "type": t, "accuracy": acc}
-                        for r, a, ref, t, acc in zip(rows, answers, refs, types, per)]
-            k = min(GRID_MAX, len(rows))
-            _save_png(image_grid([r["image_pil"] for r in rows[:k]],
-                                 captions=[f"{r['question']} -> {a}" for r, a in zip(rows[:k], answers)],
-                                 marks=[acc > 0 for acc in per[:k]], caption_lines=3), out / "grid_vqa.png")
-            log.log(task="vqa", n=len(rows), seconds=round(time.perf_counter() - t0, 2))
-
-    # --- editing -------------------------------------------------------------------------
-    if "edit" in metrics:
-        rows = load_instruction_rows(data_, "edits.jsonl", ("image", "target_image"), num_prompts, size)
-        if rows is None:
-            skip("edit", f"{data}: no edits.jsonl")
-        elif not data_.is_shapes:
-            skip("edit", f"{data}: editing is judged by the shapes checker; not a shapes dataset")
-        elif not rows:
-            skip("edit", f"{data}: edits.jsonl has no usable rows in split {split!r}")
-        else:
-            t0 = time.perf_counter()
-            rows = [r for r in rows if isinstance(r.get("instruction"), str)]
-            edited = _batched(model.edit, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
-                              batch_size, "editing", seed)
-            targets = [edit_target_objects(r) for r in rows]
-            results["edit"], per = score_edits(edited, targets, [r.get("type") for r in rows],
-                                               sources=[r["image_pil"] for r in rows])
-            for i, (r, im, v) in enumerate(zip(rows, edited, per)):
-                path = f"images/edit/{i:05d}.png"
-                _save_png(im, out / path)
-                samples.append({"task": "edit", "source": r["image"], "instruction": r["instruction"], "image": path,
-                                "target_image": r["target_image"], "type": r.get("type"), "verdict": v})
-            k = min(GRID_MAX // 3, len(rows))
-            trip = [x for r, im in zip(rows[:k], edited) for x in (r["image_pil"], im, r["target_image_pil"])]
-            caps = [x for r in rows[:k] for x in ("source", r["instruction"], "target")]
-            marks = [x for v in per[:k] for x in (None, None if v is None else v["done"], None)]
-            _save_png(image_grid(trip, nrow=3, captions=caps, marks=marks), out / "grid_edit.png")
-            log.log(task="edit", n=len(rows), seconds=round(time.perf_counter() - t0, 2))
-    log.close()
+    ctx = TaskContext(model=model, data=data_, source=str(data), out=out, metrics=metrics, decoding=decoding,
+                      seed=seed, batch_size=batch_size, num=num_prompts, size=size,
+                      retriever=scoring_retriever(model, clip_retriever), fid_features=fid_features,
+                      log=MetricsLogger(out / "eval_log.jsonl"))
+    for task in (text_to_image, captioning, vqa, editing):
+        task.run(ctx)
+    ctx.log.close()
 
     report = {
         "model": str(model_dir) if isinstance(model_dir, (str, os.PathLike)) else type(model_dir).__name__,
         "data": str(data), "split": split, "num_prompts": num_prompts, "num_images": len(data_.images),
         "decoding": decoding.to_dict() if isinstance(decoding, DecodingConfig) else decoding, "seed": seed, "fid_features": fid_features,
-        "metrics": {m: results[m] for m in metrics if m in results},
-        "seconds_per_image": seconds_per_image,  # text->image generation, `batch_size` prompts per call
+        "metrics": {m: ctx.results[m] for m in metrics if m in ctx.results},
+        "seconds_per_image": ctx.seconds_per_image,  # text->image generation, `batch_size` prompts per call
         "notes": data_.notes, "seconds": round(time.perf_counter() - t_start, 2),
     }
-    write_jsonl(out / "samples.jsonl", samples)
+    write_jsonl(out / "samples.jsonl", ctx.samples)
     write_json(out / "metrics.json", report)
     write_text(out / "metrics.md", metrics_markdown(report))
     return report

@@ -288,3 +288,35 @@ def make_extractor(spec: str) -> FeatureExtractor:
     if kind == "retriever" and arg:
         return RetrieverExtractor.from_dir(arg)
     raise CM3LeonError(f"--features {spec!r}: expected 'inception:WEIGHTS.pth', 'retriever:DIR' or 'pixelstats'")
+
+
+def retriever_name(retriever) -> str:
+    """"CLIP" for a local CLIP retriever, "retriever" for the bi-encoder trained here."""
+    return "CLIP" if getattr(retriever, "kind", None) == "clip" else "retriever"
+
+
+def fd_extractor(spec: str, retriever) -> tuple[Any | None, str | None]:
+    """(feature extractor, None) for --fid-features, or (None, why not): "retriever" = the
+    scoring retriever, "retriever:DIR", "inception:WEIGHTS", "pixelstats"."""
+    if spec == "retriever":
+        if retriever is None:
+            return None, ("no retriever to extract features with (the model directory has no retriever/); "
+                          "pass fid_features='inception:WEIGHTS.pth' or 'pixelstats', or clip_retriever=DIR")
+        return RetrieverExtractor(retriever, name=retriever_name(retriever)), None
+    return make_extractor(spec), None
+
+
+class FDScorer:
+    """Fréchet distance of generated image sets against one real set, whose features are
+    extracted once."""
+
+    def __init__(self, extractor, real_images: Sequence[Any], batch_size: int = 64):
+        self.extractor = extractor
+        self.name = metric_name(extractor)
+        self.batch_size = batch_size
+        self.real = extract_features(real_images, extractor, batch_size, desc="features (real)")
+
+    def __call__(self, fake_images: Sequence[Any]) -> dict:
+        fake = extract_features(fake_images, self.extractor, self.batch_size, desc="features (generated)")
+        return {"name": self.name, "value": frechet_distance(self.real, fake), "n_real": int(self.real.shape[0]),
+                "n_fake": int(fake.shape[0]), "feature_dim": int(self.real.shape[1])}

@@ -111,10 +111,10 @@ def sweep_decoding(
     retrieved documents in the prompt. `methods`: the decoding families to run (default: all of
     the API's IMAGE_METHODS).
     Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
-    from cm3leon.eval.evaluate import (
-        FDScorer, check_num, clip_scores, fd_extractor, generate_images, load_eval_data, load_model,
-        retriever_name, score_shapes_images, scoring_retriever,
-    )
+    from cm3leon.eval.data import check_num, load_eval_data
+    from cm3leon.eval.evaluate import load_model, scoring_retriever
+    from cm3leon.eval.fid import FDScorer, fd_extractor, retriever_name
+    from cm3leon.eval.tasks.text_to_image import clip_scores, generate_images, score_shapes_images
     from cm3leon.eval.report import image_grid, markdown_table, plot_xy
     from cm3leon.utils.io import atomic_path, write_json, write_text
     from cm3leon.utils.logging import MetricsLogger
