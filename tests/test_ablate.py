@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.eval.ablate import AblationSpec, ablation_spec, plan_variants, run_ablations
+from cm3leon.run.ablate import AblationSpec, ablation_spec, plan_variants, run_ablations
 
 ROW_KEYS = {"name", "group", "changed", "params", "k", "order", "poisson_lambda", "decoding", "tokens", "train_flops",
             "train_seconds", "final_train_loss", "final_val_loss", "colour", "shape", "both", "fd", "clip_score",
@@ -111,7 +111,7 @@ def test_rerun_skips_finished_variants(run, monkeypatch):
 
 
 def test_plots_are_written_and_the_run_report_shows_the_ablations(run):
-    from cm3leon.report_run import build_run_report
+    from cm3leon.run.report import build_run_report
 
     run_dir, result = run
     for name in ("ablation_model_size", "ablation_retrieval_k", "ablation_decoding", "ablation_baseline"):

@@ -6,14 +6,14 @@ import json
 import pytest
 
 from cm3leon.cli import main
-from cm3leon.pipeline import STAGES
+from cm3leon.run.pipeline import STAGES
 
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, capsys, monkeypatch):
     from dataclasses import replace
 
-    from cm3leon.config import PIPELINE_PRESETS
+    from cm3leon.run.config import PIPELINE_PRESETS
 
     # the paper's claims as the full demo shows them, at a tiny size: the sweep over sampling
     # seeds after SFT with retrieval k compared, and the same settings before SFT
@@ -82,7 +82,7 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
     shared decoding options reach generation."""
     from dataclasses import replace
 
-    from cm3leon import config
+    from cm3leon.run import config
     from cm3leon.data.shapes import synthesize
 
     monkeypatch.setitem(config.PIPELINE_PRESETS, "quick",
@@ -105,8 +105,8 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
 
 
 def test_demo_presets_choose_their_built_in_data_and_refuse_a_mismatch(tmp_path, capsys):
-    from cm3leon.config import PIPELINE_PRESETS
-    from cm3leon.pipeline import DEMO_PRESETS
+    from cm3leon.run.config import PIPELINE_PRESETS
+    from cm3leon.run.pipeline import DEMO_PRESETS
 
     assert all(PIPELINE_PRESETS[p].demo_data["size"] == 48 for p in DEMO_PRESETS)
     assert PIPELINE_PRESETS["long"].demo_data["max_objects"] > 1 == PIPELINE_PRESETS["demo"].demo_data["max_objects"]

@@ -1,5 +1,5 @@
 """The latent-diffusion baseline (cm3leon.baselines.ldm) on a tiny config, the one FLOP count of
-the comparison, and `cm3leon ablate --baselines` (cm3leon.eval.baselines) on a tiny run."""
+the comparison, and `cm3leon ablate --baselines` (cm3leon.run.baselines) on a tiny run."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_training_resumes_to_the_uninterrupted_runs_weights(run, tmp_path):
 
 
 def tiny_baselines_spec():
-    from cm3leon.eval.baselines import BaselinesSpec
+    from cm3leon.run.baselines import BaselinesSpec
 
     train = dict(steps=4, seq_len=128, micro_batch_size=2, batch_tokens=256, warmup_steps=1, eval_batches=1,
                  dtype="fp32")
@@ -182,10 +182,10 @@ def test_ablate_baselines_trains_three_models_to_the_same_budgets_and_evaluates_
     import cm3leon.baselines.ldm as ldm_module
     import cm3leon.eval.evaluate as evaluate
     import cm3leon.train.cli as train_cli
-    from cm3leon.eval.ablate import run_ablations
+    from cm3leon.run.ablate import run_ablations
     from cm3leon.model.config import ModelConfig
     from cm3leon.model.transformer import flops_per_token
-    from cm3leon.report_run import build_run_report
+    from cm3leon.run.report import build_run_report
 
     result = run_ablations(run, spec=tiny_baselines_spec(), baselines=True)
     out = run / "ablate" / "baselines"

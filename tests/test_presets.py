@@ -7,7 +7,7 @@ from cm3leon.errors import CM3LeonError
 
 
 def _calls():
-    from cm3leon.config import get_pipeline_preset
+    from cm3leon.run.config import get_pipeline_preset
     from cm3leon.model.config import ModelConfig
     from cm3leon.sft.cli import run_sft
     from cm3leon.tokenizers.image import get_preset

@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.report import Grid
-from cm3leon.report_run import (SECTION_TITLES, QualityBar, build_run_report, quality_bar_checks, quality_bar_limits,
+from cm3leon.run.report import (SECTION_TITLES, QualityBar, build_run_report, quality_bar_checks, quality_bar_limits,
                                 run_report_sections)
 
 NUM_RECORDS = 12

@@ -24,9 +24,9 @@ COMMAND_MODULES = (
     "cm3leon.convert.cli",
     "cm3leon.decode.cli",
     "cm3leon.eval.cli",
-    "cm3leon.report_run",
-    "cm3leon.ablate_cli",
-    "cm3leon.pipeline",
+    "cm3leon.run.report",
+    "cm3leon.run.ablate_cli",
+    "cm3leon.run.pipeline",
     "cm3leon.serve.cli",
 )
 

@@ -1,5 +1,5 @@
 """Baselines that CM3Leon is compared with on the same training data and budget
-(`cm3leon ablate --baselines`, `cm3leon.eval.baselines`).
+(`cm3leon ablate --baselines`, `cm3leon.run.baselines`).
 
 - `ldm`: a Stable-Diffusion-style latent-diffusion model (Rombach et al. 2022) in the latent
   space of this project's image tokenizer, built from `diffusers` parts (the `[baselines]` extra).

@@ -60,7 +60,7 @@ class ModelConfig:
     # (`<break>`, `<eos>`). An image code's position then names its cell of the code grid and
     # a caption's words sit at the same positions in every document, whatever the lengths of
     # the text before them (cm3leon.model.positions). The CPU pipeline presets turn it on
-    # (measured in cm3leon/config.py); the paper presets keep plain positions. Callers pass
+    # (measured in cm3leon/run/config.py); the paper presets keep plain positions. Callers pass
     # these position ids; HF OPT takes them as `position_ids`.
     segment_positions: int = 0
     segment_delimiters: list[int] = field(default_factory=list)

@@ -2,7 +2,7 @@
 (`cm3leon.model.config.PRESETS`, `cm3leon.train.config.TRAIN_PRESETS`,
 `cm3leon.sft.cli.SFT_PRESETS`, `cm3leon.tokenizers.image.PRESETS`,
 `cm3leon.tokenizers.image_train.TRAIN_PRESETS`, `cm3leon.tokenizers.text.VOCAB_PRESETS`,
-`cm3leon.config.PIPELINE_PRESETS`) and is read with
+`cm3leon.run.config.PIPELINE_PRESETS`) and is read with
 `lookup`: names match exactly, and an unknown name is an error that lists the known ones."""
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The pipeline's stage functions: each takes (ctx, out_dir) and returns a JSON-able dict.
 
-They only wire the stage modules together with the run's preset (`cm3leon.config`); the work
+They only wire the stage modules together with the run's preset (`cm3leon.run.config`); the work
 is done in the stage modules themselves. Stage folders are siblings under the run folder
-(see `cm3leon.pipeline`), so a stage finds its inputs at `ctx.stage_dir(name)`."""
+(see `cm3leon.run.pipeline`), so a stage finds its inputs at `ctx.stage_dir(name)`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from cm3leon.config import get_pipeline_preset
-from cm3leon.pipeline import PipelineContext
+from cm3leon.run.config import get_pipeline_preset
+from cm3leon.run.pipeline import PipelineContext
 from cm3leon.utils.io import write_json, write_jsonl
 
 
@@ -190,7 +190,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
 
 def run_metrics(ctx: PipelineContext) -> dict:
     """The run's headline numbers, gathered from the stage folders, with the quality bar."""
-    from cm3leon.report_run import quality_bar_checks, quality_bar_limits
+    from cm3leon.run.report import quality_bar_checks, quality_bar_limits
 
     def load(rel: str) -> dict | None:
         f = ctx.out / rel
@@ -211,7 +211,7 @@ def run_metrics(ctx: PipelineContext) -> dict:
 
 
 def report(ctx: PipelineContext, out: Path) -> dict:
-    from cm3leon.report_run import build_run_report
+    from cm3leon.run.report import build_run_report
 
     path = build_run_report(ctx.out)
     return {"report": str(path)}

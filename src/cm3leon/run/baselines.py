@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.eval.run_folder import DONE, RunInputs
+from cm3leon.run.folder import DONE, RunInputs
 
 MODELS = ("cm3leon", "dalle", "ldm")
 LABELS = {"cm3leon": "CM3Leon", "dalle": "DALL-E-style AR", "ldm": "LDM"}
@@ -144,8 +144,8 @@ def baselines_spec(run_dir, steps: int | None = None, num_prompts: int | None = 
     """The comparison for a run folder: both transformers with the run's pipeline preset's
     model and pretraining recipe and budget (steps: override its steps), its k and CFG scale,
     the LDM with `LDMConfig`'s CPU defaults; as many prompts as the run's evaluation."""
-    from cm3leon.config import get_pipeline_preset
-    from cm3leon.eval.run_folder import run_preset_name
+    from cm3leon.run.config import get_pipeline_preset
+    from cm3leon.run.folder import run_preset_name
 
     p = get_pipeline_preset(run_preset_name(run_dir))
     train = {k: v for k, v in p.pretrain.items() if k not in OWN_TRAIN_KEYS}
@@ -317,7 +317,7 @@ def run_baselines(inputs: RunInputs, out, spec: BaselinesSpec, seed: int = 0, fo
     """Train CM3Leon, the DALL-E-style model and the LDM on the run's data, evaluate each along
     its run and at both budgets; returns metrics.json (written with results.md and the plot
     into `out`). Finished trainings and evaluations are reused on a re-run (force: start over)."""
-    from cm3leon.eval.run_folder import codes_with_neighbors
+    from cm3leon.run.folder import codes_with_neighbors
     from cm3leon.utils.io import read_json, write_json
 
     if inputs.retriever is None:

@@ -2,7 +2,7 @@
 
     cm3leon report --run runs/demo            # writes runs/demo/report.html
 
-It reads what the stages wrote (see `cm3leon.pipeline`): metrics files, sample grids, training
+It reads what the stages wrote (see `cm3leon.run.pipeline`): metrics files, sample grids, training
 logs, code shards and neighbours, and lays them out as ten sections: summary with the quality
 bar, text->image samples per decoding method, captions and VQA, edits, the image tokenizer,
 retrieval, training curves, the decoding sweep, ablations and stage timings. A stage folder
@@ -94,7 +94,7 @@ class RunFolder:
 
     def done(self, stage: str) -> dict | None:
         """The stage's `.done` marker ({"stage", "seconds", "result"}), None if unfinished."""
-        from cm3leon.pipeline import DONE
+        from cm3leon.run.pipeline import DONE
 
         marker = self.json(stage, DONE)
         return marker if isinstance(marker, dict) else None
@@ -124,7 +124,7 @@ class RunFolder:
 
 
 def _stage_names() -> list[str]:
-    from cm3leon.pipeline import STAGES
+    from cm3leon.run.pipeline import STAGES
 
     return [s.name for s in STAGES]
 
@@ -798,7 +798,7 @@ def _ablations(run: RunFolder, bar: QualityBar) -> list:
 
 def _baselines(run: RunFolder) -> list:
     """`cm3leon ablate --baselines`: the table at both budgets, the notes and the compute plot."""
-    from cm3leon.eval.baselines import COLUMNS
+    from cm3leon.run.baselines import COLUMNS
 
     res = run.json("ablate", "baselines", "metrics.json")
     if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
@@ -816,7 +816,7 @@ def _baselines(run: RunFolder) -> list:
 
 
 def _stage_rows(run: RunFolder) -> list[dict]:
-    from cm3leon.pipeline import DONE, STAGES
+    from cm3leon.run.pipeline import DONE, STAGES
 
     pipe = run.json("pipeline.json")
     recorded = (pipe or {}).get("stages") or {}
@@ -881,7 +881,7 @@ def build_run_report(run_dir: str | os.PathLike, out: str | os.PathLike | None =
                      bar: QualityBar | None = None) -> Path:
     """Write one self-contained HTML report of a pipeline run folder to `out` (default
     RUN/report.html) and return its path. Stages that did not run get a "not run" note."""
-    from cm3leon.pipeline import STAGES
+    from cm3leon.run.pipeline import STAGES
 
     run = Path(run_dir)
     if not run.is_dir():

@@ -45,15 +45,15 @@ class Stage:
 
 
 STAGES = (
-    Stage("text_tokenizer", "cm3leon.stages:text_tokenizer", "byte-level BPE on the captions"),
-    Stage("image_tokenizer", "cm3leon.stages:image_tokenizer", "VQ image tokenizer"),
-    Stage("tokenize", "cm3leon.stages:tokenize", "dataset -> code shards"),
-    Stage("retrieval", "cm3leon.stages:retrieval", "bi-encoder, memory bank, neighbours"),
-    Stage("pretrain", "cm3leon.stages:pretrain", "CM3 + retrieval pretraining"),
-    Stage("sft", "cm3leon.stages:sft", "instruction tuning"),
-    Stage("generate", "cm3leon.stages:generate", "samples with every decoding method"),
-    Stage("eval", "cm3leon.stages:evaluate", "metrics"),
-    Stage("report", "cm3leon.stages:report", "report.html"),
+    Stage("text_tokenizer", "cm3leon.run.stages:text_tokenizer", "byte-level BPE on the captions"),
+    Stage("image_tokenizer", "cm3leon.run.stages:image_tokenizer", "VQ image tokenizer"),
+    Stage("tokenize", "cm3leon.run.stages:tokenize", "dataset -> code shards"),
+    Stage("retrieval", "cm3leon.run.stages:retrieval", "bi-encoder, memory bank, neighbours"),
+    Stage("pretrain", "cm3leon.run.stages:pretrain", "CM3 + retrieval pretraining"),
+    Stage("sft", "cm3leon.run.stages:sft", "instruction tuning"),
+    Stage("generate", "cm3leon.run.stages:generate", "samples with every decoding method"),
+    Stage("eval", "cm3leon.run.stages:evaluate", "metrics"),
+    Stage("report", "cm3leon.run.stages:report", "report.html"),
 )
 
 
@@ -124,7 +124,7 @@ DEMO_PRESETS = ("quick", "demo", "long")  # the presets `cm3leon demo` runs on b
 
 
 def _demo(args) -> int:
-    from cm3leon.config import get_pipeline_preset
+    from cm3leon.run.config import get_pipeline_preset
     from cm3leon.data.shapes import synthesize
 
     if args.quick and args.preset not in (None, "quick"):

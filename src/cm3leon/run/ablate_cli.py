@@ -1,7 +1,7 @@
 """`cm3leon ablate`: model size, retrieved documents k, decoding method and a DALL-E-style
-baseline on one finished pipeline run, all on the same token budget (see cm3leon.eval.ablate);
+baseline on one finished pipeline run, all on the same token budget (see cm3leon.run.ablate);
 with --baselines, CM3Leon against a DALL-E-style and a latent-diffusion model at the same
-training FLOPs and wall time (see cm3leon.eval.baselines).
+training FLOPs and wall time (see cm3leon.run.baselines).
 
     cm3leon ablate --run runs/demo                  # quick preset, writes runs/demo/ablate/
     cm3leon ablate --run runs/demo --preset full    # the run's full pretraining budget per variant
@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def _ablate(args) -> int:
-    from cm3leon.eval.ablate import ablation_spec, plan_table, run_ablations
+    from cm3leon.run.ablate import ablation_spec, plan_table, run_ablations
 
     if args.baselines:
         return _baselines(args)
@@ -55,8 +55,8 @@ def _ablate(args) -> int:
 
 def _baselines(args) -> int:
     from cm3leon.errors import CM3LeonError, require
-    from cm3leon.eval.ablate import run_ablations
-    from cm3leon.eval.baselines import baselines_spec, plan_text
+    from cm3leon.run.ablate import run_ablations
+    from cm3leon.run.baselines import baselines_spec, plan_text
 
     if args.only:
         raise CM3LeonError("--only selects ablation variants; --baselines runs its comparison as a whole")

@@ -6,7 +6,7 @@ FID; the baseline is the plain left-to-right text->image model of DALL-E / Parti
     cm3leon ablate --run runs/demo --preset quick
     cm3leon ablate --run runs/demo --baselines      # the "baselines" group instead
 
-The "baselines" group (`cm3leon.eval.baselines`) compares CM3Leon with a DALL-E-style model and a
+The "baselines" group (`cm3leon.run.baselines`) compares CM3Leon with a DALL-E-style model and a
 latent-diffusion model at the same training FLOPs and the same training wall time, with
 quality-vs-compute curves; it writes RUN/ablate/baselines/.
 
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.evaluate import T2I_METRICS
-from cm3leon.eval.run_folder import DONE, RunInputs, codes_with_neighbors, run_inputs, run_preset_name
+from cm3leon.run.folder import DONE, RunInputs, codes_with_neighbors, run_inputs, run_preset_name
 
 if TYPE_CHECKING:
-    from cm3leon.eval.baselines import BaselinesSpec
+    from cm3leon.run.baselines import BaselinesSpec
 
 ABLATION_PRESETS = ("quick", "full")
 GROUPS = ("size", "retrieval", "decoding", "baseline")
@@ -149,7 +149,7 @@ def ablation_spec(preset: str, run_dir: str | os.PathLike | None = None, steps: 
     learning (losses, colour/shape accuracy, FD, CLIP score), with 32 prompts per variant. full: the
     run's pipeline preset (pipeline.json) with its full pretraining budget per variant, its
     evaluation size and CFG scale; the paper's three sizes for the 350m / 760m / 7b presets."""
-    from cm3leon.config import get_pipeline_preset
+    from cm3leon.run.config import get_pipeline_preset
     from cm3leon.train.config import TrainConfig
 
     if preset not in ABLATION_PRESETS:
@@ -233,14 +233,14 @@ def run_ablations(run_dir: str | os.PathLike, preset: str = "quick", out: str | 
     `spec` replaces the preset's comparison (e.g. tiny settings). variants: names to run (with
     the variants whose models they reuse); None: all. out: default RUN/ablate. A variant with a
     `.done` marker is not run again (force: it is). results.json has one row per finished variant.
-    baselines: run the "baselines" group instead (`cm3leon.eval.baselines.run_baselines`, with a
+    baselines: run the "baselines" group instead (`cm3leon.run.baselines.run_baselines`, with a
     `BaselinesSpec`, default `baselines_spec(run_dir)`), into OUT/baselines; returns its metrics.json."""
     from cm3leon.utils.io import read_json, write_json
 
     inputs = run_inputs(run_dir, data)
     out = Path(out) if out is not None else inputs.run / "ablate"
     if baselines:
-        from cm3leon.eval.baselines import BaselinesSpec, baselines_spec, run_baselines
+        from cm3leon.run.baselines import BaselinesSpec, baselines_spec, run_baselines
 
         if variants is not None:
             raise CM3LeonError("variants select ablation variants; the baselines comparison runs as a whole")
