@@ -15,8 +15,8 @@ from PIL import Image as PILImage
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.report import Grid
-from cm3leon.run.report import (SECTION_TITLES, QualityBar, build_run_report, quality_bar_checks, quality_bar_limits,
-                                run_report_sections)
+from cm3leon.run.quality_bar import QualityBar, quality_bar_checks, quality_bar_limits
+from cm3leon.run.report import SECTION_TITLES, build_run_report, run_report_sections
 
 NUM_RECORDS = 12
 

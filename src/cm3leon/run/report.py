@@ -16,25 +16,14 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.report import Grid, Image, Section, Table, Text, build_report
+from cm3leon.run.folder import RunFolder, eval_metrics, number, relative, stage_names
+from cm3leon.run.quality_bar import QualityBar, percent, quality_bar_checks, quality_bar_limits
 
-SECTION_TITLES = (
-    "Summary",
-    "Text → image",
-    "Captions and VQA",
-    "Image editing",
-    "Image tokenizer",
-    "Retrieval",
-    "Training",
-    "Decoding sweep",
-    "Ablations",
-    "Stage timings",
-)
 # Decoding methods of the generate stage, in the order the paper introduces them (Sec. 3).
 METHOD_NAMES = {"topp": "TopP", "cfg": "TopP + CFG", "cdk": "CD-K", "best_of_n": "best-of-N (re-ranked)"}
 GRID_IMAGES = 16  # images per decoding method shown
@@ -42,122 +31,15 @@ RETRIEVAL_EXAMPLES = 4  # query records shown with their retrieved documents
 SAMPLE_ROWS = 8  # caption / VQA sample rows shown as text
 
 
-@dataclass
-class QualityBar:
-    """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data."""
-
-    text_to_image_cfg: float = 0.90  # single-object prompts with colour and shape right, TopP+CFG
-    captions: float = 0.90  # captions naming the right colour and shape
-    vqa: float = 0.90  # VQAv2 accuracy
-
-
 # ---------------------------------------------------------------------------------------------
-# Reading the run folder
-
-
-class RunFolder:
-    """Read access to a run folder: JSON / JSONL files by relative path (None when absent)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def path(self, *parts: str) -> Path:
-        return self.root.joinpath(*parts)
-
-    def json(self, *parts: str) -> Any:
-        from cm3leon.utils.io import read_json
-
-        p = self.path(*parts)
-        if not p.is_file():
-            return None
-        try:
-            return read_json(p)
-        except ValueError as e:
-            raise CM3LeonError(str(e)) from None
-
-    def jsonl(self, *parts: str) -> list[dict] | None:
-        from cm3leon.utils.logging import read_metrics
-
-        p = self.path(*parts)
-        return read_metrics(p) if p.is_file() else None
-
-    def find(self, stage: str, name: str) -> Path | None:
-        """`stage/name`, or `stage/<sub>/name` one level down (e.g. a model/ subfolder)."""
-        d = self.path(stage)
-        if (d / name).exists():
-            return d / name
-        if d.is_dir():
-            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
-                if (sub / name).exists():
-                    return sub / name
-        return None
-
-    def done(self, stage: str) -> dict | None:
-        """The stage's `.done` marker ({"stage", "seconds", "result"}), None if unfinished."""
-        from cm3leon.run.pipeline import DONE
-
-        marker = self.json(stage, DONE)
-        return marker if isinstance(marker, dict) else None
-
-    def missing_note(self, stage: str, what: str = "") -> Text | None:
-        """A plain note when the stage did not run or did not finish; None when it finished."""
-        d = self.path(stage)
-        what = f" ({what})" if what else ""
-        if not d.is_dir():
-            return Text(f"Not run: {d} does not exist: the run stopped before the {stage} stage{what}.")
-        if stage in _stage_names() and self.done(stage) is None:
-            return Text(f"The {stage} stage did not finish ({d} has no .done marker): what it left is shown "
-                        "where readable.")
-        return None
-
-    def eval_dir(self, which: str) -> Path | None:
-        """eval/<which>/ (which: "sft" or "pretrain") when it holds metrics.json."""
-        d = self.path("eval", which)
-        return d if (d / "metrics.json").is_file() else None
-
-    def final_eval_dir(self) -> Path | None:
-        """The evaluation of the final model: eval/sft, else eval/ itself, else eval/pretrain."""
-        for d in (self.path("eval", "sft"), self.path("eval"), self.path("eval", "pretrain")):
-            if (d / "metrics.json").is_file():
-                return d
-        return None
-
-
-def _stage_names() -> list[str]:
-    from cm3leon.run.pipeline import STAGES
-
-    return [s.name for s in STAGES]
-
-
-def _eval_metrics(d: Path | None) -> dict:
-    from cm3leon.utils.io import read_json
-
-    if d is None:
-        return {}
-    m = read_json(d / "metrics.json", "evaluation metrics").get("metrics", {})
-    return m if isinstance(m, dict) else {}
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.1f}%"
+# Sections
 
 
 def _secs(v: Any) -> str:
-    v = _num(v)
+    v = number(v)
     if v is None:
         return "—"
     return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
-
-
-def _rel(run: RunFolder, p: Path) -> str:
-    try:
-        return str(p.relative_to(run.root))
-    except ValueError:
-        return str(p)
 
 
 def _preset(pipe: dict) -> str:
@@ -169,123 +51,16 @@ def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-# ---------------------------------------------------------------------------------------------
-# The quality bar
-
-
-def _single_object_cfg(run: RunFolder) -> tuple[float | None, int | None, str]:
-    """Share of single-object prompts (where the figures say so) drawn with colour and shape
-    right by TopP + CFG: from the final evaluation or generate/summary.json, whichever judged
-    more prompts (the report's grid uses a small fixed set; the evaluation a whole split)."""
-    found: list[tuple[float, int | None, str]] = []
-    summary = run.json("generate", "summary.json")
-    cfg = ((summary or {}).get("methods") or {}).get("cfg")
-    if isinstance(cfg, dict):
-        one = (cfg.get("by_num_objects") or {}).get("1")
-        v_one = _num(one.get("accuracy_both", one.get("both"))) if isinstance(one, dict) else None
-        if v_one is not None:
-            found.append((v_one, one.get("n"), "generate/summary.json: cfg, single-object prompts"))
-        elif _num(cfg.get("accuracy_both")) is not None:
-            found.append((_num(cfg.get("accuracy_both")), cfg.get("n"), "generate/summary.json: cfg accuracy_both"))
-    d = run.final_eval_dir()
-    if d is not None:
-        from cm3leon.utils.io import read_json
-
-        report = read_json(d / "metrics.json")
-        shapes = report.get("metrics", {}).get("shapes", {})
-        if (report.get("decoding") or {}).get("method") == "cfg" and "both" in shapes:
-            where = _rel(run, d / "metrics.json")
-            one = (shapes.get("by_num_objects") or {}).get("1")
-            if isinstance(one, dict) and _num(one.get("both")) is not None:
-                found.append((float(one["both"]), one.get("n"), f"{where}: shapes, single-object prompts"))
-            elif _num(shapes["both"]) is not None:
-                found.append((_num(shapes["both"]), shapes.get("n"), f"{where}: shapes both"))
-    if not found:
-        return None, None, "no text->image figures with CFG (generate / eval not run)"
-    return max(found, key=lambda f: f[1] if isinstance(f[1], int) else 0)
-
-
-def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[dict]:
-    """The quality bar judged on a run folder: one row per criterion {"criterion", "figure",
-    "bar", "n", "met" (True / False / None when not measured), "verdict", "source"}."""
-    bar = bar or QualityBar()
-    run = RunFolder(run_dir)
-    rows = []
-
-    def add(criterion: str, value: float | None, threshold: float, n: Any, source: str) -> None:
-        met = None if value is None else bool(value >= threshold)
-        rows.append({"criterion": criterion, "figure": _pct(value), "bar": f"≥ {100 * threshold:.0f}%", "n": n,
-                     "met": met, "verdict": {None: "not measured", True: "met", False: "NOT met"}[met],
-                     "value": value, "source": source})
-
-    v, n, src = _single_object_cfg(run)
-    add("single-object prompts right with CFG (colour and shape)", v, bar.text_to_image_cfg, n, src)
-    d = run.final_eval_dir()
-    m = _eval_metrics(d)
-    where = _rel(run, d / "metrics.json") if d is not None else "eval not run"
-    caps = (m.get("cider") or {}).get("shapes") or {}
-    add("captions naming the right colour and shape", _num(caps.get("correct")), bar.captions, caps.get("n"),
-        f"{where}: cider.shapes.correct" if caps else f"{where}: no caption figures")
-    vqa = m.get("vqa") or {}
-    acc = _num(vqa.get("vqa_accuracy"))
-    add("VQA accuracy", None if acc is None else acc / 100.0, bar.vqa, vqa.get("n"),  # VQAv2 accuracy is in percent
-        f"{where}: vqa.vqa_accuracy" if acc is not None else f"{where}: no VQA figures")
-    return rows
-
-
-def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[str]:
-    """What the run's own figures say bounds its quality bar, one sentence per finding: the
-    image tokenizer's ceiling on text->image, colour against shape in each task, the VQA
-    question kinds below the bar, and the language model's training budget. Empty when
-    nothing the bar needs was measured."""
-    bar = bar or QualityBar()
-    run = RunFolder(run_dir)
-    found: list[str] = []
-    vq = run.json("image_tokenizer", "metrics.json") or {}
-    ceiling = _num(vq.get("checker_recovered_colour_shape"))
-    if ceiling is not None:
-        tail = ("below the text-to-image bar, which no language model can then reach with this tokenizer"
-                if ceiling < bar.text_to_image_cfg else "room enough for the text-to-image bar")
-        found.append(f"Image tokenizer: the shapes checker finds colour and shape in {_pct(ceiling)} of held-out "
-                     f"objects after encode → decode alone ({vq.get('tokens_per_image', '?')} codes per image): {tail}.")
-    m = _eval_metrics(run.final_eval_dir())
-    shapes = m.get("shapes") or {}
-    one = (shapes.get("by_num_objects") or {}).get("1") or shapes
-    caps = (m.get("cider") or {}).get("shapes") or {}
-    vqa = (m.get("vqa") or {}).get("by_type") or {}
-    pairs = []
-    if _num(one.get("colour")) is not None and _num(one.get("shape")) is not None:
-        pairs.append(("text to image (CFG)", one["colour"], one["shape"], bar.text_to_image_cfg))
-    if _num(caps.get("colour")) is not None and _num(caps.get("shape")) is not None:
-        pairs.append(("captions", caps["colour"], caps["shape"], bar.captions))
-    vc, vs = ((vqa.get(k) or {}).get("vqa_accuracy") for k in ("color", "shape"))
-    if _num(vc) is not None and _num(vs) is not None:
-        pairs.append(("VQA", vc / 100.0, vs / 100.0, bar.vqa))
-    pairs = [(name, c, s) for name, c, s, b in pairs if min(c, s) < b]  # only where an attribute falls short
-    if pairs:
-        weaker = {"shape" if s < c else "colour" for _, c, s in pairs}
-        lead = (f"{weaker.pop().capitalize()} is the weaker attribute in every task: " if len(weaker) == 1
-                else "Colour against shape: ")
-        found.append(lead + "; ".join(f"{name} colour {_pct(c)}, shape {_pct(s)}" for name, c, s in pairs) + ".")
-    low = sorted((v["vqa_accuracy"], k, v.get("n")) for k, v in vqa.items()
-                 if isinstance(v, dict) and _num(v.get("vqa_accuracy")) is not None
-                 and v["vqa_accuracy"] / 100.0 < bar.vqa)
-    if low:
-        found.append("VQA question kinds below the VQA bar: "
-                     + ", ".join(f"{k} {_pct(a / 100.0)}" + (f" (n={n})" if n else "") for a, k, n in low) + ".")
-    pre, sft = run.json("pretrain", "train_summary.json") or {}, run.json("sft", "train_summary.json") or {}
-    if _num(pre.get("tokens_seen")) is not None:
-        params = _num(pre.get("num_parameters"))
-        found.append("Language model: " + (f"{params / 1e6:.1f}M parameters, " if params else "")
-                     + f"{pre['tokens_seen'] / 1e6:.1f}M pretraining tokens ({pre.get('steps', '?')} steps)"
-                     + (f" and {sft['tokens_seen'] / 1e6:.1f}M SFT tokens ({sft.get('steps', '?')} steps)"
-                        if _num(sft.get("tokens_seen")) is not None else "")
-                     + "; the paper's smallest model saw 1.4T pretraining tokens.")
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Sections
+def missing_note(run: RunFolder, stage: str, what: str = "") -> Text | None:
+    """A plain note when the stage did not run or did not finish; None when it finished."""
+    d = run.path(stage)
+    what = f" ({what})" if what else ""
+    if not d.is_dir():
+        return Text(f"Not run: {d} does not exist: the run stopped before the {stage} stage{what}.")
+    if stage in stage_names() and run.done(stage) is None:
+        return Text(f"The {stage} stage did not finish ({d} has no .done marker): what it left is shown "
+                    "where readable.")
+    return None
 
 
 def _summary(run: RunFolder, bar: QualityBar) -> list:
@@ -296,7 +71,7 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
     lines = [f"Run folder: {run.root.resolve()}."]
     if isinstance(pipe, dict):
         total = sum(r["seconds"] or 0 for r in _stage_rows(run))
-        last = _num(pipe.get("seconds"))
+        last = number(pipe.get("seconds"))
         lines.append(f"Preset {_preset(pipe)}; stage times add up to {_secs(total)}"
                      + (f" (the last `cm3leon pipeline` pass took {_secs(last)})"
                         if last is not None and abs(last - total) > max(5.0, 0.05 * total) else "") + ".")
@@ -353,10 +128,10 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
     after_dir = run.final_eval_dir()
     if after_dir is not None:
         try:
-            rows = headline_rows(_eval_metrics(after_dir))
-            before = {r["metric"]: r["value"] for r in headline_rows(_eval_metrics(run.eval_dir("pretrain")))}
+            rows = headline_rows(eval_metrics(after_dir))
+            before = {r["metric"]: r["value"] for r in headline_rows(eval_metrics(run.eval_dir("pretrain")))}
         except (KeyError, TypeError) as e:  # a metrics file of another version: keep the quality bar above
-            blocks.append(Text(f"Headline metrics unreadable in {_rel(run, after_dir / 'metrics.json')}: "
+            blocks.append(Text(f"Headline metrics unreadable in {relative(run, after_dir / 'metrics.json')}: "
                                f"{type(e).__name__}: {e}"))
             return blocks
         cols = ["metric", "value", "n", "note"]
@@ -364,7 +139,7 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
             for r in rows:
                 r["before SFT"] = before.get(r["metric"])
             cols = ["metric", "before SFT", "value", "n", "note"]
-        blocks.append(Table(rows, cols, caption=f"Headline metrics ({_rel(run, after_dir / 'metrics.json')})"))
+        blocks.append(Table(rows, cols, caption=f"Headline metrics ({relative(run, after_dir / 'metrics.json')})"))
     else:
         head = run.json("metrics.json")
         if isinstance(head, dict) and _scalars(head):
@@ -396,7 +171,7 @@ def _checker_ok(ch: Any) -> bool | None:
 
 
 def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
-    note = run.missing_note("generate", "samples with every decoding method")
+    note = missing_note(run, "generate", "samples with every decoding method")
     if note is not None and not run.path("generate").is_dir():
         return [note]
     blocks: list = [note] if note else []
@@ -428,12 +203,12 @@ def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
             marks.append(_checker_ok(r.get("checker")))
         name = METHOD_NAMES.get(d.name, d.name)
         stats = methods.get(d.name) if isinstance(methods.get(d.name), dict) else {}
-        acc, n = _num(stats.get("accuracy_both")), stats.get("n")
+        acc, n = number(stats.get("accuracy_both")), stats.get("n")
         if acc is None:  # no summary: count the per-sample verdicts
             judged = [_checker_ok(r.get("checker")) for r in rows]
             judged = [j for j in judged if j is not None]
             acc, n = (sum(judged) / len(judged), len(judged)) if judged else (None, None)
-        line = f"{name}: " + (f"{_pct(acc)} of {n} prompts drawn with the right colour and shape"
+        line = f"{name}: " + (f"{percent(acc)} of {n} prompts drawn with the right colour and shape"
                               if acc is not None else "no checker verdicts")
         line += f"; showing {len(images)} of {len(rows)} samples (green frame: the checker found the prompt's " \
                 "colour and shape; red: it did not)."
@@ -447,7 +222,7 @@ def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
 
 
 def _before_after_rows(run: RunFolder, picks: list[tuple[str, Callable[[dict], Any]]]) -> list[dict]:
-    before, after = _eval_metrics(run.eval_dir("pretrain")), _eval_metrics(run.final_eval_dir())
+    before, after = eval_metrics(run.eval_dir("pretrain")), eval_metrics(run.final_eval_dir())
     rows = []
     for name, get in picks:
         row = {"metric": name, "after SFT": _safe_get(get, after)}
@@ -460,7 +235,7 @@ def _before_after_rows(run: RunFolder, picks: list[tuple[str, Callable[[dict], A
 
 def _safe_get(get: Callable[[dict], Any], d: dict) -> Any:
     try:
-        return _num(get(d))
+        return number(get(d))
     except (KeyError, TypeError, AttributeError):
         return None
 
@@ -472,13 +247,13 @@ def _eval_images(run: RunFolder, name: str, caption: str) -> list:
         dirs = [(before, "before SFT (pretrained model)"), (after, "after SFT")]
     else:
         dirs = [(after, "final model")]
-    return [Image(d / name, caption=f"{caption}, {label} ({_rel(run, d / name)})")
+    return [Image(d / name, caption=f"{caption}, {label} ({relative(run, d / name)})")
             for d, label in dirs if d is not None and (d / name).is_file()]
 
 
 def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
     if run.final_eval_dir() is None:
-        note = run.missing_note("eval", "metrics")
+        note = missing_note(run, "eval", "metrics")
         return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
     blocks: list = []
     rows = _before_after_rows(run, [
@@ -489,14 +264,14 @@ def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
     ])
     if rows:
         blocks.append(Table(rows, caption="Image -> text, before and after instruction tuning"))
-    m = _eval_metrics(run.final_eval_dir())
+    m = eval_metrics(run.final_eval_dir())
     for key in ("cider", "vqa"):
         if isinstance(m.get(key), dict) and "skipped" in m[key]:
             blocks.append(Text(f"{key} skipped: {m[key]['skipped']}"))
     blocks += _eval_images(run, "grid_captioning.png", "Captions written by the model (green: right colours "
                                                        "and shapes)")
     blocks += _eval_images(run, "grid_vqa.png", "VQA: question -> the model's answer (green: accepted)")
-    samples = run.jsonl(_rel(run, run.final_eval_dir()), "samples.jsonl") or []
+    samples = run.jsonl(relative(run, run.final_eval_dir()), "samples.jsonl") or []
     caps = [{"caption": s.get("caption"), "reference": (s.get("references") or [None])[0],
              "right": (s.get("verdict") or {}).get("all_ok")} for s in samples if s.get("task") == "captioning"]
     if caps:
@@ -513,7 +288,7 @@ def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
 
 def _edits(run: RunFolder, bar: QualityBar) -> list:
     if run.final_eval_dir() is None:
-        note = run.missing_note("eval", "metrics")
+        note = missing_note(run, "eval", "metrics")
         return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
     blocks: list = []
     rows = _before_after_rows(run, [
@@ -522,7 +297,7 @@ def _edits(run: RunFolder, bar: QualityBar) -> list:
     ])
     if rows:
         blocks.append(Table(rows, caption="Edits the checker finds done (target scene reached)"))
-    edit = _eval_metrics(run.final_eval_dir()).get("edit") or {}
+    edit = eval_metrics(run.final_eval_dir()).get("edit") or {}
     if "skipped" in edit:
         blocks.append(Text(f"Editing skipped: {edit['skipped']}"))
     blocks += _eval_images(run, "grid_edit.png", "Each row: source image, instruction -> edited image, target "
@@ -531,7 +306,7 @@ def _edits(run: RunFolder, bar: QualityBar) -> list:
 
 
 def _image_tokenizer(run: RunFolder, bar: QualityBar) -> list:
-    note = run.missing_note("image_tokenizer", "VQ image tokenizer")
+    note = missing_note(run, "image_tokenizer", "VQ image tokenizer")
     if note is not None and not run.path("image_tokenizer").is_dir():
         return [note]
     blocks: list = [note] if note else []
@@ -618,19 +393,19 @@ def _retrieval_examples(run: RunFolder, num: int = RETRIEVAL_EXAMPLES) -> list:
     images = [next(decoded) if gi >= 0 else blank for gi, _ in cells]
     return [Grid(images, captions=[c for _, c in cells], ncol=1 + k, cell_px=96,
                  caption=f"Each row: a {ds.get(queries[0]).split} record (query, left) and the {k} documents "
-                         f"retrieved for it from the memory bank ({_rel(run, nb_path)}); images decoded from "
+                         f"retrieved for it from the memory bank ({relative(run, nb_path)}); images decoded from "
                          "their VQ codes.")]
 
 
 def _retrieval(run: RunFolder, bar: QualityBar) -> list:
-    note = run.missing_note("retrieval", "bi-encoder, memory bank, neighbours")
+    note = missing_note(run, "retrieval", "bi-encoder, memory bank, neighbours")
     if note is not None and not run.path("retrieval").is_dir():
         return [note]
     blocks: list = [note] if note else []
     m = run.json("retrieval", "retriever", "metrics.json")
     if m is None:
         p = run.find("retrieval", "metrics.json")
-        m = run.json(_rel(run, p)) if p is not None else None
+        m = run.json(relative(run, p)) if p is not None else None
     if isinstance(m, dict):
         rows = _recall_rows(m)
         if rows:
@@ -667,7 +442,7 @@ def _training(run: RunFolder, bar: QualityBar) -> list:
     blocks: list = []
     logs: dict[str, list[dict]] = {}
     for stage in ("pretrain", "sft"):
-        note = run.missing_note(stage)
+        note = missing_note(run, stage)
         if note is not None:
             blocks.append(note)
         p = run.find(stage, "metrics.jsonl")
@@ -681,7 +456,7 @@ def _training(run: RunFolder, bar: QualityBar) -> list:
             png = _plot_png(lambda out, rows=rows, stage=stage: plot_curves(
                 rows, ["loss", "val_loss"], out, title=f"{stage}: loss per token (train and validation)"))
             blocks.append(Image(png, caption=f"{stage}: training and validation loss vs step "
-                                             f"({_rel(run, p)})", width=520))
+                                             f"({relative(run, p)})", width=520))
     tp = {s: r for s, r in logs.items() if any("tokens_per_s" in x for x in r)}
     if tp:
         blocks.append(Image(_plot_png(lambda out: plot_curves(tp, ["tokens_per_s"], out,
@@ -690,7 +465,7 @@ def _training(run: RunFolder, bar: QualityBar) -> list:
     rows = []
     for stage, name in (("pretrain", "train_summary.json"), ("sft", "train_summary.json"), ("sft", "sft_summary.json")):
         p = run.find(stage, name)
-        s = run.json(_rel(run, p)) if p is not None else None
+        s = run.json(relative(run, p)) if p is not None else None
         if not isinstance(s, dict):
             continue
         if name == "train_summary.json":
@@ -703,7 +478,7 @@ def _training(run: RunFolder, bar: QualityBar) -> list:
             if any(k in sft for k in keys):
                 blocks.append(Table([{k: sft.get(k) for k in keys}],
                                     caption="SFT loss on fixed batches, before and after instruction tuning "
-                                            f"({_rel(run, p)})"))
+                                            f"({relative(run, p)})"))
     if rows:
         blocks.insert(0, Table(rows, caption="Training runs"))
     return blocks or [Text("Not run: neither pretrain/ nor sft/ exists.")]
@@ -768,7 +543,7 @@ def _sweep(run: RunFolder, bar: QualityBar) -> list:
     d = run.path("eval", "sweep")
     s = run.json("eval", "sweep", "sweep.json")
     if not isinstance(s, dict):
-        return [Text(f"Not run: no decoding sweep ({_rel(run, d / 'sweep.json')} does not exist).")]
+        return [Text(f"Not run: no decoding sweep ({relative(run, d / 'sweep.json')} does not exist).")]
     before = run.json("eval", "sweep_pretrain", "sweep.json")
     before = before if isinstance(before, dict) else None
     blocks: list = [b for b in (_claims(s, before), _sweep_table(s, "Decoding settings after SFT"),
@@ -804,7 +579,7 @@ def _baselines(run: RunFolder) -> list:
     if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
         return []
     b = res.get("budgets") or {}
-    flops, secs = _num(b.get("train_flops")), _num(b.get("train_seconds"))
+    flops, secs = number(b.get("train_flops")), number(b.get("train_seconds"))
     caption = ("Baselines at CM3Leon's budget (ablate/baselines/metrics.json): "
                + (f"{flops:.3g} training FLOPs, " if flops is not None else "") + f"{_secs(secs)} of training steps")
     blocks: list = [Table([_scalars(r) for r in res["rows"] if isinstance(r, dict)], COLUMNS, caption=caption)]
@@ -827,7 +602,7 @@ def _stage_rows(run: RunFolder) -> list[dict]:
             continue  # `cm3leon pipeline` on the user's own data: no data stage
         marker = run.done(name)
         rec = recorded.get(name) or {}
-        seconds = _num((marker or {}).get("seconds", rec.get("seconds")))
+        seconds = number((marker or {}).get("seconds", rec.get("seconds")))
         if marker is not None:
             status = "done"
         elif rec.get("status") and not str(rec["status"]).startswith("skipped"):
@@ -843,18 +618,30 @@ def _timings(run: RunFolder, bar: QualityBar) -> list:
     rows = _stage_rows(run)
     total = sum(r["seconds"] or 0 for r in rows)
     for r in rows:
-        r["share"] = _pct(r["seconds"] / total) if r["seconds"] and total else "—"
+        r["share"] = percent(r["seconds"] / total) if r["seconds"] and total else "—"
     pipe = run.json("pipeline.json") or {}
     blocks = [Table(rows, ["stage", "status", "time", "share", "about"],
                     caption=f"Stage times (the .done markers and pipeline.json); sum {_secs(total)}")]
-    if _num(pipe.get("seconds")) is not None:
+    if number(pipe.get("seconds")) is not None:
         blocks.append(Text(f"The last `cm3leon pipeline` pass took {_secs(pipe['seconds'])} (stages already done "
                            "are skipped on a re-run and take no time there)."))
     return blocks
 
 
-_BUILDERS = (_summary, _text_to_image, _captions_vqa, _edits, _image_tokenizer, _retrieval, _training, _sweep,
-             _ablations, _timings)
+# The report, in order: (title, builder of the section's blocks from the run folder).
+SECTIONS: tuple[tuple[str, Callable[[RunFolder, QualityBar], list]], ...] = (
+    ("Summary", _summary),
+    ("Text → image", _text_to_image),
+    ("Captions and VQA", _captions_vqa),
+    ("Image editing", _edits),
+    ("Image tokenizer", _image_tokenizer),
+    ("Retrieval", _retrieval),
+    ("Training", _training),
+    ("Decoding sweep", _sweep),
+    ("Ablations", _ablations),
+    ("Stage timings", _timings),
+)
+SECTION_TITLES = tuple(title for title, _ in SECTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -862,12 +649,12 @@ _BUILDERS = (_summary, _text_to_image, _captions_vqa, _edits, _image_tokenizer, 
 
 
 def run_report_sections(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[Section]:
-    """The report's sections (titles in SECTION_TITLES order). A section whose files cannot be
+    """The report's sections (`SECTIONS`, in order). A section whose files cannot be
     read carries a note saying why instead of failing the whole report."""
     run = RunFolder(run_dir)
     bar = bar or QualityBar()
     sections = []
-    for title, build in zip(SECTION_TITLES, _BUILDERS):
+    for title, build in SECTIONS:
         try:
             blocks = build(run, bar)
         except (CM3LeonError, OSError, ValueError, KeyError, TypeError) as e:

@@ -190,7 +190,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
 
 def run_metrics(ctx: PipelineContext) -> dict:
     """The run's headline numbers, gathered from the stage folders, with the quality bar."""
-    from cm3leon.run.report import quality_bar_checks, quality_bar_limits
+    from cm3leon.run.quality_bar import quality_bar_checks, quality_bar_limits
 
     def load(rel: str) -> dict | None:
         f = ctx.out / rel
