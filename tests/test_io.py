@@ -128,3 +128,28 @@ def test_cli_prints_one_line_for_a_write_that_found_no_space(tmp_path, monkeypat
     assert rc == 2
     log = tmp_path / "out" / "log.txt"
     assert capsys.readouterr().err == f"cm3leon tokenize: error: {log}: write failed, the disk is full\n"
+
+
+def test_a_deletion_cut_short_leaves_the_folder_whole_or_gone(tmp_path, monkeypatch):
+    """Pruning an old checkpoint: a kill inside the deletion must not leave a folder under its
+    own name with files missing (resume would take it for a checkpoint and find it damaged)."""
+    import shutil
+
+    from cm3leon.utils.io import remove_stale_temporaries, remove_tree
+
+    old = tmp_path / "step-00000002"
+    old.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
+        (old / name).write_bytes(b"x" * 10)
+
+    def killed(path, *args, **kwargs):  # the deletion stops after its first file
+        next(Path(path).rglob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_tree(old)
+    monkeypatch.undo()
+    assert not old.exists()  # gone from its name in one step
+    assert remove_stale_temporaries(tmp_path) and list(tmp_path.iterdir()) == []  # the rest is cleaned up
+    remove_tree(tmp_path / "absent")  # nothing to delete: no error

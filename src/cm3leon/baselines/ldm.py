@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cm3leon.errors import CM3LeonError, require
+from cm3leon.utils.io import remove_tree
 
 FORMAT = "cm3leon-ldm/1"
 CONFIG_FILE = "config.json"
@@ -441,7 +442,7 @@ def train_ldm(data, out_dir, config: LDMConfig, image_tokenizer, text_encoder, d
     trim_metrics(out / METRICS, step)
     snapshots = _read_snapshots(out)
     for s in [s for s in snapshots if s["step"] > step]:  # saved after the checkpoint: trained again
-        shutil.rmtree(out / SNAPSHOTS / _step_name(s["step"]), ignore_errors=True)
+        remove_tree(out / SNAPSHOTS / _step_name(s["step"]))  # whole or gone, even when killed
     snapshots = [s for s in snapshots if s["step"] <= step]
 
     def save_checkpoint() -> None:

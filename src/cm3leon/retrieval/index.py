@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -34,8 +33,8 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.retrieval.policy import (
     Query, RetrievalPolicy, document_signature, image_digest, search_candidates, select_documents,
 )
-from cm3leon.utils.io import (TMP_SUFFIX, atomic_path, file_digest, load_npy, read_json, read_jsonl,
-                              remove_stale_temporaries, write_json)
+from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, read_jsonl, remove_stale_temporaries,
+                              remove_tree, write_json)
 from cm3leon.utils.logging import progress
 
 FORMAT = "cm3leon-index/1"
@@ -417,12 +416,9 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
             "codes": str(Path(codes).resolve()) if codes is not None else None,
             "documents_without_codes": missing_codes if codes is not None else None}
     write_json(out / "index.json", info)
-    # Out of the way in one rename, then deleted: a kill inside rmtree would leave chunks
-    # with gaps that a rerun would take for a prefix of the documents.
-    trash = out / f".{EMBEDDINGS}{TMP_SUFFIX}"
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(emb_dir, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    # whole or gone: a kill inside a plain rmtree would leave chunks with gaps that a rerun
+    # would take for a prefix of the documents
+    remove_tree(emb_dir)
     return info
 
 

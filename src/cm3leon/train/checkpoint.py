@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.train.parallel import DistInfo, all_gather_object, barrier, broadcast_object
-from cm3leon.utils.io import atomic_path, load_safetensors, read_json, write_json
+from cm3leon.utils.io import atomic_path, load_safetensors, read_json, remove_tree, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # TrainConfig fields a resume may change (the rest shape the trajectory: a resume that
@@ -74,7 +73,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             write_json(tmp / "trainer_state.json",
                        {**state, "step": step, "world_size": info.world_size, "data": [r["data"] for r in per_rank]})
         for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)  # whole or gone, even when killed midway
     barrier(info)
     return path
 

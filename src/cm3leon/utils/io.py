@@ -121,6 +121,20 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(f.fileno())
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a folder so that a kill at any moment leaves it either whole or gone: it is
+    renamed to a temporary beside it in one step (cleaned by `remove_stale_temporaries` if
+    the deletion is cut short), then deleted. rmtree alone, killed midway, leaves a folder
+    under its own name with some of its files missing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    os.replace(path, trash / path.name)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Clean up after an `atomic_path` interrupted in `folder`: temporaries being written are
     removed; the previous version of a folder being swapped (`.NAME.old`) is removed when
