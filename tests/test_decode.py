@@ -9,7 +9,7 @@ from cm3leon.decode.generate import generate
 from cm3leon.decode.guidance import Guidance, cfg_logits
 from cm3leon.decode.processors import AnyConstraint, ImageConstraint, SamplerSettings, TextConstraint
 from cm3leon.decode.rerank import sequence_logprob
-from cm3leon.decode.tasks import PromptBuilder, box_to_region
+from cm3leon.layout.prompts import PromptBuilder, box_to_region
 from cm3leon.errors import CM3LeonError
 from cm3leon.model.transformer import CM3LeonTransformer
 from cm3leon.tokenizers.vocab import Vocab

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cm3leon.data.sequences import PackedStream
+from cm3leon.objectives.sequences import PackedStream
 from cm3leon.decode.generate import generate
 from cm3leon.decode.processors import AnyConstraint, ImageConstraint, SamplerSettings
 from cm3leon.errors import CM3LeonError

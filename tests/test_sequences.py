@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cm3leon.data.codes import CodeShardWriter
-from cm3leon.data.sequences import (CM3PretrainStream, PackedStream, build_document, query_pair_cm3,
+from cm3leon.objectives.sequences import (CM3PretrainStream, PackedStream, build_document, query_pair_cm3,
                                     vocab_for_codes)
 from cm3leon.errors import CM3LeonError
 from cm3leon.objectives.cm3 import IGNORE_INDEX, CM3Config, CM3Example, invert_cm3
@@ -236,7 +236,7 @@ def test_damaged_code_shards_and_neighbours_are_named_errors(tmp_path):
     import shutil
 
     from cm3leon.data.codes import CodeDataset
-    from cm3leon.data.sequences import load_neighbors
+    from cm3leon.objectives.sequences import load_neighbors
     from cm3leon.errors import CM3LeonError
 
     codes = make_codes(tmp_path / "ok")

@@ -10,7 +10,7 @@ import pytest
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.objectives.cm3 import IGNORE_INDEX, invert_cm3
-from cm3leon.sft import templates as T
+from cm3leon.layout import templates as T
 from cm3leon.sft.mixture import (MixtureConfig, SFTStream, mixture_probabilities, sft_example,
                                  stratified_counts)
 from cm3leon.tokenizers.text import TextTokenizer
@@ -107,7 +107,7 @@ def test_every_template_renders_with_one_response_and_its_prompt_is_a_prefix_or_
 
 
 def test_template_prompts_equal_the_decode_task_prompts(tok, vocab):
-    from cm3leon.decode.tasks import PromptBuilder
+    from cm3leon.layout.prompts import PromptBuilder
 
     pb = PromptBuilder(vocab, tok, max_seq_len=128, tokens_per_image=16)
     assert T.prompt("caption", {"image": CODES}, vocab, tok) == pb.caption(CODES, max_new_tokens=8).cond

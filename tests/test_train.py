@@ -97,7 +97,7 @@ def test_tiny_pretrain_loss_decreases_and_writes_a_loadable_model_dir(tmp_path):
     val_rows = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in val_rows] == [10, 20, 30]
     # The exported weights are the trained ones: they reproduce the final validation loss.
-    from cm3leon.data.sequences import CM3PretrainStream
+    from cm3leon.objectives.sequences import CM3PretrainStream
 
     val = CM3PretrainStream(codes, "val", seq_len=128, num_retrieved=2, vocab=Vocab.load(out), shuffle=False, epochs=1)
     batches = loop._val_batches(val, TrainConfig.from_preset("tiny"), loop.setup_distributed())
@@ -109,7 +109,7 @@ def test_tiny_pretrain_loss_decreases_and_writes_a_loadable_model_dir(tmp_path):
         pytest.approx((ref["all"], ref["text"], ref["image"]), rel=1e-5)
     assert ref["text"] != pytest.approx(ref["image"], rel=1e-2)
     # The query-pair loss: the query's tokens only, unmasked, over the first validation records.
-    from cm3leon.data.sequences import query_pair_cm3
+    from cm3leon.objectives.sequences import query_pair_cm3
 
     query = CM3PretrainStream(codes, "val", seq_len=128, num_retrieved=2, vocab=Vocab.load(out), shuffle=False,
                               epochs=1, cm3=query_pair_cm3())
@@ -379,7 +379,7 @@ def test_torchrun_two_processes_fsdp2_and_ddp_agree_and_export_a_model(tmp_path)
     # The FSDP2 run's outputs reload in ONE process: the model directory and the final
     # (sharded-then-gathered) checkpoint give identical logits, and together reproduce the
     # validation loss the two ranks measured (each rank's shard of the validation blocks).
-    from cm3leon.data.sequences import CM3PretrainStream
+    from cm3leon.objectives.sequences import CM3PretrainStream
     from cm3leon.train import checkpoint as ckpt
 
     out = tmp_path / "fsdp2"

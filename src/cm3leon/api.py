@@ -11,7 +11,7 @@
 One method per task; each takes one input or a list of them (a list is decoded as one batch
 and gives a list back). Text->image settings are a `DecodingConfig` (`m.decoding`: the paper's
 defaults with the model directory's decoding.json applied); keyword options override fields.
-Prompt layouts are documented in `cm3leon.decode.tasks`; decoding in `cm3leon.decode`.
+Prompt layouts are documented in `cm3leon.layout.prompts`; decoding in `cm3leon.decode`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from cm3leon.decode.generate import generate
 from cm3leon.decode.guidance import Guidance
 from cm3leon.decode.processors import ImageConstraint, ImageInfillConstraint, SamplerSettings, TextConstraint
 from cm3leon.decode.rerank import rank, sequence_logprob, split_methods
-from cm3leon.decode.tasks import Document, PromptBuilder, TaskPrompt, box_to_region
+from cm3leon.layout.prompts import Document, PromptBuilder, TaskPrompt, box_to_region
 from cm3leon.errors import CM3LeonError
 
 __all__ = ["CM3Leon", "ImageSample", "DecodingConfig", "IMAGE_METHODS", "SCORERS", "prepare_image"]
@@ -417,7 +417,7 @@ class CM3Leon:
     def answer(self, images, questions: str | Sequence[str], max_new_tokens: int = 16, temperature: float = 0.0,
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> str | list[str]:
         """Answer questions about images by infilling the answer span of the VQA template (see
-        `cm3leon.decode.tasks`; the template's closing '.' is removed): one image and one
+        `cm3leon.layout.prompts`; the template's closing '.' is removed): one image and one
         question -> str; lists of equal length -> a list, decoded in one batch."""
         self._check_max_new(max_new_tokens)
         one, images = _as_batch(images, "images")

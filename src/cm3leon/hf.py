@@ -5,7 +5,7 @@
   was trained with (segment positions, `model.segment_positions`, restart at each `<break>` /
   `<eos>`; the CPU presets use them); for plain positions it is OPT itself;
 - `build_image_prompt`: the conditional and unconditional prompts of each text, in the layout
-  the model is trained on (paper Sec. 2; `cm3leon.decode.tasks`), left-padded into one batch
+  the model is trained on (paper Sec. 2; `cm3leon.layout.prompts`), left-padded into one batch
   (rows [0, B) conditional, [B, 2B) unconditional);
 - `ImageTokenConstraint`: each step may emit only image codes, then `<break>`;
 - `BatchedCFGLogitsProcessor`: classifier-free guidance over the two halves of the batch
@@ -135,7 +135,7 @@ def build_image_prompt(model_dir: str | os.PathLike, prompts: Sequence[str] | st
     """The batch `generate` needs for `prompts` with an exported model directory (its
     config.json, vocab.json, text_tokenizer/ and image_tokenizer/config.json): conditional
     and unconditional (`<mask:0>` for the caption) prompts of the training layout, left-padded."""
-    from cm3leon.decode.tasks import PromptBuilder
+    from cm3leon.layout.prompts import PromptBuilder
     from cm3leon.tokenizers.image import VQConfig
     from cm3leon.tokenizers.text import TextTokenizer
     from cm3leon.tokenizers.vocab import Vocab

@@ -12,7 +12,7 @@ for a document's first token, so packed documents stay apart): the k-th code of 
 in the sequence shares one position.
 
 Everything that runs the decoder on documents computes its positions here: the training
-blocks (`cm3leon.data.sequences.PackedStream`), prompts and generated tokens
+blocks (`cm3leon.objectives.sequences.PackedStream`), prompts and generated tokens
 (`cm3leon.decode.generate`) and scoring (`cm3leon.decode.rerank`).
 """
 

@@ -23,7 +23,7 @@ Choices made here (each a `CM3Config` field where it is a choice):
   `<eos>`, and a delimiter belongs to the segment it closes (the final `<eos>` belongs to
   the query image). Negative numbers count from the end, Python style: -1 is
   `query_image <eos>`, -2 is `query_text <break>` in the layout of
-  `cm3leon.data.sequences.build_document`.
+  `cm3leon.layout.documents.build_document`.
 """
 
 from __future__ import annotations

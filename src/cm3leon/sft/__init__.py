@@ -1,7 +1,7 @@
-"""Instruction tuning (paper Sec. 4): task templates, the task mixture, SFT data and `run_sft`."""
+"""Instruction tuning (paper Sec. 4): the task mixture, SFT data and `run_sft`. The task
+templates are `cm3leon.layout.templates`."""
 
 from cm3leon.sft.mixture import MixtureConfig, mixture_probabilities, sft_example
-from cm3leon.sft.templates import TEMPLATES, TemplateDoc, prompt, render
 
 
 def run_sft(*args, **kwargs):
@@ -11,5 +11,4 @@ def run_sft(*args, **kwargs):
     return _run_sft(*args, **kwargs)
 
 
-__all__ = ["TEMPLATES", "MixtureConfig", "TemplateDoc", "mixture_probabilities", "prompt", "render", "run_sft",
-           "sft_example"]
+__all__ = ["MixtureConfig", "mixture_probabilities", "run_sft", "sft_example"]

@@ -8,7 +8,7 @@ Sources (`--data`, any number):
       edits.jsonl     {"image", "instruction", "target_image"}  -> edit
       layouts.jsonl   {"image", "caption", "objects": [{"name", "bbox": [x0, y0, x1, y1] px}]} -> layout
 - a `.jsonl` file of task lines, one task per line type; every field of the task's template
-  (`cm3leon.sft.templates.TEMPLATES`), image fields as paths relative to the file's folder:
+  (`cm3leon.layout.templates.TEMPLATES`), image fields as paths relative to the file's folder:
       {"task": "caption", "image": "a.png", "caption": "..."}
       {"task": "caption_detailed", "image": "a.png", "caption": "..."}
       {"task": "t2i", "image": "a.png", "caption": "..."}
@@ -45,7 +45,7 @@ import numpy as np
 from cm3leon.data.codes import SPLITS
 from cm3leon.data.readers import CAPTIONS_FILE
 from cm3leon.errors import CM3LeonError
-from cm3leon.sft.templates import TEMPLATES, TemplateDoc, format_segmentations, render, required_fields
+from cm3leon.layout.templates import TEMPLATES, TemplateDoc, format_segmentations, render, required_fields
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.utils.io import atomic_path, load_npy, read_json, read_jsonl, write_json
 from cm3leon.utils.logging import progress
@@ -224,7 +224,7 @@ def instruction_texts(data: str | Path, split: str = "train") -> list[str]:
     a document encodes (`templates.text_strings`): SFT feeds them to the model, so the text
     tokenizer should learn them too. [] when the data has no such records (a captions-only
     folder, shards, a COCO file)."""
-    from cm3leon.sft.templates import text_strings
+    from cm3leon.layout.templates import text_strings
 
     data = Path(data)
     caption_tasks = set(FOLDER_FILES[CAPTIONS_FILE])

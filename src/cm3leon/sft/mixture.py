@@ -5,7 +5,7 @@ Objective (paper Sec. 4): the CM3 objective on the concatenated instruction, inp
 is put in its inference form instead of random CM3 spans:
 - a response inside the document (captioning, VQA) is masked as ONE CM3 span: `<mask:0>` in
   place and `<mask:0> response <eoss>` after the closing `<eos>`, the infilling prompt used at
-  inference (`cm3leon.sft.templates.prompt`);
+  inference (`cm3leon.layout.templates.prompt`);
 - a response already last (text->image, editing, ...) stays in place: plain left-to-right is
   already its inference form.
 Otherwise the paper's random CM3 spans (`cm3_transform`). `loss_on="all"` takes the loss on
@@ -34,11 +34,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cm3leon.data.sequences import PackedStream
+from cm3leon.objectives.sequences import PackedStream
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.dataclass_io import from_dict_strict
 from cm3leon.objectives.cm3 import IGNORE_INDEX, CM3Config, CM3Example, cm3_transform
-from cm3leon.sft.templates import TemplateDoc
+from cm3leon.layout.templates import TemplateDoc
 from cm3leon.tokenizers.vocab import Vocab
 
 LOSS_ON = ("all", "response")

@@ -64,7 +64,7 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     import numpy as np
 
     from cm3leon.data.codes import CodeDataset
-    from cm3leon.data.sequences import NEIGHBORS_FILE, CM3PretrainStream, query_pair_cm3, vocab_for_codes
+    from cm3leon.objectives.sequences import NEIGHBORS_FILE, CM3PretrainStream, query_pair_cm3, vocab_for_codes
     from cm3leon.model.config import ModelConfig
     from cm3leon.objectives.cm3 import CM3Config
     from cm3leon.tokenizers.vocab import Vocab

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from cm3leon.data.sequences import BlockStream, MapBlockStream
+from cm3leon.objectives.sequences import BlockStream, MapBlockStream
 from cm3leon.errors import CM3LeonError
 from cm3leon.objectives.cm3 import IGNORE_INDEX
 from cm3leon.tokenizers.vocab import Vocab
@@ -86,7 +86,7 @@ def _as_stream(data, cfg: TrainConfig, info: DistInfo, epochs: int | None, shuff
     if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__"):
         if info.distributed:
             raise CM3LeonError("a plain iterable dataset cannot be sharded over ranks; use a map-style "
-                               "dataset or a cm3leon.data.sequences.BlockStream")
+                               "dataset or a cm3leon.objectives.sequences.BlockStream")
         return data  # resumed by skipping the batches already consumed
     stream = MapBlockStream(data, seed=cfg.seed, shuffle=shuffle, epochs=epochs)
     stream.set_shard(info.rank, info.world_size)
@@ -101,7 +101,7 @@ def set_stream_positions(data, cfg: TrainConfig, model_config) -> None:
         return
     if not hasattr(data, "set_positions"):
         raise CM3LeonError(f"document_masking / segment_positions need packed streams that carry position ids "
-                           f"(cm3leon.data.sequences.PackedStream); got {type(data).__name__}")
+                           f"(cm3leon.objectives.sequences.PackedStream); got {type(data).__name__}")
     data.set_positions(model_config)
 
 
@@ -346,7 +346,7 @@ def train(model: Any, train_data, val_data, config: TrainConfig, out_dir: str | 
     train_data / val_data: a `BlockStream` (resumable, sharded), a map-style dataset of
     (tokens, targets) (wrapped into one), or, for one process, any iterable dataset.
     val_data may also be a dict {"val": ..., "val_query": ...}: "val_query" holds blocks
-    whose targets are the query pair only (`cm3leon.data.sequences.query_pair_cm3`),
+    whose targets are the query pair only (`cm3leon.objectives.sequences.query_pair_cm3`),
     evaluated in full every pass and logged as val_query_loss (see TrainConfig.val_loss_on).
     out_dir receives metrics.jsonl (loss, text_loss, image_loss, perplexities, tokens_per_s,
     mfu; validation rows val_*), checkpoints/ (resumed from automatically), and at the

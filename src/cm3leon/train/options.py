@@ -247,7 +247,7 @@ class PretrainOptions:
 
 def check_sequence_options(values: dict[str, Any]) -> None:
     """Range checks of the `sequences` options."""
-    from cm3leon.data.sequences import ORDERS
+    from cm3leon.layout.documents import ORDERS
 
     if values.get("order") is not None and values["order"] not in ORDERS:
         raise CM3LeonError(f"sequences.order must be one of {ORDERS}, got {values['order']!r}")

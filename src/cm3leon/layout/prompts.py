@@ -32,10 +32,12 @@ from typing import Sequence
 import numpy as np
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.layout.templates import TEMPLATES
 from cm3leon.tokenizers.vocab import Vocab
 
-EDIT_TEMPLATE = "Edit first image following the instruction"
-VQA_QUESTION = "Question: {question} Answer:"
+# The prompt texts of the instruction templates (paper Table 5), as instruction tuning trains them.
+VQA_QUESTION = TEMPLATES["vqa"]["template"].split("[[", 1)[0]  # "Question: {question} Answer:"
+EDIT_TEMPLATE = TEMPLATES["edit"]["template"].split(" <break> ", 1)[0]  # "Edit first image following the instruction"
 # User text is cut to this many characters per token of room before it is tokenized, so a
 # megabyte of text is never encoded whole (BPE tokens are rarely longer than a word; the cut
 # text is then cut to the room in tokens).

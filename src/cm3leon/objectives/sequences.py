@@ -1,11 +1,8 @@
-"""Training sequences: the retrieval-augmented document layout, CM3, and packing into blocks.
+"""Training sequences: retrieval-augmented documents (`cm3leon.layout.documents`), CM3, and
+packing into blocks.
 
-A document (paper Sec. 2):
-
-    <eos> (text <break> image <break>)×k  query_text <break> query_image <eos>
-
-with k retrieved documents before the query pair; `order="image_first"` swaps text and image
-in every pair (image -> text direction). Documents are CM3-transformed and packed greedily
+A document holds k retrieved documents before the query pair; `order="image_first"` swaps
+text and image in every pair (image -> text direction). Documents are CM3-transformed and packed greedily
 into blocks of `seq_len` tokens; a document is never split across blocks, the rest of a
 block is `<pad>` with target -100. When a document does not fit a block, its least relevant
 retrieved documents are dropped (last neighbour first) until it fits; a document that does
@@ -21,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,15 +26,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cm3leon.data.codes import CodeDataset
 from cm3leon.errors import CM3LeonError
+from cm3leon.layout.documents import ORDERS, QUERY_PAIR_SEGMENTS, build_document
 from cm3leon.objectives.cm3 import IGNORE_INDEX, CM3Config, CM3Example, cm3_transform
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.utils.io import load_npy
 
-ORDERS = ("text_first", "image_first", "random")
 NEIGHBORS_FILE = "neighbors.npy"
-# CM3 segment numbers of the query pair in `build_document`'s layout (cm3.segment_ids):
-# -2 = query text + its <break>, -1 = query image + the final <eos> (swapped for image_first).
-QUERY_PAIR_SEGMENTS = (-2, -1)
 
 
 def query_pair_cm3() -> CM3Config:
@@ -45,27 +39,6 @@ def query_pair_cm3() -> CM3Config:
     tokens (the query's text and image given what precedes them) whatever the number of
     retrieved documents, so runs with k = 2 and k = 0 compare fairly."""
     return CM3Config(poisson_lambda=0.0, min_spans=0, max_spans=0, loss_on=list(QUERY_PAIR_SEGMENTS))
-
-
-def build_document(query_text_ids: Sequence[int] | np.ndarray, query_image_codes: Sequence[int] | np.ndarray,
-                   vocab: Vocab, retrieved: Sequence[tuple] = (), order: str = "text_first") -> np.ndarray:
-    """`<eos> (text <break> image <break>)×k query_text <break> query_image <eos>` in unified ids.
-
-    Inputs are tokenizer-local ids (BPE ids, VQ codes); `retrieved` is a list of
-    (text_ids, image_codes) pairs placed before the query in the given order."""
-    if order not in ("text_first", "image_first"):
-        raise CM3LeonError(f"build_document: order must be 'text_first' or 'image_first', got {order!r}")
-
-    def pair(text_ids, codes) -> list[np.ndarray]:
-        t, im = vocab.text_to_ids(text_ids), vocab.image_to_ids(codes)
-        first, second = (t, im) if order == "text_first" else (im, t)
-        return [first, np.array([vocab.break_id]), second]
-
-    parts = [np.array([vocab.eos_id])]
-    for text_ids, codes in retrieved:
-        parts += pair(text_ids, codes) + [np.array([vocab.break_id])]
-    parts += pair(query_text_ids, query_image_codes) + [np.array([vocab.eos_id])]
-    return np.concatenate(parts).astype(np.int64)
 
 
 def vocab_for_codes(codes: CodeDataset | str | Path, num_sentinels: int | None = None) -> Vocab:

@@ -11,14 +11,14 @@ kept in the `TEMPLATES` registry. Notation:
   restricted to. Exactly one per template.
 
 A rendered document is `<eos> seg_0 <break> seg_1 ... <break> seg_n <eos>`, the layout of
-pretraining (`cm3leon.data.sequences.build_document`), so the CM3 transform applies as is.
+pretraining (`cm3leon.layout.documents.build_document`), so the CM3 transform applies as is.
 
 Tokenization rule: the text of a segment is cut at every field and at the response marks,
 and each piece (literal run, stripped field value, whole response) is BPE-encoded on its own.
 So a field's tokens never depend on its neighbours, and the inference prompt built from the
 same template (`prompt`) holds exactly the training tokens. For VQA the pieces are
 `"Question: "`, the question, `" Answer:"` and the response `" {answer}."`, which is the
-layout of `cm3leon.decode.tasks.PromptBuilder.vqa`.
+layout of `cm3leon.layout.prompts.PromptBuilder.vqa`.
 
 Where the response sits decides the inference form (`prompt`):
 - response last (text->image, editing, grounded and structure-guided generation, OCR):
