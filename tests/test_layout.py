@@ -1,4 +1,6 @@
-"""Code layout: the package's modules import each other without circles."""
+"""Code layout: the package's modules import each other without circles, and only downward:
+a package imports only packages of its own layer or below (command-line modules, `*.cli`,
+are entry points and may reach up)."""
 
 from __future__ import annotations
 
@@ -93,3 +95,42 @@ def test_no_import_circle_among_cm3leon_modules():
 def test_cycle_finder_sees_a_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert import_cycles(graph) == [["a", "b", "c"]]
+
+
+# The layers, lowest first (a top-level module or package of cm3leon by name; "" is the root).
+LAYERS = (
+    {"errors", "utils"},
+    {"data", "model"},
+    {"tokenizers", "retrieval"},
+    {"layout"},  # documents, templates and prompts over the tokenizers' ids
+    {"objectives", "decode"},
+    {"train", "api"},
+    {"sft", "eval", "convert", "baselines"},
+    {"hf", "serve", "run"},
+    {"cli", "__main__", ""},
+)
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module}: its package {top!r} has no layer in LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Edges from a module to a package of a higher layer, command-line modules aside."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() if not m.endswith(".cli")
+                  for d in deps if _layer(d) > _layer(m))
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph()
+    assert {_layer(m) for m in graph} == set(range(len(LAYERS)))  # every module has a layer, every layer a module
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert upward_imports({"cm3leon.data.readers": {"cm3leon.api"}, "cm3leon.decode.cli": {"cm3leon.api"}}) == [
+        "cm3leon.data.readers -> cm3leon.api"]

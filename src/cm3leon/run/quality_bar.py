@@ -26,34 +26,22 @@ def percent(v: float | None) -> str:
 
 def single_object_cfg(run: RunFolder) -> tuple[float | None, int | None, str]:
     """Share of single-object prompts (where the figures say so) drawn with colour and shape
-    right by TopP + CFG: from the final evaluation or generate/summary.json, whichever judged
-    more prompts (the report's grid uses a small fixed set; the evaluation a whole split)."""
-    found: list[tuple[float, int | None, str]] = []
-    summary = run.json("generate", "summary.json")
-    cfg = ((summary or {}).get("methods") or {}).get("cfg")
-    if isinstance(cfg, dict):
-        one = (cfg.get("by_num_objects") or {}).get("1")
-        v_one = number(one.get("accuracy_both", one.get("both"))) if isinstance(one, dict) else None
-        if v_one is not None:
-            found.append((v_one, one.get("n"), "generate/summary.json: cfg, single-object prompts"))
-        elif number(cfg.get("accuracy_both")) is not None:
-            found.append((number(cfg.get("accuracy_both")), cfg.get("n"), "generate/summary.json: cfg accuracy_both"))
+    right by TopP + CFG, from the final evaluation (its one producer: the generate stage's
+    grid of a few fixed prompts is for looking at, not for the bar)."""
     d = run.final_eval_dir()
-    if d is not None:
-        from cm3leon.utils.io import read_json
+    if d is None:
+        return None, None, "no evaluation with text->image figures (eval not run)"
+    from cm3leon.utils.io import read_json
 
-        report = read_json(d / "metrics.json")
-        shapes = report.get("metrics", {}).get("shapes", {})
-        if (report.get("decoding") or {}).get("method") == "cfg" and "both" in shapes:
-            where = relative(run, d / "metrics.json")
-            one = (shapes.get("by_num_objects") or {}).get("1")
-            if isinstance(one, dict) and number(one.get("both")) is not None:
-                found.append((float(one["both"]), one.get("n"), f"{where}: shapes, single-object prompts"))
-            elif number(shapes["both"]) is not None:
-                found.append((number(shapes["both"]), shapes.get("n"), f"{where}: shapes both"))
-    if not found:
-        return None, None, "no text->image figures with CFG (generate / eval not run)"
-    return max(found, key=lambda f: f[1] if isinstance(f[1], int) else 0)
+    report = read_json(d / "metrics.json")
+    shapes = report.get("metrics", {}).get("shapes", {})
+    where = relative(run, d / "metrics.json")
+    if (report.get("decoding") or {}).get("method") != "cfg" or "both" not in shapes:
+        return None, None, f"{where}: no text->image figures with CFG"
+    one = (shapes.get("by_num_objects") or {}).get("1")
+    if isinstance(one, dict) and number(one.get("both")) is not None:
+        return float(one["both"]), one.get("n"), f"{where}: shapes, single-object prompts"
+    return number(shapes["both"]), shapes.get("n"), f"{where}: shapes both"
 
 
 def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[dict]:
