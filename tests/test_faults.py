@@ -106,7 +106,8 @@ def test_tokenize_killed_at_random_points_resumes_to_the_uninterrupted_shards(tm
     vq, text = make_tokenizers(tmp_path, data)
     result = kill_and_resume(tokenize_stage(data, vq, text, 40, batch_size=3, shard_size=4), tmp_path, 3,
                              random.Random(3))
-    assert result["kills"] == 3 and result["resumes"] >= 3
+    # every kill is followed by a resume, or by a fresh start when it landed after the outputs were complete
+    assert result["kills"] == 3 and result["resumes"] + result["restarts_after_finishing"] >= 3
     assert _clean(result) == CLEAN, result["corrupt_examples"]
     assert result["files_compared"] == 10 * 5 + 2  # 10 shards of 5 files, meta.json, tokenize_args.json
 
@@ -127,7 +128,8 @@ def test_index_build_killed_at_random_points_resumes_to_the_uninterrupted_index(
     data, retriever, codes = _index_inputs(tmp_path)
     result = kill_and_resume(index_stage(data, retriever, codes, 24, batch_size=2, chunk_size=2), tmp_path, 3,
                              random.Random(4))
-    assert result["kills"] == 3 and result["resumes"] >= 3
+    # every kill is followed by a resume, or by a fresh start when it landed after the outputs were complete
+    assert result["kills"] == 3 and result["resumes"] + result["restarts_after_finishing"] >= 3
     assert _clean(result) == CLEAN, result["corrupt_examples"]
     assert result["files_compared"] == 5  # index.json, index.faiss, vectors.npy, metadata.jsonl, image_codes.npy
 
