@@ -3,6 +3,7 @@ person would use it (type a prompt, press Generate, caption an upload, read the 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -201,10 +203,19 @@ def test_browser_text_to_image_draws_an_image_of_the_models_size(browser_page, m
     page.locator("#t2i-go").click()
     page.locator("#t2i-status").get_by_text("tokens/s").wait_for()
     assert any(t.startswith("drawing image") for t in page.evaluate("window.statuses"))  # streamed rows
-    size = page.wait_for_function("() => { const i = document.querySelector('#t2i-image img');"
-                                  " return i && i.complete && i.naturalWidth > 0 && [i.naturalWidth, i.naturalHeight]; }"
-                                  ).json_value()
-    assert size == [m.resolution, m.resolution]
+    # the picture the page shows once drawing is done, fetched from its address (not from the <img>'s
+    # own loading, which the browser may defer while the element is off screen)
+    src = page.wait_for_function("() => { const i = document.querySelector('#t2i-image img');"
+                                 " return i && i.getAttribute('src'); }").json_value()
+    if src.startswith("data:"):
+        import base64
+
+        body = base64.b64decode(src.split(",", 1)[1])
+    else:
+        body = page.request.get(urllib.parse.urljoin(page.url, src)).body()
+    from PIL import Image
+
+    assert list(Image.open(io.BytesIO(body)).size) == [m.resolution, m.resolution]
     assert "1 image(s)" in page.locator("#t2i-status").inner_text()
 
 
