@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from cm3leon.api import REQUIRED_FILES, CM3Leon, prepare_image
-from cm3leon.decode.config import DECODING_FILE, DecodingConfig
 from cm3leon.cli import main
+from cm3leon.decode.config import DECODING_FILE, DecodingConfig
 from cm3leon.errors import CM3LeonError
 
 @pytest.fixture(scope="module")

@@ -278,3 +278,16 @@ def test_a_list_is_one_batch_with_the_same_answers_as_one_at_a_time(model_dir, s
         m.answer(images, questions[:2])
     with pytest.raises(CM3LeonError, match="one image and one question"):
         m.answer(images[0], questions)
+
+
+def test_a_model_of_another_kind_takes_its_own_decoding_options(tmp_path):
+    class Other:  # e.g. the latent-diffusion baseline: its own options, not a DecodingConfig
+        decoding_keys = ("cfg_scale", "num_inference_steps")
+        decoding = {"cfg_scale": 3.0, "num_inference_steps": 50}
+
+    from cm3leon.decode.config import DecodingConfig
+
+    with pytest.raises(CM3LeonError, match="Other takes a dict of cfg_scale, num_inference_steps"):
+        evaluate_model(Other(), tmp_path, tmp_path / "out", decoding=DecodingConfig())
+    with pytest.raises(CM3LeonError, match=r"unknown option\(s\) \['method'\]"):
+        evaluate_model(Other(), tmp_path, tmp_path / "out", decoding={"method": "cfg"})

@@ -21,7 +21,7 @@ def _calls():
         "train": lambda n: TrainConfig.from_preset(n),
         "SFT": lambda n: run_sft("unused", "unused", "unused", preset=n),
         "image tokenizer": lambda n: get_preset(n),
-        "image tokenizer training": lambda n: train_image_tokenizer("unused", "unused", preset="tiny" if n is None else n,
+        "image tokenizer training": lambda n: train_image_tokenizer("unused", "unused", preset=n,
                                                                     config=get_preset("tiny")),
         "vocabulary size": lambda n: resolve_vocab_size(n),
     }

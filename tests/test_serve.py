@@ -213,8 +213,6 @@ def test_browser_text_to_image_draws_an_image_of_the_models_size(browser_page, m
         body = base64.b64decode(src.split(",", 1)[1])
     else:
         body = page.request.get(urllib.parse.urljoin(page.url, src)).body()
-    from PIL import Image
-
     assert list(Image.open(io.BytesIO(body)).size) == [m.resolution, m.resolution]
     assert "1 image(s)" in page.locator("#t2i-status").inner_text()
 

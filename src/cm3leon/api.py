@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cm3leon.decode.config import IMAGE_METHODS, SCORERS, DecodingConfig, check_model_decoding, read_model_decoding
+from cm3leon.decode.config import IMAGE_METHODS, SCORERS, DecodingConfig, check_model_decoding
 from cm3leon.decode.generate import generate
 from cm3leon.decode.guidance import Guidance
 from cm3leon.decode.processors import ImageConstraint, ImageInfillConstraint, SamplerSettings, TextConstraint
@@ -221,7 +221,7 @@ class CM3Leon:
                                f"image_vocab_size={vocab.image_vocab_size}")
         retriever, retrieval = cls._load_retrieval(path, device)
         return cls(model, vocab, text_tok, image_tok, retriever=retriever, retrieval=retrieval, path=path,
-                   decoding=DecodingConfig().replace(**read_model_decoding(path)))
+                   decoding=DecodingConfig.from_model_dir(path))
 
     @staticmethod
     def _load_retrieval(path: Path, device):

@@ -16,7 +16,6 @@ any value given to a call, a flag or a sweep overrides it.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from dataclasses import replace as _replace
@@ -58,9 +57,7 @@ class DecodingConfig:
         if self.scorer not in SCORERS:
             raise CM3LeonError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         SamplerSettings(self.temperature, self.top_k, self.top_p)  # their checks, their messages
-        Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)
-        if not math.isfinite(self.cfg_scale):
-            raise CM3LeonError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
+        Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)  # inf / NaN too
         for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED)):
             v, lo = getattr(self, name), int(name == "num_candidates")
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -117,12 +114,13 @@ def check_model_decoding(d: Any, where: str) -> dict:
     unknown = sorted(set(d) - set(MODEL_KEYS))
     if unknown:
         raise CM3LeonError(f"{where}: unknown field(s) {unknown}; known: {list(MODEL_KEYS)}")
+    null = [k for k, v in d.items() if v is None]
+    if null:
+        raise CM3LeonError(f"{where}: {null[0]} must not be null")
     try:
-        DecodingConfig().replace(**{k: v for k, v in d.items() if v is not None})
+        DecodingConfig().replace(**d)
     except CM3LeonError as e:
         raise CM3LeonError(f"{where}: {e}") from None
-    if any(v is None for v in d.values()):
-        raise CM3LeonError(f"{where}: {[k for k, v in d.items() if v is None][0]} must not be null")
     return {k: float(v) if k == "cfg_scale" else int(v) for k, v in d.items()}
 
 

@@ -124,6 +124,8 @@ def evaluate_model(
         decoding = decoding if isinstance(decoding, DecodingConfig) else \
             getattr(model, "decoding", DecodingConfig()).replace(**(decoding or {}))
     else:
+        if isinstance(decoding, DecodingConfig):
+            raise CM3LeonError(f"decoding: {type(model).__name__} takes a dict of {', '.join(own)}, not a DecodingConfig")
         bad = sorted(set(decoding or {}) - set(own))
         if bad:
             raise CM3LeonError(f"decoding: unknown option(s) {bad}; expected some of {', '.join(own)}")

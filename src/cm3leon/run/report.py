@@ -251,10 +251,17 @@ def _eval_images(run: RunFolder, name: str, caption: str) -> list:
             for d, label in dirs if d is not None and (d / name).is_file()]
 
 
+def _no_eval(run: RunFolder) -> list | None:
+    """The section's only block when the run has no evaluation to show; None when it has one."""
+    if run.final_eval_dir() is not None:
+        return None
+    note = missing_note(run, "eval", "metrics")
+    return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
+
+
 def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
-    if run.final_eval_dir() is None:
-        note = missing_note(run, "eval", "metrics")
-        return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
+    if (absent := _no_eval(run)) is not None:
+        return absent
     blocks: list = []
     rows = _before_after_rows(run, [
         ("captions naming the right objects", lambda m: m["cider"]["shapes"]["correct"]),
@@ -287,9 +294,8 @@ def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
 
 
 def _edits(run: RunFolder, bar: QualityBar) -> list:
-    if run.final_eval_dir() is None:
-        note = missing_note(run, "eval", "metrics")
-        return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
+    if (absent := _no_eval(run)) is not None:
+        return absent
     blocks: list = []
     rows = _before_after_rows(run, [
         ("edit done rate", lambda m: m["edit"]["done_rate"]),
