@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.evaluate import T2I_METRICS
-from cm3leon.run.folder import DONE, RunInputs, codes_with_neighbors, run_inputs, run_preset_name
+from cm3leon.run.folder import RunInputs, codes_with_neighbors, run_inputs, run_preset_name
+from cm3leon.run.summaries import DONE
 
 if TYPE_CHECKING:
     from cm3leon.run.baselines import BaselinesSpec

@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cm3leon.errors import CM3LeonError
-from cm3leon.run.folder import DONE, RunInputs
+from cm3leon.run.folder import RunInputs
+from cm3leon.run.summaries import DONE
 
 MODELS = ("cm3leon", "dalle", "ldm")
 LABELS = {"cm3leon": "CM3Leon", "dalle": "DALL-E-style AR", "ldm": "LDM"}

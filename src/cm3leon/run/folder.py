@@ -1,8 +1,7 @@
-"""Reading a finished (or stopped) pipeline run folder: `RunFolder` (the stages' files by
-path, their `.done` markers, the final evaluation), and what the comparisons on a run
-(`cm3leon ablate`, its "baselines" group) reuse from it: its preset, dataset, code shards
-(never re-tokenised), retriever and memory bank, and a view of the code shards with more
-retrieved neighbours per record."""
+"""What the comparisons on a finished pipeline run (`cm3leon ablate`, its "baselines" group)
+reuse from it: its preset, dataset, code shards (never re-tokenised), retriever and memory
+bank, and a view of the code shards with more retrieved neighbours per record. (The stages'
+summaries are read in `cm3leon.run.summaries`.)"""
 
 from __future__ import annotations
 
@@ -12,19 +11,15 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cm3leon.errors import CM3LeonError
-
-DONE = ".done"
+from cm3leon.run.summaries import DONE, PipelineSummary, RunFolder
 
 
 def run_preset_name(run_dir: str | os.PathLike) -> str:
     """The pipeline preset a run folder was made with (pipeline.json; default "demo")."""
-    f = Path(run_dir) / "pipeline.json"
-    if f.is_file():
-        return str(json.loads(f.read_text(encoding="utf-8")).get("preset") or "demo")
-    return "demo"
+    pipe = PipelineSummary.read(RunFolder(run_dir))
+    return (pipe.preset if pipe is not None else None) or "demo"
 
 
 @dataclass
@@ -53,11 +48,9 @@ def run_inputs(run_dir: str | os.PathLike, data: str | os.PathLike | None = None
                            "`cm3leon demo`) on this folder first")
     if data is None:
         candidates = []
-        pipe = run / "pipeline.json"
-        if pipe.is_file():
-            d = json.loads(pipe.read_text(encoding="utf-8")).get("data")
-            if d:
-                candidates += [Path(d), run.parent / d]
+        pipe = PipelineSummary.read(RunFolder(run))
+        if pipe is not None and pipe.data:
+            candidates += [Path(pipe.data), run.parent / pipe.data]
         meta_data = json.loads((codes / "meta.json").read_text(encoding="utf-8")).get("data")
         if meta_data:
             candidates.append(Path(meta_data))
@@ -110,93 +103,3 @@ def codes_with_neighbors(inputs: RunInputs, k: int, out: Path, seed: int = 0) ->
     compute_neighbors(inputs.index, out, k=k, seed=seed, data=inputs.data)
     write_json(out / DONE, {"k": k, "source": str(src)})
     return out
-
-
-# ---- reading the stages' files ------------------------------------------------------------
-
-
-class RunFolder:
-    """Read access to a run folder: JSON / JSONL files by relative path (None when absent)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def path(self, *parts: str) -> Path:
-        return self.root.joinpath(*parts)
-
-    def json(self, *parts: str) -> Any:
-        from cm3leon.utils.io import read_json
-
-        p = self.path(*parts)
-        if not p.is_file():
-            return None
-        try:
-            return read_json(p)
-        except ValueError as e:
-            raise CM3LeonError(str(e)) from None
-
-    def jsonl(self, *parts: str) -> list[dict] | None:
-        from cm3leon.utils.logging import read_metrics
-
-        p = self.path(*parts)
-        return read_metrics(p) if p.is_file() else None
-
-    def find(self, stage: str, name: str) -> Path | None:
-        """`stage/name`, or `stage/<sub>/name` one level down (e.g. a model/ subfolder)."""
-        d = self.path(stage)
-        if (d / name).exists():
-            return d / name
-        if d.is_dir():
-            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
-                if (sub / name).exists():
-                    return sub / name
-        return None
-
-    def done(self, stage: str) -> dict | None:
-        """The stage's `.done` marker ({"stage", "seconds", "result"}), None if unfinished."""
-        from cm3leon.run.pipeline import DONE
-
-        marker = self.json(stage, DONE)
-        return marker if isinstance(marker, dict) else None
-
-    def eval_dir(self, which: str) -> Path | None:
-        """eval/<which>/ (which: "sft" or "pretrain") when it holds metrics.json."""
-        d = self.path("eval", which)
-        return d if (d / "metrics.json").is_file() else None
-
-    def final_eval_dir(self) -> Path | None:
-        """The evaluation of the final model: eval/sft, else eval/ itself, else eval/pretrain."""
-        for d in (self.path("eval", "sft"), self.path("eval"), self.path("eval", "pretrain")):
-            if (d / "metrics.json").is_file():
-                return d
-        return None
-
-
-def stage_names() -> list[str]:
-    from cm3leon.run.pipeline import STAGES
-
-    return [s.name for s in STAGES]
-
-
-def eval_metrics(d: Path | None) -> dict:
-    from cm3leon.utils.io import read_json
-
-    if d is None:
-        return {}
-    m = read_json(d / "metrics.json", "evaluation metrics").get("metrics", {})
-    return m if isinstance(m, dict) else {}
-
-
-def number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def relative(run: RunFolder, p: Path) -> str:
-    try:
-        return str(p.relative_to(run.root))
-    except ValueError:
-        return str(p)
-
-
-def _scalars(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from cm3leon.errors import CM3LeonError
+from cm3leon.run.summaries import DONE, RunFolder, StageDone
 from cm3leon.utils.io import read_json, write_json
-
-DONE = ".done"
 
 
 @dataclass
@@ -65,8 +64,9 @@ def run_pipeline(ctx: PipelineContext, stages=STAGES, force: bool = False) -> di
         d = ctx.stage_dir(stage.name)
         marker = d / DONE
         head = f"[{i}/{len(stages)}] {stage.name}"
-        if marker.is_file() and not force:
-            ctx.results[stage.name] = read_json(marker).get("result", {})
+        done = StageDone.read(RunFolder(ctx.out), stage.name) if not force else None
+        if done is not None:
+            ctx.results[stage.name] = done.result
             summary["stages"][stage.name] = {"status": "skipped (already done)"}
             print(f"{head}: already done, skipping", file=sys.stderr)
             continue

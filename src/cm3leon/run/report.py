@@ -2,12 +2,13 @@
 
     cm3leon report --run runs/demo            # writes runs/demo/report.html
 
-It reads what the stages wrote (see `cm3leon.run.pipeline`): metrics files, sample grids, training
-logs, code shards and neighbours, and lays them out as ten sections: summary with the quality
-bar, text->image samples per decoding method, captions and VQA, edits, the image tokenizer,
-retrieval, training curves, the decoding sweep, ablations and stage timings. A stage folder
-that is missing (the run stopped early) gives a plain "not run" note in its section. Every
-picture is embedded (`cm3leon.eval.report.build_report`): the file opens offline on its own.
+It reads what the stages wrote (see `cm3leon.run.pipeline`): their summaries (through the typed
+readers of `cm3leon.run.summaries`), sample grids, training logs, code shards and neighbours, and
+lays them out as ten sections: summary with the quality bar, text->image samples per decoding
+method, captions and VQA, edits, the image tokenizer, retrieval, training curves, the decoding
+sweep, ablations and stage timings. A stage folder that is missing (the run stopped early) gives
+a plain "not run" note in its section. Every picture is embedded
+(`cm3leon.eval.report.build_report`): the file opens offline on its own.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from typing import Any, Callable
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.report import Grid, Image, Section, Table, Text, build_report
-from cm3leon.run.folder import RunFolder, eval_metrics, number, relative, stage_names
-from cm3leon.run.quality_bar import QualityBar, percent, quality_bar_checks, quality_bar_limits
+from cm3leon.run.pipeline import STAGES
+from cm3leon.run.quality_bar import QualityBar, or_unknown, percent, quality_bar_checks, quality_bar_limits
+from cm3leon.run.summaries import (
+    DONE, AblationResults, BaselinesSummary, DatasetSummary, Evaluation, GenerateSummary, ImageTokenizerSummary,
+    NeighborsSummary, PipelineSummary, RetrieverSummary, RunFolder, RunMetrics, SFTSummary, StageDone, StageRecord,
+    SweepSummary, TextTokenizerSummary, TrainSummary, final_evaluation, number, pretrained_evaluation, relative,
+)
 
 # Decoding methods of the generate stage, in the order the paper introduces them (Sec. 3).
 METHOD_NAMES = {"topp": "TopP", "cfg": "TopP + CFG", "cdk": "CD-K", "best_of_n": "best-of-N (re-ranked)"}
@@ -42,13 +48,13 @@ def _secs(v: Any) -> str:
     return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
 
 
-def _preset(pipe: dict) -> str:
-    name = str(pipe.get("preset", "?"))
-    return f"{name} (quick)" if pipe.get("quick") and name != "quick" else name
-
-
 def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _given(**columns: Any) -> dict:
+    """A table row of the columns that have a value."""
+    return {k: v for k, v in columns.items() if v is not None}
 
 
 def missing_note(run: RunFolder, stage: str, what: str = "") -> Text | None:
@@ -57,7 +63,7 @@ def missing_note(run: RunFolder, stage: str, what: str = "") -> Text | None:
     what = f" ({what})" if what else ""
     if not d.is_dir():
         return Text(f"Not run: {d} does not exist: the run stopped before the {stage} stage{what}.")
-    if stage in stage_names() and run.done(stage) is None:
+    if stage in {s.name for s in STAGES} and StageDone.read(run, stage) is None:
         return Text(f"The {stage} stage did not finish ({d} has no .done marker): what it left is shown "
                     "where readable.")
     return None
@@ -67,34 +73,35 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
     from cm3leon.eval.evaluate import headline_rows
 
     blocks: list = []
-    pipe = run.json("pipeline.json")
+    pipe = PipelineSummary.read(run)
     lines = [f"Run folder: {run.root.resolve()}."]
-    if isinstance(pipe, dict):
+    if pipe is not None:
         total = sum(r["seconds"] or 0 for r in _stage_rows(run))
-        last = number(pipe.get("seconds"))
-        lines.append(f"Preset {_preset(pipe)}; stage times add up to {_secs(total)}"
+        last = number(pipe.seconds)
+        lines.append(f"Preset {pipe.label}; stage times add up to {_secs(total)}"
                      + (f" (the last `cm3leon pipeline` pass took {_secs(last)})"
                         if last is not None and abs(last - total) > max(5.0, 0.05 * total) else "") + ".")
     else:
         lines.append("No pipeline.json: the pipeline has not finished a pass over this folder yet; "
                      "stage times below come from the stages' .done markers.")
-    ds = run.json("data", "dataset.json")
-    if ds is None and isinstance(pipe, dict) and pipe.get("data"):
-        p = Path(pipe["data"]) / "dataset.json"
-        ds = RunFolder(p.parent).json("dataset.json") if p.is_file() else None
-    data_path = (pipe or {}).get("data") or (str(run.path("data")) if run.path("data").is_dir() else None)
-    if isinstance(ds, dict):
-        splits = ds.get("splits") or {}
-        lines.append(f"Data: {data_path}: {ds.get('name', 'dataset')}, {ds.get('num', '?')} images of "
-                     f"{ds.get('size', '?')} px, up to {ds.get('max_objects', '?')} object(s) per scene"
+    ds = DatasetSummary.read(run.path("data"))
+    if ds is None and pipe is not None and pipe.data:
+        ds = DatasetSummary.read(Path(pipe.data))
+    data_path = pipe.data if pipe is not None else None
+    if not data_path and run.path("data").is_dir():
+        data_path = str(run.path("data"))
+    if ds is not None:
+        splits = ds.splits or {}
+        lines.append(f"Data: {data_path}: {ds.name or 'dataset'}, {or_unknown(ds.num)} images of "
+                     f"{or_unknown(ds.size)} px, up to {or_unknown(ds.max_objects)} object(s) per scene"
                      + (f" (train {splits.get('train')}, val {splits.get('val')}, test {splits.get('test')})"
                         if splits else "") + ".")
     elif data_path:
         lines.append(f"Data: {data_path}.")
-    tt = (run.done("text_tokenizer") or {}).get("result") or {}
-    if tt.get("vocab_size"):
-        lines.append(f"Text tokenizer: BPE vocabulary {tt['vocab_size']}, "
-                     f"{tt.get('tokens_per_caption', '?')} tokens per caption.")
+    tt = TextTokenizerSummary.read(run)
+    if tt is not None and tt.vocab_size:
+        lines.append(f"Text tokenizer: BPE vocabulary {tt.vocab_size}, "
+                     f"{or_unknown(tt.tokens_per_caption)} tokens per caption.")
     times = _stage_rows(run)
     ran = [r for r in times if r["status"] == "done"]
     lines.append("Stages finished: " + (", ".join(f"{r['stage']} {r['time']}" if r["seconds"] is not None
@@ -125,35 +132,30 @@ def _summary(run: RunFolder, bar: QualityBar) -> list:
     if limits:
         blocks.append(Text("What bounds these figures, measured in this run:\n\n" + "\n\n".join(limits)))
 
-    after_dir = run.final_eval_dir()
-    if after_dir is not None:
+    after, before_sft = final_evaluation(run), pretrained_evaluation(run)
+    recorded = RunMetrics.read(run)
+    if after is not None:
         try:
-            rows = headline_rows(eval_metrics(after_dir))
-            before = {r["metric"]: r["value"] for r in headline_rows(eval_metrics(run.eval_dir("pretrain")))}
+            rows = headline_rows(after.metrics)
+            before = {r["metric"]: r["value"] for r in headline_rows(before_sft.metrics if before_sft else {})}
         except (KeyError, TypeError) as e:  # a metrics file of another version: keep the quality bar above
-            blocks.append(Text(f"Headline metrics unreadable in {relative(run, after_dir / 'metrics.json')}: "
+            blocks.append(Text(f"Headline metrics unreadable in {relative(run, after.path)}: "
                                f"{type(e).__name__}: {e}"))
             return blocks
         cols = ["metric", "value", "n", "note"]
-        if before and after_dir != run.eval_dir("pretrain"):
+        if before and after.dir != before_sft.dir:
             for r in rows:
                 r["before SFT"] = before.get(r["metric"])
             cols = ["metric", "before SFT", "value", "n", "note"]
-        blocks.append(Table(rows, cols, caption=f"Headline metrics ({relative(run, after_dir / 'metrics.json')})"))
+        blocks.append(Table(rows, cols, caption=f"Headline metrics ({relative(run, after.path)})"))
+    elif recorded is not None and recorded.preset is not None:  # the eval folder is gone, RUN/metrics.json stays
+        blocks.append(Table([{"metric": "preset", "value": recorded.preset}],
+                            caption="Headline metrics (metrics.json)"))
     else:
-        head = run.json("metrics.json")
-        if isinstance(head, dict) and _scalars(head):
-            blocks.append(Table([{"metric": k, "value": v} for k, v in _scalars(head).items()],
-                                caption="Headline metrics (metrics.json)"))
-        else:
-            blocks.append(Text("No headline metrics: the eval stage has not run."))
-    recorded = run.json("metrics.json")
-    if isinstance(recorded, dict) and isinstance(recorded.get("quality_bar"), (dict, list)):
-        qb = recorded["quality_bar"]
-        items = qb.items() if isinstance(qb, dict) else enumerate(qb)
-        rows = [{"item": str(k), **(_scalars(v) if isinstance(v, dict) else {"value": v})} for k, v in items]
-        if rows:
-            blocks.append(Table(rows, caption="Quality bar as recorded by the eval stage (metrics.json)"))
+        blocks.append(Text("No headline metrics: the eval stage has not run."))
+    if recorded is not None and recorded.quality_bar:
+        rows = [{"item": str(i), **_scalars(c)} for i, c in enumerate(recorded.quality_bar)]
+        blocks.append(Table(rows, caption="Quality bar as recorded by the eval stage (metrics.json)"))
     return blocks
 
 
@@ -176,10 +178,11 @@ def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
         return [note]
     blocks: list = [note] if note else []
     gen = run.path("generate")
-    summary = run.json("generate", "summary.json") or {}
-    methods = summary.get("methods") or {}
+    summary = GenerateSummary.read(run)
+    methods = summary.methods if summary is not None else {}
     if methods:
-        rows = [{"method": METHOD_NAMES.get(m, m), **_scalars(v)} for m, v in methods.items() if isinstance(v, dict)]
+        rows = [{"method": METHOD_NAMES.get(m, m), **_given(n=v.n, accuracy_both=v.accuracy_both)}
+                for m, v in methods.items()]
         blocks.append(Table(rows, caption="Prompt accuracy per decoding method (generate/summary.json; "
                                           "accuracy_both: colour and shape right, by the shapes checker)"))
     dirs = [p for p in gen.iterdir() if p.is_dir() and (p / "samples.jsonl").is_file()]
@@ -202,8 +205,8 @@ def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
             caps.append(str(r.get("prompt", "")))
             marks.append(_checker_ok(r.get("checker")))
         name = METHOD_NAMES.get(d.name, d.name)
-        stats = methods.get(d.name) if isinstance(methods.get(d.name), dict) else {}
-        acc, n = number(stats.get("accuracy_both")), stats.get("n")
+        stats = methods.get(d.name)
+        acc, n = (number(stats.accuracy_both), stats.n) if stats is not None else (None, None)
         if acc is None:  # no summary: count the per-sample verdicts
             judged = [_checker_ok(r.get("checker")) for r in rows]
             judged = [j for j in judged if j is not None]
@@ -221,64 +224,57 @@ def _text_to_image(run: RunFolder, bar: QualityBar) -> list:
     return blocks
 
 
-def _before_after_rows(run: RunFolder, picks: list[tuple[str, Callable[[dict], Any]]]) -> list[dict]:
-    before, after = eval_metrics(run.eval_dir("pretrain")), eval_metrics(run.final_eval_dir())
+def _before_after_rows(after: Evaluation, before: Evaluation | None,
+                       picks: list[tuple[str, Callable[[Evaluation], Any]]]) -> list[dict]:
+    """One row per (name, figure of an evaluation): after SFT and, where the pretrained model was
+    evaluated too, before it."""
+    compare = before is not None and bool(before.metrics) and after.dir != before.dir
     rows = []
     for name, get in picks:
-        row = {"metric": name, "after SFT": _safe_get(get, after)}
-        if before and run.final_eval_dir() != run.eval_dir("pretrain"):
-            row = {"metric": name, "before SFT": _safe_get(get, before), "after SFT": row["after SFT"]}
+        row = {"metric": name, "after SFT": number(get(after))}
+        if compare:
+            row = {"metric": name, "before SFT": number(get(before)), "after SFT": row["after SFT"]}
         if any(v is not None for k, v in row.items() if k != "metric"):
             rows.append(row)
     return rows
 
 
-def _safe_get(get: Callable[[dict], Any], d: dict) -> Any:
-    try:
-        return number(get(d))
-    except (KeyError, TypeError, AttributeError):
-        return None
-
-
-def _eval_images(run: RunFolder, name: str, caption: str) -> list:
+def _eval_images(run: RunFolder, after: Evaluation, before: Evaluation | None, name: str, caption: str) -> list:
     """The sample grid `name` of the final evaluation and, when it exists, of the pretrained model."""
-    after, before = run.final_eval_dir(), run.eval_dir("pretrain")
-    if before is not None and after != before:
-        dirs = [(before, "before SFT (pretrained model)"), (after, "after SFT")]
+    if before is not None and after.dir != before.dir:
+        dirs = [(before.dir, "before SFT (pretrained model)"), (after.dir, "after SFT")]
     else:
-        dirs = [(after, "final model")]
+        dirs = [(after.dir, "final model")]
     return [Image(d / name, caption=f"{caption}, {label} ({relative(run, d / name)})")
-            for d, label in dirs if d is not None and (d / name).is_file()]
+            for d, label in dirs if (d / name).is_file()]
 
 
-def _no_eval(run: RunFolder) -> list | None:
-    """The section's only block when the run has no evaluation to show; None when it has one."""
-    if run.final_eval_dir() is not None:
-        return None
+def _no_eval(run: RunFolder) -> list:
+    """The section's only block when the run has no evaluation to show."""
     note = missing_note(run, "eval", "metrics")
-    return [note or Text(f"Not run: {run.path('eval')} holds no metrics.json (sft/ or pretrain/).")]
+    return [note or Text(f"Not run: {run.path('eval')} holds no {Evaluation.NAME} (sft/ or pretrain/).")]
 
 
 def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
-    if (absent := _no_eval(run)) is not None:
-        return absent
+    after, before = final_evaluation(run), pretrained_evaluation(run)
+    if after is None:
+        return _no_eval(run)
     blocks: list = []
-    rows = _before_after_rows(run, [
-        ("captions naming the right objects", lambda m: m["cider"]["shapes"]["correct"]),
-        ("CIDEr-D", lambda m: m["cider"]["CIDEr-D"]),
-        ("BLEU-4", lambda m: m["cider"]["BLEU-4"]),
-        ("VQA accuracy (%)", lambda m: m["vqa"]["vqa_accuracy"]),
+    rows = _before_after_rows(after, before, [
+        ("captions naming the right objects", lambda e: e.captions.correct),
+        ("CIDEr-D", lambda e: e.captions.cider_d),
+        ("BLEU-4", lambda e: e.captions.bleu_4),
+        ("VQA accuracy (%)", lambda e: e.vqa.accuracy),
     ])
     if rows:
         blocks.append(Table(rows, caption="Image -> text, before and after instruction tuning"))
-    m = eval_metrics(run.final_eval_dir())
-    for key in ("cider", "vqa"):
-        if isinstance(m.get(key), dict) and "skipped" in m[key]:
-            blocks.append(Text(f"{key} skipped: {m[key]['skipped']}"))
-    blocks += _eval_images(run, "grid_captioning.png", "Captions written by the model (green: right colours "
-                                                       "and shapes)")
-    blocks += _eval_images(run, "grid_vqa.png", "VQA: question -> the model's answer (green: accepted)")
-    samples = run.jsonl(relative(run, run.final_eval_dir()), "samples.jsonl") or []
+    for key, skipped in (("cider", after.captions.skipped), ("vqa", after.vqa.skipped)):
+        if skipped is not None:
+            blocks.append(Text(f"{key} skipped: {skipped}"))
+    blocks += _eval_images(run, after, before, "grid_captioning.png", "Captions written by the model (green: right "
+                                                                      "colours and shapes)")
+    blocks += _eval_images(run, after, before, "grid_vqa.png", "VQA: question -> the model's answer (green: accepted)")
+    samples = run.jsonl(relative(run, after.dir), "samples.jsonl") or []
     caps = [{"caption": s.get("caption"), "reference": (s.get("references") or [None])[0],
              "right": (s.get("verdict") or {}).get("all_ok")} for s in samples if s.get("task") == "captioning"]
     if caps:
@@ -294,20 +290,21 @@ def _captions_vqa(run: RunFolder, bar: QualityBar) -> list:
 
 
 def _edits(run: RunFolder, bar: QualityBar) -> list:
-    if (absent := _no_eval(run)) is not None:
-        return absent
+    after, before = final_evaluation(run), pretrained_evaluation(run)
+    if after is None:
+        return _no_eval(run)
     blocks: list = []
-    rows = _before_after_rows(run, [
-        ("edit done rate", lambda m: m["edit"]["done_rate"]),
-        ("do-nothing baseline", lambda m: m["edit"]["do_nothing_baseline"]),
+    rows = _before_after_rows(after, before, [
+        ("edit done rate", lambda e: e.edit.done_rate),
+        ("do-nothing baseline", lambda e: e.edit.do_nothing_baseline),
     ])
     if rows:
         blocks.append(Table(rows, caption="Edits the checker finds done (target scene reached)"))
-    edit = eval_metrics(run.final_eval_dir()).get("edit") or {}
-    if "skipped" in edit:
-        blocks.append(Text(f"Editing skipped: {edit['skipped']}"))
-    blocks += _eval_images(run, "grid_edit.png", "Each row: source image, instruction -> edited image, target "
-                                                 "(green / red: the checker finds the edit done / not done)")
+    if after.edit.skipped is not None:
+        blocks.append(Text(f"Editing skipped: {after.edit.skipped}"))
+    blocks += _eval_images(run, after, before, "grid_edit.png", "Each row: source image, instruction -> edited "
+                                                                "image, target (green / red: the checker finds the "
+                                                                "edit done / not done)")
     return blocks or [Text("The evaluation wrote no editing results.")]
 
 
@@ -316,17 +313,17 @@ def _image_tokenizer(run: RunFolder, bar: QualityBar) -> list:
     if note is not None and not run.path("image_tokenizer").is_dir():
         return [note]
     blocks: list = [note] if note else []
-    m = run.json("image_tokenizer", "metrics.json")
-    if isinstance(m, dict):
-        keys = [("psnr_db", "PSNR (dB)"), ("val_l1", "L1 (pixels in [0, 1])"), ("codebook_usage", "codebook usage"),
-                ("codes_used", "codes used"), ("codebook_size", "codebook size"), ("perplexity", "code perplexity"),
-                ("tokens_per_image", "tokens per image"),
-                ("checker_recovered", "objects recovered exactly (shapes checker)"),
-                ("checker_recovered_colour_shape", "objects recovered by colour and shape"),
-                ("checker_recovered_colour_cell", "objects recovered by colour and cell"),
-                ("num_eval_images", "evaluation images"), ("eval_split", "evaluation split"), ("steps", "steps"),
-                ("train_time_s", "training time (s)"), ("parameters", "parameters")]
-        rows = [{"metric": label, "value": m[k]} for k, label in keys if k in m]
+    m = ImageTokenizerSummary.read(run)
+    if m is not None:
+        figures = [(m.psnr_db, "PSNR (dB)"), (m.val_l1, "L1 (pixels in [0, 1])"), (m.codebook_usage, "codebook usage"),
+                   (m.codes_used, "codes used"), (m.codebook_size, "codebook size"), (m.perplexity, "code perplexity"),
+                   (m.tokens_per_image, "tokens per image"),
+                   (m.checker_recovered, "objects recovered exactly (shapes checker)"),
+                   (m.checker_recovered_colour_shape, "objects recovered by colour and shape"),
+                   (m.checker_recovered_colour_cell, "objects recovered by colour and cell"),
+                   (m.num_eval_images, "evaluation images"), (m.eval_split, "evaluation split"), (m.steps, "steps"),
+                   (m.train_time_s, "training time (s)"), (m.parameters, "parameters")]
+        rows = [{"metric": label, "value": v} for v, label in figures if v is not None]
         blocks.append(Table(rows, caption="VQ tokenizer on held-out images (image_tokenizer/metrics.json)"))
     else:
         blocks.append(Text("No image_tokenizer/metrics.json."))
@@ -336,15 +333,11 @@ def _image_tokenizer(run: RunFolder, bar: QualityBar) -> list:
     return blocks
 
 
-def _recall_rows(m: dict) -> list[dict]:
+def _recall_rows(m: RetrieverSummary) -> list[dict]:
     rows = []
-    for direction, prefix in (("text -> image", "text_to_image_recall@"), ("image -> text", "image_to_text_recall@")):
-        row = {"direction": direction}
-        for k, v in m.items():
-            if k.startswith(prefix):
-                row[f"recall@{k[len(prefix):]}"] = v
-        if len(row) > 1:
-            rows.append(row)
+    for direction, recall in (("text -> image", m.text_to_image_recall), ("image -> text", m.image_to_text_recall)):
+        if recall:
+            rows.append({"direction": direction, **{f"recall@{k}": v for k, v in recall.items()}})
     return rows
 
 
@@ -408,25 +401,23 @@ def _retrieval(run: RunFolder, bar: QualityBar) -> list:
     if note is not None and not run.path("retrieval").is_dir():
         return [note]
     blocks: list = [note] if note else []
-    m = run.json("retrieval", "retriever", "metrics.json")
-    if m is None:
-        p = run.find("retrieval", "metrics.json")
-        m = run.json(relative(run, p)) if p is not None else None
-    if isinstance(m, dict):
+    m = RetrieverSummary.read(run)
+    if m is not None:
         rows = _recall_rows(m)
         if rows:
-            blocks.append(Table(rows, caption=f"Retriever recall on {m.get('num_pairs', '?')} held-out "
-                                              f"{m.get('eval_split', '')} pairs (retrieval/retriever/metrics.json)"))
-        extra = {k: m[k] for k in ("first_loss", "final_loss", "temperature", "steps", "train_seconds") if k in m}
+            blocks.append(Table(rows, caption=f"Retriever recall on {or_unknown(m.num_pairs)} held-out "
+                                              f"{m.eval_split or ''} pairs (retrieval/retriever/metrics.json)"))
+        extra = _given(first_loss=m.first_loss, final_loss=m.final_loss, temperature=m.temperature, steps=m.steps,
+                       train_seconds=m.train_seconds)
         if extra:
             blocks.append(Table([extra], caption="Retriever training"))
     else:
         blocks.append(Text("No retriever metrics (retrieval/retriever/metrics.json)."))
-    nbj = run.json("tokenize", "neighbors.json")
-    if isinstance(nbj, dict):
-        blocks.append(Text(f"Neighbours: {nbj.get('rows_with_k', '?')} of {nbj.get('num_records', '?')} records have "
-                           f"all {nbj.get('k', '?')} retrieved documents; skipped candidates: "
-                           + ", ".join(f"{k} {v}" for k, v in (nbj.get("skipped") or {}).items()) + "."))
+    nb = NeighborsSummary.read(run)
+    if nb is not None:
+        blocks.append(Text(f"Neighbours: {or_unknown(nb.rows_with_k)} of {or_unknown(nb.num_records)} records have "
+                           f"all {or_unknown(nb.k)} retrieved documents; skipped candidates: "
+                           + ", ".join(f"{k} {v}" for k, v in nb.skipped.items()) + "."))
     try:
         blocks += _retrieval_examples(run)
     except (CM3LeonError, OSError, ValueError, KeyError) as e:
@@ -469,49 +460,45 @@ def _training(run: RunFolder, bar: QualityBar) -> list:
                                                               title="training throughput (tokens / s)")),
                             caption="Throughput vs step", width=520))
     rows = []
-    for stage, name in (("pretrain", "train_summary.json"), ("sft", "train_summary.json"), ("sft", "sft_summary.json")):
-        p = run.find(stage, name)
-        s = run.json(relative(run, p)) if p is not None else None
-        if not isinstance(s, dict):
-            continue
-        if name == "train_summary.json":
-            rows.append({"stage": stage, **{k: s.get(k) for k in (
-                "steps", "tokens_seen", "tokens_per_second", "train_seconds", "num_parameters", "final_train_loss",
-                "final_val_loss", "device")}})
-        else:
-            sft = s.get("sft", s)  # nested under "sft" or flat
-            keys = ("train_loss_before", "train_loss_after", "val_loss_before", "val_loss_after")
-            if any(k in sft for k in keys):
-                blocks.append(Table([{k: sft.get(k) for k in keys}],
-                                    caption="SFT loss on fixed batches, before and after instruction tuning "
-                                            f"({relative(run, p)})"))
+    for stage in ("pretrain", "sft"):
+        s = TrainSummary.read(run, stage)
+        if s is not None:
+            rows.append({"stage": stage, "steps": s.steps, "tokens_seen": s.tokens_seen,
+                         "tokens_per_second": s.tokens_per_second, "train_seconds": s.train_seconds,
+                         "num_parameters": s.num_parameters, "final_train_loss": s.final_train_loss,
+                         "final_val_loss": s.final_val_loss, "device": s.device})
+    sft = SFTSummary.read(run)
+    if sft is not None:
+        losses = {"train_loss_before": sft.train_loss_before, "train_loss_after": sft.train_loss_after,
+                  "val_loss_before": sft.val_loss_before, "val_loss_after": sft.val_loss_after}
+        if any(v is not None for v in losses.values()):
+            blocks.append(Table([losses], caption="SFT loss on fixed batches, before and after instruction tuning "
+                                                  f"({relative(run, sft.path)})"))
     if rows:
         blocks.insert(0, Table(rows, caption="Training runs"))
     return blocks or [Text("Not run: neither pretrain/ nor sft/ exists.")]
 
 
-def _sweep_table(s: dict, caption: str) -> Table | None:
+def _sweep_table(s: SweepSummary | None, caption: str) -> Table | None:
     from cm3leon.eval.sweep import spread_rows
 
-    rows = [r for r in s.get("rows") or [] if isinstance(r, dict)]
-    if not rows:
+    if s is None or not s.rows:
         return None
-    metrics = [m for m in s.get("metrics") or [] if isinstance(m, str)]
+    rows, metrics = s.rows, list(s.metrics)
     cols = ["setting", *metrics, *(c for c in ("colour", "shape", "seconds_per_image") if c in rows[0])]
-    seeds = s.get("seeds") or [s.get("seed")]
-    spread = f", mean ± sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    spread = f", mean ± sd over seeds {', '.join(map(str, s.seeds))}" if len(s.seeds) > 1 else ""
     return Table(spread_rows(rows, [*metrics, "colour", "shape"]), cols,
-                 caption=f"{caption}: the same {s.get('num_prompts', '?')} prompts and seeds for every setting"
-                         f"{spread} (scorer: {s.get('scorer') or 'shapes checker'})")
+                 caption=f"{caption}: the same {or_unknown(s.num_prompts)} prompts and seeds for every setting"
+                         f"{spread} (scorer: {s.scorer or 'shapes checker'})")
 
 
-def _claims(after: dict, before: dict | None) -> Table | None:
+def _claims(after: SweepSummary, before: SweepSummary | None) -> Table | None:
     """The paper's claims on this run's model, from the sweeps: retrieval k, decoding methods,
     before vs after SFT (each row's figure with its spread over the sweep's seeds)."""
     from cm3leon.api import IMAGE_METHODS
     from cm3leon.eval.sweep import with_spread
 
-    rows_a = [r for r in after.get("rows") or [] if isinstance(r, dict) and "both" in r]
+    rows_a = [r for r in after.rows if "both" in r]
     if not rows_a:
         return None
     out = []
@@ -520,7 +507,7 @@ def _claims(after: dict, before: dict | None) -> Table | None:
         out.append({"claim": claim, "model": stage, "setting": r.get("setting"), "both": with_spread(r, "both"),
                     "seconds_per_image": r.get("seconds_per_image")})
 
-    rows_b = [r for r in (before or {}).get("rows") or [] if isinstance(r, dict) and "both" in r]
+    rows_b = [r for r in (before.rows if before is not None else ()) if "both" in r]
     for stage, rows in (("after SFT", rows_a), ("before SFT", rows_b)):
         for r in rows:
             if r.get("num_retrieved") is not None:  # the k-retrieved row and its k = shared twin
@@ -546,18 +533,16 @@ def _claims(after: dict, before: dict | None) -> Table | None:
 
 
 def _sweep(run: RunFolder, bar: QualityBar) -> list:
-    d = run.path("eval", "sweep")
-    s = run.json("eval", "sweep", "sweep.json")
-    if not isinstance(s, dict):
-        return [Text(f"Not run: no decoding sweep ({relative(run, d / 'sweep.json')} does not exist).")]
-    before = run.json("eval", "sweep_pretrain", "sweep.json")
-    before = before if isinstance(before, dict) else None
+    s = SweepSummary.read(run, "sweep")
+    if s is None:
+        return [Text(f"Not run: no decoding sweep ({relative(run, run.path('eval', 'sweep', SweepSummary.NAME))} "
+                     "does not exist).")]
+    before = SweepSummary.read(run, "sweep_pretrain")
     blocks: list = [b for b in (_claims(s, before), _sweep_table(s, "Decoding settings after SFT"),
-                                _sweep_table(before or {}, "Before SFT")) if b is not None]
-    plots = [d / p for p in s.get("plots") or []] or sorted(d.glob("sweep_*_vs_*.png"))
+                                _sweep_table(before, "Before SFT")) if b is not None]
+    plots = [s.dir / p for p in s.plots] or sorted(s.dir.glob("sweep_*_vs_*.png"))
     blocks += [Image(p, caption=p.stem.replace("_", " "), width=520) for p in plots if p.is_file()]
-    for n in s.get("notes") or []:
-        blocks.append(Text(str(n)))
+    blocks += [Text(n) for n in s.notes]
     return blocks
 
 
@@ -566,10 +551,9 @@ def _ablations(run: RunFolder, bar: QualityBar) -> list:
     if not d.is_dir():
         return [Text(f"Not run: no ablations ({d} does not exist).")]
     blocks: list = []
-    res = run.json("ablate", "results.json")
-    rows = res.get("rows") if isinstance(res, dict) else res
-    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-        blocks.append(Table([_scalars(r) for r in rows], caption="Ablations (ablate/results.json)"))
+    res = AblationResults.read(run)
+    if res is not None and res.rows:
+        blocks.append(Table([_scalars(r) for r in res.rows], caption="Ablations (ablate/results.json)"))
     elif (d / "results.md").is_file():
         blocks.append(Text((d / "results.md").read_text(encoding="utf-8"), code=True))
     blocks += [Image(p, caption=p.stem.replace("_", " "), width=520) for p in sorted(d.glob("*.png"))]
@@ -581,38 +565,34 @@ def _baselines(run: RunFolder) -> list:
     """`cm3leon ablate --baselines`: the table at both budgets, the notes and the compute plot."""
     from cm3leon.run.baselines import COLUMNS
 
-    res = run.json("ablate", "baselines", "metrics.json")
-    if not isinstance(res, dict) or not isinstance(res.get("rows"), list):
+    res = BaselinesSummary.read(run)
+    if res is None:
         return []
-    b = res.get("budgets") or {}
-    flops, secs = number(b.get("train_flops")), number(b.get("train_seconds"))
+    flops, secs = number(res.train_flops), number(res.train_seconds)
     caption = ("Baselines at CM3Leon's budget (ablate/baselines/metrics.json): "
                + (f"{flops:.3g} training FLOPs, " if flops is not None else "") + f"{_secs(secs)} of training steps")
-    blocks: list = [Table([_scalars(r) for r in res["rows"] if isinstance(r, dict)], COLUMNS, caption=caption)]
-    blocks += [Text(str(n)) for n in res.get("notes") or []]
-    d = run.path("ablate", "baselines")
-    blocks += [Image(d / p, caption=Path(p).stem.replace("_", " "), width=720) for p in res.get("plots") or []
-               if (d / p).is_file()]
+    blocks: list = [Table([_scalars(r) for r in res.rows], COLUMNS, caption=caption)]
+    blocks += [Text(n) for n in res.notes]
+    blocks += [Image(res.dir / p, caption=Path(p).stem.replace("_", " "), width=720) for p in res.plots
+               if (res.dir / p).is_file()]
     return blocks
 
 
 def _stage_rows(run: RunFolder) -> list[dict]:
-    from cm3leon.run.pipeline import DONE, STAGES
-
-    pipe = run.json("pipeline.json")
-    recorded = (pipe or {}).get("stages") or {}
+    pipe = PipelineSummary.read(run)
+    recorded = pipe.stages if pipe is not None else {}
     rows = []
     about = {"data": "dataset (built by `cm3leon demo`)", **{s.name: s.about for s in STAGES}}
     for name in ["data", *(s.name for s in STAGES)]:
         if name == "data" and not run.path("data", DONE).is_file():
             continue  # `cm3leon pipeline` on the user's own data: no data stage
-        marker = run.done(name)
-        rec = recorded.get(name) or {}
-        seconds = number((marker or {}).get("seconds", rec.get("seconds")))
+        marker = StageDone.read(run, name)
+        rec = recorded.get(name) or StageRecord()
+        seconds = number(marker.seconds if marker is not None and marker.seconds is not None else rec.seconds)
         if marker is not None:
             status = "done"
-        elif rec.get("status") and not str(rec["status"]).startswith("skipped"):
-            status = str(rec["status"])
+        elif rec.status and not rec.status.startswith("skipped"):
+            status = rec.status
         else:
             status = "unfinished" if run.path(name).is_dir() else "not run"
         rows.append({"stage": name, "status": status, "seconds": seconds, "time": _secs(seconds),
@@ -625,11 +605,11 @@ def _timings(run: RunFolder, bar: QualityBar) -> list:
     total = sum(r["seconds"] or 0 for r in rows)
     for r in rows:
         r["share"] = percent(r["seconds"] / total) if r["seconds"] and total else "—"
-    pipe = run.json("pipeline.json") or {}
+    pipe = PipelineSummary.read(run)
     blocks = [Table(rows, ["stage", "status", "time", "share", "about"],
                     caption=f"Stage times (the .done markers and pipeline.json); sum {_secs(total)}")]
-    if number(pipe.get("seconds")) is not None:
-        blocks.append(Text(f"The last `cm3leon pipeline` pass took {_secs(pipe['seconds'])} (stages already done "
+    if pipe is not None and number(pipe.seconds) is not None:
+        blocks.append(Text(f"The last `cm3leon pipeline` pass took {_secs(pipe.seconds)} (stages already done "
                            "are skipped on a re-run and take no time there)."))
     return blocks
 
@@ -674,8 +654,6 @@ def build_run_report(run_dir: str | os.PathLike, out: str | os.PathLike | None =
                      bar: QualityBar | None = None) -> Path:
     """Write one self-contained HTML report of a pipeline run folder to `out` (default
     RUN/report.html) and return its path. Stages that did not run get a "not run" note."""
-    from cm3leon.run.pipeline import STAGES
-
     run = Path(run_dir)
     if not run.is_dir():
         raise CM3LeonError(f"--run: {run} is not a folder")
@@ -684,8 +662,8 @@ def build_run_report(run_dir: str | os.PathLike, out: str | os.PathLike | None =
         raise CM3LeonError(f"--run: {run} is not a pipeline run folder (none of {', '.join(known)} in it); "
                            "make one with `cm3leon demo --out DIR` or `cm3leon pipeline`")
     out = Path(out) if out is not None else run / "report.html"
-    pipe = RunFolder(run).json("pipeline.json") or {}
-    meta = f"{run.resolve()} · preset {_preset(pipe)} · " \
+    pipe = PipelineSummary.read(RunFolder(run)) or PipelineSummary()
+    meta = f"{run.resolve()} · preset {pipe.label} · " \
            f"report written {time.strftime('%Y-%m-%d %H:%M')}"
     return build_report(out, run_report_sections(run, bar), title=f"cm3leon run: {run.resolve().name}", meta=meta)
 

@@ -6,7 +6,6 @@ is done in the stage modules themselves. Stage folders are siblings under the ru
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cm3leon.run.config import get_pipeline_preset
@@ -189,21 +188,20 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
 
 
 def run_metrics(ctx: PipelineContext) -> dict:
-    """The run's headline numbers, gathered from the stage folders, with the quality bar."""
+    """The run's headline numbers, gathered from the stage folders (their summaries copied
+    whole), with the quality bar."""
     from cm3leon.run.quality_bar import quality_bar_checks, quality_bar_limits
+    from cm3leon.run.summaries import Evaluation, GenerateSummary, ImageTokenizerSummary, RetrieverSummary, RunFolder
 
-    def load(rel: str) -> dict | None:
-        f = ctx.out / rel
-        return json.loads(f.read_text()) if f.is_file() else None
-
+    run = RunFolder(ctx.out)
     checks = quality_bar_checks(ctx.out)
     return {
         "preset": ctx.preset,
-        "image_tokenizer": load("image_tokenizer/metrics.json"),
-        "retriever": load("retrieval/retriever/metrics.json"),
-        "generate": (load("generate/summary.json") or {}).get("methods"),
-        "eval_sft": load("eval/sft/metrics.json"),
-        "eval_pretrain": load("eval/pretrain/metrics.json"),
+        "image_tokenizer": run.json(*ImageTokenizerSummary.FILE),
+        "retriever": run.json(*RetrieverSummary.FILE),
+        "generate": (run.json(*GenerateSummary.FILE) or {}).get("methods"),
+        "eval_sft": run.json("eval", "sft", Evaluation.NAME),
+        "eval_pretrain": run.json("eval", "pretrain", Evaluation.NAME),
         "quality_bar": checks,
         "quality_bar_summary": {c["criterion"]: {"figure": c["figure"], "met": c["met"]} for c in checks},
         "quality_bar_limits": quality_bar_limits(ctx.out) if any(c["met"] is False for c in checks) else [],
