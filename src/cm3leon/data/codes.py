@@ -212,6 +212,15 @@ class CodeDataset:
                 shard["records"] = [json.loads(line) for line in f]
         return shard["records"][li]
 
+    def keys_and_splits(self):
+        """(key, split) of every record of the directory in global order, read shard by shard
+        without keeping the rows (`record_meta` caches a shard's rows)."""
+        for shard in self._shards:
+            with open(shard["dir"] / "records.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    yield row["key"], row["split"]
+
     def get(self, gi: int) -> CodeRecord:
         """Record by global index (what retrieval neighbours refer to)."""
         shard, li = self._locate(int(gi))
