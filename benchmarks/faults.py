@@ -62,9 +62,11 @@ def vq_cmd(data: Path, out: Path, steps: int = 16) -> list[str]:
     return [sys.executable, "-c", call]
 
 
-def tokenize_cmd(data: Path, vq: Path, text: Path, out: Path, batch_size: int, shard_size: int) -> list[str]:
+def tokenize_cmd(data: Path, vq: Path, text: Path, out: Path, batch_size: int, shard_size: int,
+                 workers: int = 1) -> list[str]:
     return [*CLI, "tokenize", "--data", str(data), "--image-tokenizer", str(vq), "--text-tokenizer", str(text),
-            "--out", str(out), "--batch-size", str(batch_size), "--shard-size", str(shard_size)]
+            "--out", str(out), "--batch-size", str(batch_size), "--shard-size", str(shard_size),
+            "--workers", str(workers)]
 
 
 def index_cmd(data: Path, retriever: Path, codes: Path, out: Path, batch_size: int, chunk_size: int) -> list[str]:
@@ -310,11 +312,12 @@ def training_stage(name: str, cmd: Callable[[Path], list[str]], steps: int) -> S
                  rows=logged_steps, margin=4, temporaries_in="checkpoints")
 
 
-def tokenize_stage(data: Path, vq: Path, text: Path, num_records: int, batch_size: int, shard_size: int) -> Stage:
+def tokenize_stage(data: Path, vq: Path, text: Path, num_shards: int, batch_size: int, shard_size: int,
+                   workers: int = 1) -> Stage:
     from cm3leon.data.codes import is_complete
 
-    return Stage("tokenize", lambda out: tokenize_cmd(data, vq, text, out, batch_size, shard_size),
-                 math.ceil(num_records / shard_size), check=unloadable_codes, outputs=files_under,
+    return Stage("tokenize", lambda out: tokenize_cmd(data, vq, text, out, batch_size, shard_size, workers),
+                 num_shards, check=unloadable_codes, outputs=files_under,
                  finished=is_complete, progress=count_shards, rows=record_keys)
 
 
@@ -380,7 +383,7 @@ def main() -> int:
             elif name == "vq":
                 stage = training_stage(name, lambda out: vq_cmd(data, out), 16)
             elif name == "tokenize":
-                stage = tokenize_stage(data, root / "vq", root / "text", len(_keys(codes)), 8, 16)
+                stage = tokenize_stage(data, root / "vq", root / "text", math.ceil(len(_keys(codes)) / 16), 8, 16)
             else:
                 run_to_end([*CLI, "retriever", "train", "--data", str(data), "--out", str(root / "retriever"),
                             "--steps", "5", "--batch-size", "16", "--size", "32", "--dim", "32"])

@@ -18,7 +18,7 @@ from cm3leon.utils.logging import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from faults import (STEPS, index_stage, kill_and_resume, kill_at_random, logged_steps, neighbors_stage,  # noqa: E402
+from faults import (STEPS, differing_bytes, files_under, index_stage, kill_and_resume, kill_at_random, logged_steps, neighbors_stage,  # noqa: E402
                     pretrain_cmd, sft_cmd, temporaries, tokenize_stage, unloadable_checkpoints, unloadable_codes,
                     vq_cmd)
 from faults import make_codes as make_shapes_codes  # noqa: E402
@@ -104,12 +104,30 @@ def test_tokenize_killed_at_random_points_resumes_to_the_uninterrupted_shards(tm
     not divide shards of 4, so resumed batches start elsewhere)."""
     data = write_shapes(tmp_path / "data", n=40)
     vq, text = make_tokenizers(tmp_path, data)
-    result = kill_and_resume(tokenize_stage(data, vq, text, 40, batch_size=3, shard_size=4), tmp_path, 3,
+    result = kill_and_resume(tokenize_stage(data, vq, text, 10, batch_size=3, shard_size=4), tmp_path, 3,
                              random.Random(3))
     # every kill is followed by a resume, or by a fresh start when it landed after the outputs were complete
     assert result["kills"] == 3 and result["resumes"] + result["restarts_after_finishing"] >= 3
     assert _clean(result) == CLEAN, result["corrupt_examples"]
-    assert result["files_compared"] == 10 * 5 + 2  # 10 shards of 5 files, meta.json, tokenize_args.json
+    assert result["files_compared"] == 10 * 5 + 3  # 10 shards of 5 files, unit-00000.json, meta.json, tokenize_args.json
+
+
+@pytest.mark.slow
+def test_tokenize_with_workers_killed_resumes_to_the_one_process_shards(tmp_path):
+    """`cm3leon tokenize --workers 2` over webdataset shards, SIGKILLed twice (its workers die
+    with it): nothing on disk fails to load, and the resumed directory is byte for byte what
+    an uninterrupted run with one process writes."""
+    from cm3leon.data.shapes import synthesize_webdataset
+    from cm3leon.tokenizers.tokenize import tokenize_dataset
+
+    data = synthesize_webdataset(tmp_path / "data", num=48, size=32, seed=0, shard_size=12)["out"]
+    vq, text = make_tokenizers(tmp_path, write_shapes(tmp_path / "captions", n=12))
+    result = kill_and_resume(tokenize_stage(Path(data), vq, text, 12, batch_size=2, shard_size=4, workers=2),
+                             tmp_path, 2, random.Random(4))
+    assert result["kills"] == 2 and _clean(result) == CLEAN, result["corrupt_examples"]
+    tokenize_dataset(data, vq, text, tmp_path / "one", batch_size=2, shard_size=4)
+    assert files_under(tmp_path / "one") == files_under(tmp_path / "tokenize-killed")
+    assert differing_bytes(tmp_path / "tokenize-killed", tmp_path / "one", files_under(tmp_path / "one")) == 0
 
 
 def _index_inputs(root: Path) -> tuple[Path, Path, Path]:
@@ -235,13 +253,13 @@ def test_disk_full_while_tokenize_writes_a_shard_is_one_line_and_resumes(tmp_pat
     full = run_out_of_space("cm3leon.data.codes", "CodeShardWriter._flush", 2, 256, cmd)
     assert full.returncode == 2, full.stderr[-3000:]
     (line,) = _error_lines(full.stderr, "tokenize")
-    assert f"{out / 'shard-00001'}: write failed, the file is over the file size limit" in line
-    assert sorted(p.name for p in out.iterdir()) == ["shard-00000", "tokenize_args.json"]  # no temporary, no meta
+    assert f"{out / 'shard-00000-00001'}: write failed, the file is over the file size limit" in line
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000-00000", "tokenize_args.json"]  # no temporary, no meta
     assert unloadable_codes(out) == []
 
     resumed = tokenize_dataset(data, vq, text, out, batch_size=4, shard_size=4)
     straight = tokenize_dataset(data, vq, text, tmp_path / "straight", batch_size=4, shard_size=4)
     assert resumed == straight
-    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+    for shard in ("shard-00000-00000", "shard-00000-00001", "shard-00000-00002"):
         for f in (tmp_path / "straight" / shard).iterdir():
             assert (out / shard / f.name).read_bytes() == f.read_bytes()

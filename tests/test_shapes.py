@@ -209,3 +209,69 @@ def test_scenes_do_not_depend_on_the_process_hash_seed():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert len(outs) == 1 and outs.pop().strip()
+
+
+def test_webdataset_shards_hold_the_folder_scenes_and_read_back(ds, tmp_path):
+    """`--format webdataset`: shards of `shard_size` scenes, byte-identical for a seed, whose
+    records (read back by the webdataset reader) are the folder set's captions, splits and
+    scenes, in order."""
+    from cm3leon.data.readers import open_dataset
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    folder, _ = ds
+    out = tmp_path / "wds"
+    summary = synthesize_webdataset(out, num=40, size=32, seed=3, shard_size=16)
+    assert summary["num_shards"] == 3 and summary["splits"] == {"train": 36, "val": 2, "test": 2}
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "dataset.json",
+                                                     "synth_args.json"]
+    again = tmp_path / "again"
+    synthesize_webdataset(again, num=40, size=32, seed=3, shard_size=16)
+    for p in out.iterdir():
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+
+    records = list(open_dataset(out, size=32))
+    captions = _rows(folder / "captions.jsonl")
+    annotations = _rows(folder / "annotations.jsonl")
+    assert [r.key for r in records] == [f"{i:09d}" for i in range(40)]
+    assert [(r.text, r.split) for r in records] == [(c["text"], c["split"]) for c in captions]
+    assert [r.meta["objects"] for r in records] == [a["objects"] for a in annotations]
+    assert [r.meta["template"] for r in records] == [c["template"] for c in captions]
+    png = np.asarray(render_scene([ShapeObject.from_dict(o) for o in annotations[5]["objects"]], 32), float)
+    assert np.abs(np.asarray(records[5].image, float) - png).mean() < 2.0  # the same picture, JPEG-compressed
+
+
+def test_webdataset_synthesis_resumes_after_its_last_whole_shard(tmp_path):
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    straight = tmp_path / "straight"
+    synthesize_webdataset(straight, num=30, size=32, seed=1, shard_size=10)
+    run = tmp_path / "run"
+    synthesize_webdataset(run, num=30, size=32, seed=1, shard_size=10)
+    # as a kill would leave it: shard 2 half-written (a temporary), no dataset.json
+    (run / "00002.tar").rename(run / ".00002.tar.abc.tmp")
+    (run / "dataset.json").unlink()
+    before = (run / "00000.tar").stat().st_mtime_ns
+    summary = synthesize_webdataset(run, num=30, size=32, seed=1, shard_size=10)
+    assert summary["shards_resumed"] == 2 and (run / "00000.tar").stat().st_mtime_ns == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in straight.iterdir())
+    for p in straight.iterdir():
+        assert (run / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_webdataset_synthesis_refuses_other_settings_and_foreign_folders(tmp_path):
+    from cm3leon.cli import main
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    synthesize_webdataset(tmp_path / "a", num=5, size=32, seed=0, shard_size=4)
+    with pytest.raises(CM3LeonError, match=r"synth_args.json holds scenes of other settings"):
+        synthesize_webdataset(tmp_path / "a", num=5, size=32, seed=1, shard_size=4)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(CM3LeonError, match="non-empty folder"):
+        synthesize_webdataset(tmp_path / "b", num=5, size=32, shard_size=4)
+    with pytest.raises(CM3LeonError, match="--shard-size"):
+        synthesize_webdataset(tmp_path / "c", num=5, size=32, shard_size=0)
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--num", "5", "--shard-size", "4"]) == 2
+    assert main(["data", "synth", "--out", str(tmp_path / "e"), "--num", "5", "--size", "32",
+                 "--format", "webdataset", "--shard-size", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "e").glob("*.tar")) == ["00000.tar", "00001.tar"]

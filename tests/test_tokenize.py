@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_to_identical_shards(setup, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         _run(setup, tmp_path / "part")
     monkeypatch.setattr(VQModel, "encode", real_encode)
-    assert sorted(p.name for p in (tmp_path / "part").glob("shard-*")) == ["shard-00000", "shard-00001"]
+    assert sorted(p.name for p in (tmp_path / "part").glob("shard-*")) == ["shard-00000-00000", "shard-00000-00001"]
     assert not (tmp_path / "part" / "meta.json").exists()
 
     meta = _run(setup, tmp_path / "part")
@@ -141,3 +141,87 @@ def test_a_tokenizer_retrained_in_place_is_other_inputs(setup, tmp_path):
     VQModel(VQModel.from_pretrained(vq).config).save_pretrained(vq)
     with pytest.raises(CM3LeonError, match="other inputs"):
         tokenize_dataset(data, vq, root / "text", tmp_path / "codes", batch_size=4, shard_size=8)
+
+
+@pytest.fixture(scope="module")
+def shards(setup, tmp_path_factory):
+    """The built-in scenes as 4 webdataset shards of 8, 8, 8 and 6 records."""
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    out = tmp_path_factory.mktemp("wds") / "data"
+    synthesize_webdataset(out, num=30, size=32, seed=0, shard_size=8)
+    return out
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_workers_take_whole_shards_and_write_what_one_process_writes(setup, shards, tmp_path):
+    """--workers 2 over 4 input shards: per input shard its own code shards (3 records per
+    shard: 3 + 3 + 2 of 8) and unit marker; every file byte-identical to --workers 1, and the
+    records in input order."""
+    root, _ = setup
+    one = tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "one", batch_size=2, shard_size=3)
+    two = tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "two", batch_size=2, shard_size=3,
+                           workers=2)
+    assert one == two and one["num_records"] == 30 and one["num_units"] == 4
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    names = sorted(p.name for p in (tmp_path / "two").glob("shard-*"))
+    assert names[:4] == ["shard-00000-00000", "shard-00000-00001", "shard-00000-00002", "shard-00001-00000"]
+    assert len(names) == 3 * 3 + 2
+    assert json.loads((tmp_path / "two" / "unit-00003.json").read_text()) == {
+        "unit": 3, "source": "00003.tar", "num_records": 6, "num_shards": 2, "reader_skipped": {}}
+    ds = CodeDataset(tmp_path / "two")
+    assert [ds[i].key for i in range(len(ds))] == [f"{i:09d}" for i in range(30)]
+    assert ds[5].extra["template"] and ds[5].extra["objects"]  # the shard's .json travels along
+
+
+def test_a_run_cut_short_mid_unit_resumes_with_other_workers_to_the_same_files(setup, shards, tmp_path,
+                                                                                 monkeypatch):
+    root, _ = setup
+    tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "full", batch_size=2, shard_size=3)
+    calls = {"n": 0}
+    real_encode = VQModel.encode
+
+    def encode_then_crash(self, images):
+        calls["n"] += 1
+        if calls["n"] == 7:  # unit 0 done (4 batches), unit 1 one shard in (and a batch more)
+            raise KeyboardInterrupt
+        return real_encode(self, images)
+
+    monkeypatch.setattr(VQModel, "encode", encode_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "part", batch_size=2, shard_size=3)
+    monkeypatch.setattr(VQModel, "encode", real_encode)
+    part = tmp_path / "part"
+    assert sorted(p.name for p in part.glob("unit-*")) == ["unit-00000.json"]
+    assert sorted(p.name for p in part.glob("shard-00001-*")) == ["shard-00001-00000"]
+    tokenize_dataset(shards, root / "vq", root / "text", part, batch_size=2, shard_size=3, workers=2)
+    assert _files(part) == _files(tmp_path / "full")
+
+
+def test_bad_worker_settings_are_refused(setup, shards, tmp_path, monkeypatch):
+    root, _ = setup
+    with pytest.raises(CM3LeonError, match="--workers must be >= 1"):
+        tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "a", workers=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CM3LeonError, match="under torchrun"):
+        tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "a", workers=2)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_take_whole_shards_and_write_what_one_process_writes(setup, shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, _ = setup
+    tokenize_dataset(shards, root / "vq", root / "text", tmp_path / "one", batch_size=2, shard_size=3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cm3leon.cli",
+           "tokenize", "--data", str(shards), "--image-tokenizer", str(root / "vq"), "--text-tokenizer",
+           str(root / "text"), "--out", str(tmp_path / "ranks"), "--batch-size", "2", "--shard-size", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["num_records"] == 30  # printed once, by rank 0
+    assert _files(tmp_path / "ranks") == _files(tmp_path / "one")

@@ -5,7 +5,11 @@ Layout of a tokenized directory:
     meta.json                 {"format": "cm3leon-codes/1", "grid": [h, w], "codebook_size",
                                "text_vocab_size", "num_records", "splits": {...},
                                "complete": true, ...extra}
-    shard-00000/              one directory per `shard_size` records, renamed into place
+    shard-00000-00000/        one directory per `shard_size` records of one input unit (a
+                              webdataset .tar; a folder or COCO set is one unit), renamed into
+                              place; named shard-UNIT-CHUNK, so sorted names give record order
+    unit-00000.json           an input unit's shards are all written: {"unit", "source",
+                              "num_records", "num_shards", "reader_skipped"}
       image_codes.npy         uint16/int32 [n, h*w]
       text_ids.npy            int32 [total text tokens of the shard]   (BPE ids, not offset)
       text_offsets.npy        int64 [n + 1]
@@ -13,7 +17,8 @@ Layout of a tokenized directory:
       records.jsonl           {"key", "text", "split", ...extra keys of the record}
 
 A shard directory appears only when complete, so an interrupted `cm3leon tokenize` resumes
-after the last complete shard and never reads a half-written one.
+after the last complete shard and never reads a half-written one. Units are tokenized
+independently (by worker processes or torchrun ranks), and `meta.json` merges them.
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ class CodeRecord:
 
 
 class CodeShardWriter:
-    """Append records; every `shard_size` records a shard directory is committed atomically."""
+    """Append records; every `shard_size` records a shard directory `{prefix}{n:05d}` is
+    committed atomically. Writers of several input units share `out_dir` with one prefix each."""
 
     def __init__(self, out_dir: str | Path, grid: tuple[int, int], codebook_size: int,
-                 text_vocab_size: int, shard_size: int = 4096, extra_meta: dict | None = None):
+                 text_vocab_size: int, shard_size: int = 4096, extra_meta: dict | None = None,
+                 prefix: str = "shard-"):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.grid = (int(grid[0]), int(grid[1]))
@@ -63,7 +70,8 @@ class CodeShardWriter:
         self.shard_size = int(shard_size)
         self.extra_meta = dict(extra_meta or {})
         self._code_dtype = np.uint16 if codebook_size <= 65536 else np.int32
-        shards = sorted(self.out_dir.glob("shard-*"))
+        self.prefix = prefix
+        shards = sorted(self.out_dir.glob(f"{prefix}*"))
         self._next_shard = len(shards)
         self.num_done = sum(_shard_len(s) for s in shards)  # records already on disk (resume)
         self._buf: list[tuple] = []
@@ -79,7 +87,7 @@ class CodeShardWriter:
     def _flush(self) -> None:
         if not self._buf:
             return
-        name = self.out_dir / f"shard-{self._next_shard:05d}"
+        name = self.out_dir / f"{self.prefix}{self._next_shard:05d}"
         with atomic_path(name) as tmp:
             tmp.mkdir()
             lens = [len(b[3]) for b in self._buf]
@@ -94,27 +102,40 @@ class CodeShardWriter:
         self._next_shard += 1
         self._buf = []
 
+    def finish(self) -> int:
+        """Flush the last shard; returns the number of records this writer's shards hold."""
+        self._flush()
+        return self.num_done
+
     def close(self) -> dict:
         """Flush the last shard and mark the directory complete; returns meta."""
-        self._flush()
-        counts = {s: 0 for s in SPLITS}
-        for shard in sorted(self.out_dir.glob("shard-*")):
-            sp = np.load(shard / "split.npy")
-            for i, s in enumerate(SPLITS):
-                counts[s] += int((sp == i).sum())
-        meta = {
-            **self.extra_meta,
-            "format": FORMAT,
-            "grid": list(self.grid),
-            "tokens_per_image": self.grid[0] * self.grid[1],
-            "codebook_size": self.codebook_size,
-            "text_vocab_size": self.text_vocab_size,
-            "num_records": self.num_done,
-            "splits": counts,
-            "complete": True,
-        }
-        write_json(self.out_dir / "meta.json", meta)
-        return meta
+        self.finish()
+        return write_codes_meta(self.out_dir, self.grid, self.codebook_size, self.text_vocab_size, self.extra_meta)
+
+
+def write_codes_meta(out_dir: str | Path, grid: tuple[int, int], codebook_size: int, text_vocab_size: int,
+                     extra_meta: dict | None = None) -> dict:
+    """Count the records and splits of every shard in `out_dir` and write `meta.json`, which
+    marks the directory complete; returns meta."""
+    out_dir = Path(out_dir)
+    counts = {s: 0 for s in SPLITS}
+    for shard in sorted(out_dir.glob("shard-*")):
+        sp = np.load(shard / "split.npy", mmap_mode="r")
+        for i, s in enumerate(SPLITS):
+            counts[s] += int((sp == i).sum())
+    meta = {
+        **(extra_meta or {}),
+        "format": FORMAT,
+        "grid": [int(grid[0]), int(grid[1])],
+        "tokens_per_image": int(grid[0]) * int(grid[1]),
+        "codebook_size": int(codebook_size),
+        "text_vocab_size": int(text_vocab_size),
+        "num_records": sum(counts.values()),
+        "splits": counts,
+        "complete": True,
+    }
+    write_json(out_dir / "meta.json", meta)
+    return meta
 
 
 def _shard_len(shard: Path) -> int:
@@ -190,6 +211,15 @@ class CodeDataset:
             with open(shard["dir"] / "records.jsonl", encoding="utf-8") as f:
                 shard["records"] = [json.loads(line) for line in f]
         return shard["records"][li]
+
+    def keys_and_splits(self):
+        """(key, split) of every record of the directory in global order, read shard by shard
+        without keeping the rows (`record_meta` caches a shard's rows)."""
+        for shard in self._shards:
+            with open(shard["dir"] / "records.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    yield row["key"], row["split"]
 
     def get(self, gi: int) -> CodeRecord:
         """Record by global index (what retrieval neighbours refer to)."""

@@ -628,7 +628,7 @@ class DatasetReader(torch.utils.data.IterableDataset):
     def __init__(self, source, size: int | None = 64, split: str | None = None, shuffle: bool = False,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 split_by: str = "auto"):
+                 split_by: str = "auto", units: list[int] | None = None):
         super().__init__()
         if size is not None and size < 1:
             raise CM3LeonError(f"size must be a positive number of pixels, got {size}")
@@ -651,6 +651,10 @@ class DatasetReader(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.max_pixels = max_pixels
         self.split_by = split_by
+        num_units = len(source.units())
+        if units is not None and not all(0 <= u < num_units for u in units):
+            raise CM3LeonError(f"units {units}: the dataset has units 0..{num_units - 1}")
+        self.units = units  # read only these units (shards) of the source, by index
         self.stats: collections.Counter = collections.Counter()
         self.num_ok = 0
         self.split_counts: collections.Counter = collections.Counter()
@@ -661,6 +665,8 @@ class DatasetReader(torch.utils.data.IterableDataset):
 
     def _raw(self, with_images: bool, part: int, parts: int) -> Iterator[_Item | SkipRecord]:
         units = self.source.units()
+        if self.units is not None:
+            units = [units[u] for u in self.units]
         if self.shuffle:  # same permutation in every part, so shard assignment stays disjoint
             random.Random(f"{self.seed}:{self.epoch}:units").shuffle(units)
         by_shard = self.split_by == "shard" or (self.split_by == "auto" and len(units) >= parts)
@@ -724,7 +730,7 @@ def open_dataset(path: str | Path, size: int | None = 64, split: str | None = No
                  images: str | Path | None = None, shuffle: bool = False, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, *,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 split_by: str = "auto") -> DatasetReader:
+                 split_by: str = "auto", units: list[int] | None = None) -> DatasetReader:
     """Open a dataset in any supported format (autodetected) as a streaming `DatasetReader`.
 
     size: image side after short-side resize + centre crop (None keeps the original size).
@@ -732,10 +738,17 @@ def open_dataset(path: str | Path, size: int | None = 64, split: str | None = No
     shuffle: shard order + a `shuffle_buffer`-record buffer, seeded by (seed, epoch, part).
     rank / world_size: explicit distributed layout (else torch.distributed when initialised).
     max_pixels: larger images are skipped as decompression bombs (PIL also refuses anything
-    above twice its own MAX_IMAGE_PIXELS). split_by: "auto", "shard" or "record"."""
+    above twice its own MAX_IMAGE_PIXELS). split_by: "auto", "shard" or "record". units: read
+    only these units (indices into `dataset_units(path)`: a webdataset's shards)."""
     return DatasetReader(detect_format(path, images), size=size, split=split, shuffle=shuffle, seed=seed,
                          rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-                         max_pixels=max_pixels, split_by=split_by)
+                         max_pixels=max_pixels, split_by=split_by, units=units)
+
+
+def dataset_units(path: str | Path, images: str | Path | None = None) -> list[str]:
+    """The units a dataset is read in, in order: a webdataset's .tar shards; the one
+    captions.jsonl of a folder; the one JSON of a COCO set."""
+    return [str(u) for u in detect_format(path, images).units()]
 
 
 def iter_texts(path: str | Path, split: str | None = None) -> Iterator[str]:

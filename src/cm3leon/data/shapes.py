@@ -33,6 +33,14 @@ Files written by `synthesize(out, ...)` (all JSON with sorted keys; image paths 
     dataset.json        settings, counts and the vocabularies (shapes, colours with RGB,
                         sizes, positions) so other stages need not import this module
 
+`synthesize_webdataset(out, ..., shard_size=N)` writes the captioned images alone, at any
+scale, as img2dataset-layout shards instead (`cm3leon data synth --format webdataset`):
+
+    00000.tar           per scene `KEY.jpg`, `KEY.txt` (the caption) and `KEY.json`
+                        {"key", "caption", "split", "template", "objects"}; KEY = index, 9 digits
+    synth_args.json     the settings, written first: a rerun resumes after the last whole shard
+    dataset.json        settings, counts and vocabularies, written last (the set is complete)
+
 Splits are fixed by scene index (val: index % 20 == 18, test: index % 20 == 19, else train:
 90/5/5), and each scene is drawn from its own random stream seeded by (seed, index), so the
 first N scenes of a larger dataset are exactly the N scenes of a smaller one.
@@ -448,6 +456,26 @@ def _dumps(row: dict) -> str:
     return json.dumps(row, sort_keys=True, ensure_ascii=False)
 
 
+def _check_synth_args(num: int, size: int, seed: int, max_objects: int) -> None:
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise CM3LeonError(f"--num: number of scenes must be a positive integer, got {num!r}")
+    if not isinstance(seed, (int, np.integer)):
+        raise CM3LeonError(f"--seed: must be an integer, got {seed!r}")
+    _check_size(size)
+    _check_max_objects(max_objects)
+
+
+def captioned_scene(seed: int, index: int, max_objects: int = MAX_OBJECTS
+                    ) -> tuple[random.Random, list[ShapeObject], str, str]:
+    """Scene `index` of the dataset of `seed`: (its random stream, left where the caption
+    ends, so VQA and edits draw from it next; the objects; the caption template; the caption).
+    Both output formats draw scenes and captions here, so they hold the same pairs."""
+    rng = scene_rng(seed, index)
+    objects = sample_scene(rng, max_objects)
+    template = rng.choice(usable_templates(objects))
+    return rng, objects, template, caption_scene(objects, rng, template)
+
+
 def synthesize(out: str | Path, num: int = 2000, size: int = 64, seed: int = 0,
                max_objects: int = MAX_OBJECTS) -> dict:
     """Render `num` scenes with captions, VQA, edits and layouts into the folder `out`.
@@ -461,12 +489,7 @@ def synthesize(out: str | Path, num: int = 2000, size: int = 64, seed: int = 0,
     from cm3leon.utils.io import atomic_path
     from cm3leon.utils.logging import progress
 
-    if not isinstance(num, (int, np.integer)) or num < 1:
-        raise CM3LeonError(f"--num: number of scenes must be a positive integer, got {num!r}")
-    if not isinstance(seed, (int, np.integer)):
-        raise CM3LeonError(f"--seed: must be an integer, got {seed!r}")
-    _check_size(size)
-    _check_max_objects(max_objects)
+    _check_synth_args(num, size, seed, max_objects)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CM3LeonError(f"--out: {out} exists and is not a folder")
@@ -484,14 +507,11 @@ def synthesize(out: str | Path, num: int = 2000, size: int = 64, seed: int = 0,
         try:
             with progress(total=num, desc="shapes synth", unit="scene") as bar:
                 for i in range(num):
-                    rng = scene_rng(seed, i)
+                    rng, objects, template, text = captioned_scene(seed, i, max_objects)
                     split = split_of(i)
                     splits[split] += 1
-                    objects = sample_scene(rng, max_objects)
                     image = f"images/{i:06d}.png"
                     render_scene(objects, size).save(tmp / image, format="PNG", compress_level=6)
-                    template = rng.choice(usable_templates(objects))
-                    text = caption_scene(objects, rng, template)
                     rows = {
                         "captions": [{"image": image, "text": text, "template": template, "split": split}],
                         "annotations": [{"image": image, "split": split,
@@ -519,3 +539,85 @@ def synthesize(out: str | Path, num: int = 2000, size: int = 64, seed: int = 0,
     seconds = time.perf_counter() - t0
     return {"out": str(out), "num": int(num), "size": int(size), "seed": int(seed), "splits": splits,
             "counts": counts, "seconds": round(seconds, 2), "scenes_per_s": round(num / max(seconds, 1e-9), 1)}
+
+
+WEBDATASET_FORMAT = "cm3leon-shapes-webdataset/1"
+JPEG_QUALITY = 95  # with full-resolution colour (4:4:4): small shapes keep their colours at the edges
+
+
+def _tar_member(tar, name: str, data: bytes) -> None:
+    """Add a file with fixed metadata (no time, owner or mode of this machine): the same
+    scenes give the same bytes anywhere."""
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def synthesize_webdataset(out: str | Path, num: int, size: int = 64, seed: int = 0,
+                          max_objects: int = MAX_OBJECTS, shard_size: int = 10_000) -> dict:
+    """Render `num` captioned scenes as webdataset shards of `shard_size` scenes in `out`
+    (img2dataset layout, see the module docstring): the scale test set of the pipeline.
+
+    Streams: one scene in memory at a time, each shard written to a temporary and renamed
+    into place, so an interrupted run resumes after its last whole shard. Deterministic by
+    seed (same arguments -> byte-identical shards); the scenes and captions are those of
+    `synthesize` with the same seed. Returns a summary like `synthesize`'s."""
+    import io
+    import tarfile
+
+    from cm3leon.utils.io import atomic_path, read_json, remove_stale_temporaries, write_json
+    from cm3leon.utils.logging import progress
+
+    _check_synth_args(num, size, seed, max_objects)
+    if not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
+        raise CM3LeonError(f"--shard-size: scenes per shard must be a positive integer, got {shard_size!r}")
+    out = Path(out)
+    args = {"format": WEBDATASET_FORMAT, "num": int(num), "size": int(size), "seed": int(seed),
+            "max_objects": int(max_objects), "shard_size": int(shard_size)}
+    if out.exists() and not out.is_dir():
+        raise CM3LeonError(f"--out: {out} exists and is not a folder")
+    if (out / "synth_args.json").is_file():
+        before = read_json(out / "synth_args.json", "synthesis settings")
+        if before != args:
+            raise CM3LeonError(f"--out: {out / 'synth_args.json'} holds scenes of other settings ({before}); "
+                               "choose another folder or delete it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise CM3LeonError(f"--out: {out} is a non-empty folder that is not a webdataset shapes set; "
+                           "refusing to write into it (choose an empty or new folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "synth_args.json", args)
+    remove_stale_temporaries(out)  # a shard whose write a kill cut short
+
+    t0 = time.perf_counter()
+    num_shards = -(-num // shard_size)
+    done = [s for s in range(num_shards) if (out / f"{s:05d}.tar").is_file()]
+    with progress(total=num, desc="shapes synth", unit="scene",
+                  initial=sum(min(shard_size, num - s * shard_size) for s in done)) as bar:
+        for s in range(num_shards):
+            path = out / f"{s:05d}.tar"
+            if path.is_file():
+                continue
+            with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for i in range(s * shard_size, min(num, (s + 1) * shard_size)):
+                    _, objects, template, text = captioned_scene(seed, i, max_objects)
+                    key = f"{i:09d}"
+                    jpg = io.BytesIO()
+                    render_scene(objects, size).save(jpg, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+                    _tar_member(tar, f"{key}.jpg", jpg.getvalue())
+                    _tar_member(tar, f"{key}.txt", text.encode("utf-8"))
+                    _tar_member(tar, f"{key}.json", _dumps(
+                        {"key": key, "caption": text, "split": split_of(i), "template": template,
+                         "objects": [o.to_dict(size) for o in objects]}).encode("utf-8"))
+                    bar.update(1)
+    splits = {"train": 0, "val": 0, "test": 0}
+    for r in range(SPLIT_PERIOD):  # split_of depends on index % SPLIT_PERIOD only
+        splits[split_of(r)] += len(range(r, num, SPLIT_PERIOD))
+    write_json(out / "dataset.json", {"name": "shapes", **args, "num_shards": num_shards, "splits": splits,
+                                      **dataset_info()})
+    seconds = time.perf_counter() - t0
+    return {"out": str(out), "num": int(num), "size": int(size), "seed": int(seed), "shard_size": int(shard_size),
+            "num_shards": num_shards, "shards_resumed": len(done), "splits": splits,
+            "seconds": round(seconds, 2), "scenes_per_s": round((num - bar.initial) / max(seconds, 1e-9), 1)}

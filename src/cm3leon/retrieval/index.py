@@ -270,10 +270,9 @@ def _code_lookup(codes_dir: str | Path):
     codes = CodeDataset(codes_dir)
     key_to_gi: dict[str, int] = {}
     splits = []
-    for gi in range(int(codes.meta["num_records"])):
-        m = codes.record_meta(gi)
-        key_to_gi.setdefault(m["key"], gi)
-        splits.append(m["split"])
+    for gi, (key, split) in enumerate(codes.keys_and_splits()):
+        key_to_gi.setdefault(key, gi)
+        splits.append(split)
     return codes, key_to_gi, np.asarray(splits)
 
 
@@ -392,14 +391,16 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
                     rows.append(json.loads(line))
     missing_codes = 0
     if code_ds is not None:
-        codes_arr = np.zeros((count, code_ds.tokens_per_image), dtype=np.int32)
-        for i, r in enumerate(rows):
-            if r["code_index"] is None:
-                missing_codes += 1
-            else:
-                codes_arr[i] = code_ds.get(r["code_index"]).image_codes
-        with atomic_path(out / "image_codes.npy") as tmp:
-            np.save(tmp, codes_arr)
+        with atomic_path(out / "image_codes.npy") as tmp:  # filled on disk: [count, h*w] may not fit in memory
+            codes_arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32,
+                                                  shape=(count, code_ds.tokens_per_image))
+            for i, r in enumerate(rows):
+                if r["code_index"] is None:
+                    missing_codes += 1
+                else:
+                    codes_arr[i] = code_ds.tokens(r["code_index"])[1]
+            codes_arr.flush()
+            del codes_arr
     else:
         (out / "image_codes.npy").unlink(missing_ok=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -53,7 +54,11 @@ def register(sub) -> None:
                    help="allow unpickling Python objects in --from-taming (only for files from a trusted source)")
     i.set_defaults(func=_image)
 
-    k = sub.add_parser("tokenize", help="encode a dataset once into code shards (text BPE ids + image VQ codes)")
+    k = sub.add_parser("tokenize", help="encode a dataset once into code shards (text BPE ids + image VQ codes)",
+                       description="Encode a dataset once into code shards. Input shards (a webdataset's .tar "
+                                   "files) are tokenized independently, by --workers processes or torchrun ranks "
+                                   "(torchrun --nproc_per_node=N -m cm3leon.cli tokenize ...); an interrupted run "
+                                   "resumes where it stopped.")
     k.add_argument("--data", required=True, help="dataset (any reader format)")
     k.add_argument("--image-tokenizer", required=True, help="folder written by `cm3leon tokenizer image`")
     k.add_argument("--text-tokenizer", required=True, help="folder written by `cm3leon tokenizer text`")
@@ -62,6 +67,9 @@ def register(sub) -> None:
     k.add_argument("--shard-size", type=int, default=4096, help="records per shard (default 4096)")
     k.add_argument("--images", default=None, help="image folder (COCO layout only)")
     k.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    k.add_argument("--workers", type=int, default=1,
+                   help="processes, each taking whole input shards (default 1; the output does not depend "
+                        "on it). Under torchrun each rank is one worker")
     k.set_defaults(func=_tokenize)
 
 
@@ -107,6 +115,7 @@ def _tokenize(args) -> int:
 
     meta = tokenize_dataset(args.data, args.image_tokenizer, args.text_tokenizer, args.out,
                             batch_size=args.batch_size, shard_size=args.shard_size, images=args.images,
-                            device=args.device)
-    print(json.dumps(meta, indent=2))
+                            device=args.device, workers=args.workers)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(meta, indent=2))
     return 0

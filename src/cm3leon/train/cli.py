@@ -3,6 +3,7 @@
 One process:      cm3leon pretrain --data runs/x/tokenize --out runs/x/pretrain --preset demo
 From a file:      cm3leon pretrain --config configs/pretrain_demo.yaml --set train.lr=1e-3
 Several (FSDP2):  torchrun --nproc_per_node=8 -m cm3leon.cli pretrain --config configs/pretrain_350m.yaml
+The plan only:    cm3leon pretrain --config configs/pretrain_350m_cc3m.yaml --dry-run --world-size 8
 """
 
 from __future__ import annotations
@@ -132,6 +133,36 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
                  extra_summary=summary)
 
 
+def plan_pretrain(data: str | Path | None, preset: str, world_size: int, assumed_mfu: float = 0.4,
+                  gpu_memory_gib: float | None = None, **overrides: Any) -> dict:
+    """`training_plan` of the run `pretrain(data, preset=preset, **overrides)` would start,
+    on `world_size` ranks, without data or a GPU: the vocabulary comes from `data`'s
+    meta.json when there is one, else from the preset (or `model.vocab_size`)."""
+    from cm3leon.model.config import ModelConfig
+    from cm3leon.objectives.sequences import vocab_for_codes
+    from cm3leon.train.config import TrainConfig
+    from cm3leon.train.plan import training_plan
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "init" in overrides:
+        raise CM3LeonError("--dry-run plans a fresh model; drop --init")
+    train_keys = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig.from_preset(preset, **{k: v for k, v in overrides.items() if k in train_keys})
+    model_kw = dict(overrides.get("model", {}))
+    if data is not None and (Path(data) / "meta.json").is_file():
+        vocab = vocab_for_codes(data)
+        model_kw = {"vocab_size": vocab.size, "segment_delimiters": [vocab.break_id, vocab.eos_id], **model_kw}
+    try:
+        model = ModelConfig.from_preset(preset, **model_kw)
+    except CM3LeonError as e:
+        if "needs vocab_size" not in str(e):
+            raise
+        raise CM3LeonError(f"--dry-run: preset {preset!r} names no vocabulary size; pass --data (a tokenized "
+                           "directory) or --set model.vocab_size=N") from None
+    return training_plan(model, cfg, world_size, assumed_mfu=assumed_mfu, peak_tflops=cfg.peak_tflops or None,
+                         gpu_memory_gib=gpu_memory_gib)
+
+
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="CM3 + retrieval-augmented pretraining on code shards (torchrun-aware)")
     p.add_argument("--config", default=None,
@@ -169,6 +200,15 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--override-config", action="store_true", default=None,
                    help="resume even when the checkpoint was written with another training config (lr, seed, batch layout, ...)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, FSDP2 shards and memory per rank, steps, tokens, tokens/s at "
+                        "an assumed MFU) from a model built on the meta device; nothing is trained, no GPU needed")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: ranks to plan for (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--assumed-mfu", type=float, default=0.4,
+                   help="--dry-run: model FLOPs utilisation assumed for tokens/s (default 0.4)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="--dry-run: memory per GPU, to say whether the plan fits")
     p.set_defaults(func=_pretrain)
 
 
@@ -182,6 +222,14 @@ def _pretrain(args) -> int:
 
     data, out, preset, overrides = load_pretrain_options(args.config, args.sets,
                                                          {k: getattr(args, k) for k in FLAGS})
+    if args.dry_run:
+        from cm3leon.train.plan import format_plan
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        plan = plan_pretrain(data, preset, world, assumed_mfu=args.assumed_mfu, gpu_memory_gib=args.gpu_memory_gib,
+                             **overrides)
+        print(format_plan(plan))
+        return 0
     for name, value in (("data", data), ("out", out)):
         if value is None:
             raise CM3LeonError(f"pretrain: no {name} directory; pass --{name} or set `{name}:` in --config")
