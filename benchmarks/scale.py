@@ -111,7 +111,6 @@ def main() -> int:
     t_all = time.perf_counter()
     stage("synth", 1, n, ["data", "synth", "--format", "webdataset", "--out", data, "--num", n, "--size", args.size,
                           "--shard-size", args.shard_size])
-    shard_records = min(n, args.shard_size)
     for cmd in (["tokenizer", "text", "--data", first, "--out", work / "text", "--vocab-size", "tiny",
                  "--captions-only"],
                 ["tokenizer", "image", "--data", first, "--out", work / "vq", "--preset", "patch48"],
