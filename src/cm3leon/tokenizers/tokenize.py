@@ -155,7 +155,7 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
     import torch.distributed as dist
 
     from cm3leon.data.codes import is_complete, write_codes_meta
-    from cm3leon.data.readers import dataset_units, detect_format
+    from cm3leon.data.readers import detect_format
 
     if batch_size < 1 or shard_size < 1:
         raise CM3LeonError(f"--batch-size and --shard-size must be >= 1 (got {batch_size}, {shard_size})")
@@ -197,10 +197,11 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
             remove_stale_temporaries(out)  # leftovers of an interrupted shard write
         if world > 1:
             dist.barrier()
-        units = dataset_units(data, images)
+        fmt = detect_format(data, images)
+        units = [str(u) for u in fmt.units()]  # as `dataset_units` lists them
         pending = [u for u in range(len(units)) if not unit_file(out, u).is_file()]
         total = None
-        if world == 1 and detect_format(data, images).format != "webdataset":  # one cheap pass over the captions
+        if world == 1 and fmt.format != "webdataset":  # one cheap pass over the captions
             from cm3leon.data.readers import open_dataset
 
             total = sum(1 for _ in open_dataset(data, size=None, images=images).texts())
@@ -218,7 +219,7 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
                     skipped[reason] = skipped.get(reason, 0) + n
             write_codes_meta(out, vq.config.grid, vq.config.codebook_size, tok.vocab_size, {
                 **args, "num_units": len(units), "reader_skipped": dict(sorted(skipped.items())),
-                "num_skipped": int(sum(skipped.values())), "reader_format": detect_format(data, images).format})
+                "num_skipped": int(sum(skipped.values())), "reader_format": fmt.format})
         if world > 1:
             dist.barrier()
     finally:

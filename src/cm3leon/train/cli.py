@@ -92,11 +92,7 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
             raise CM3LeonError(f"--init {init}: its vocab.json differs from the vocabulary of {codes_dir}")
         model: Any = init
     else:
-        # segment positions (when the preset or --set model.segment_positions asks) restart
-        # after the vocabulary's <break> and <eos>
-        model = ModelConfig.from_preset(preset, **{"vocab_size": vocab.size,
-                                                   "segment_delimiters": [vocab.break_id, vocab.eos_id],
-                                                   **overrides.get("model", {})})
+        model = fresh_model_config(preset, vocab, overrides.get("model", {}))
 
     num_retrieved = overrides.get("num_retrieved")
     if num_retrieved is None:
@@ -133,12 +129,21 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
                  extra_summary=summary)
 
 
+def fresh_model_config(preset: str, vocab, model_overrides: dict):
+    """The ModelConfig of a new model for `preset` over `vocab` (None: the preset's or the
+    overrides' own vocab_size): segment positions (when the preset or --set
+    model.segment_positions asks) restart after the vocabulary's <break> and <eos>."""
+    from cm3leon.model.config import ModelConfig
+
+    kw = {} if vocab is None else {"vocab_size": vocab.size, "segment_delimiters": [vocab.break_id, vocab.eos_id]}
+    return ModelConfig.from_preset(preset, **{**kw, **model_overrides})
+
+
 def plan_pretrain(data: str | Path | None, preset: str, world_size: int, assumed_mfu: float = 0.4,
                   gpu_memory_gib: float | None = None, **overrides: Any) -> dict:
     """`training_plan` of the run `pretrain(data, preset=preset, **overrides)` would start,
     on `world_size` ranks, without data or a GPU: the vocabulary comes from `data`'s
     meta.json when there is one, else from the preset (or `model.vocab_size`)."""
-    from cm3leon.model.config import ModelConfig
     from cm3leon.objectives.sequences import vocab_for_codes
     from cm3leon.train.config import TrainConfig
     from cm3leon.train.plan import training_plan
@@ -148,12 +153,9 @@ def plan_pretrain(data: str | Path | None, preset: str, world_size: int, assumed
         raise CM3LeonError("--dry-run plans a fresh model; drop --init")
     train_keys = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig.from_preset(preset, **{k: v for k, v in overrides.items() if k in train_keys})
-    model_kw = dict(overrides.get("model", {}))
-    if data is not None and (Path(data) / "meta.json").is_file():
-        vocab = vocab_for_codes(data)
-        model_kw = {"vocab_size": vocab.size, "segment_delimiters": [vocab.break_id, vocab.eos_id], **model_kw}
+    vocab = vocab_for_codes(data) if data is not None and (Path(data) / "meta.json").is_file() else None
     try:
-        model = ModelConfig.from_preset(preset, **model_kw)
+        model = fresh_model_config(preset, vocab, overrides.get("model", {}))
     except CM3LeonError as e:
         if "needs vocab_size" not in str(e):
             raise
