@@ -230,7 +230,7 @@ def _bound_seconds(config: ModelConfig, rows: int, steps: int, prompt_len: int, 
     from cm3leon.train.flops import measure_matmul_tflops
 
     d, L = config.d_model, config.n_layer
-    block = L * (4 * d * d + 2 * d * config.ffn_dim)
+    block = L * (4 * d * d + config.mlp_matrices * d * config.ffn_dim)
     head = constraint.span(constraint.mask(0, "cpu"))
     head_rows = (head[1] - head[0]) if head else config.vocab_size
     ctx = prompt_len + steps / 2  # mean cache length attended over

@@ -201,10 +201,16 @@ def test_sweep_over_seeds_reports_mean_and_spread_and_compares_retrieval_k(model
                         lambda m, p, d, seed, *a, **k: calls.append((d, seed)) or real(m, p, d, seed, *a, **k))
     res = sweep_decoding(model_dir, shapes_dir, tmp_path / "s", cfg_scales=(2,), best_of=(), num_prompts=3,
                          split="train", seeds=(5, 6, 7), retrieved=(1,), methods="topp,cfg",
-                         decoding={"num_retrieved": 0, "cfg_scale": 1.5})
-    assert [r["setting"] for r in res["rows"]] == ["TopP", "TopP+CFG a=2", "TopP+CFG a=1.5 k=1"]
-    assert [seed for _, seed in calls] == [5, 6, 7] * 3  # every setting on every seed
-    assert [d.num_retrieved for d, _ in calls] == [0] * 6 + [1] * 3  # the k row overrides the shared k
+                         decoding={"num_retrieved": 0, "cfg_scale": 1.5}, temperatures="0.5,1")
+    # the shared temperature (1) is not repeated as a row of its own
+    assert [r["setting"] for r in res["rows"]] == ["TopP", "TopP+CFG a=2", "TopP+CFG a=1.5 k=1",
+                                                   "TopP+CFG a=1.5 T=0.5"]
+    assert [seed for _, seed in calls] == [5, 6, 7] * 4  # every setting on every seed
+    assert [d.num_retrieved for d, _ in calls] == [0] * 6 + [1] * 3 + [0] * 3  # the k row overrides the shared k
+    assert [d.temperature for d, _ in calls] == [1.0] * 9 + [0.5] * 3
+    assert [(d.method, d.cfg_scale) for d, _ in calls[-3:]] == [("cfg", 1.5)] * 3
+    assert [r["temperature"] for r in res["rows"]] == [None, None, None, 0.5]
+    assert any(p.endswith("_vs_temperature.png") for p in res["plots"])
     for r in res["rows"]:
         vals = r["both_seeds"]
         assert len(vals) == 3 and r["both"] == pytest.approx(sum(vals) / 3)
@@ -217,6 +223,8 @@ def test_sweep_over_seeds_reports_mean_and_spread_and_compares_retrieval_k(model
         sweep_decoding(model_dir, shapes_dir, tmp_path / "x", seeds=(1, 1))
     with pytest.raises(CM3LeonError, match="methods"):
         sweep_decoding(model_dir, shapes_dir, tmp_path / "x", methods="topp,beam")
+    with pytest.raises(CM3LeonError, match="temperatures"):
+        sweep_decoding(model_dir, shapes_dir, tmp_path / "x", temperatures="0,1")
 
 
 def test_sweep_identical_settings_give_identical_rows(shapes_dir, tmp_path):

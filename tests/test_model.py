@@ -273,3 +273,45 @@ def test_a_damaged_model_directory_names_the_file(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(CM3LeonError, match=r"m/model.safetensors: model weights file truncated or corrupt"):
         CM3LeonTransformer.from_pretrained(tmp_path / "m")
+
+
+def test_gated_mlp_is_swiglu_with_the_plain_mlps_parameters():
+    """`glu=True` is the SwiGLU MLP, fc2(silu(gate(x)) * fc1(x)), at 8/3 of d_model (rounded up
+    to 64) so a gated model has the plain one's parameters; cached decoding stays exact."""
+    plain = ModelConfig.from_preset("demo-small", vocab_size=VOCAB)
+    gated = ModelConfig.from_preset("demo-small", vocab_size=VOCAB, glu=True, activation="silu")
+    assert gated.ffn_dim == 512 and plain.ffn_dim == 768
+    count = lambda c: sum(p.numel() for p in CM3LeonTransformer(c).parameters())  # noqa: E731
+    assert count(gated) == count(plain)
+    model = _randomised(ModelConfig.from_preset("tiny", vocab_size=VOCAB, glu=True, activation="silu"))
+    mlp = model.blocks[0].mlp
+    x = torch.randn(2, 5, model.config.d_model)
+    expected = mlp.fc2(torch.nn.functional.silu(mlp.gate(x)) * mlp.fc1(x))
+    torch.testing.assert_close(mlp(x), expected)
+    assert model.blocks[0].mlp.gate.weight.shape == (model.config.ffn_dim, model.config.d_model)
+    fresh = CM3LeonTransformer(model.config)
+    assert fresh.blocks[0].mlp.fc2.weight.abs().sum() == 0  # the down-projection still starts at 0
+    assert fresh.blocks[0].mlp.gate.weight.std() > 0
+    tokens = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        model.setup_caches(max_batch_size=1, max_seq_len=16)
+        try:
+            step = torch.cat([model(tokens[:, i:i + 1], input_pos=torch.tensor([i]))[0] for i in range(12)], 1)
+        finally:
+            model.reset_caches()
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_mlp_round_trips_and_refuses_opt_export(tmp_path):
+    from cm3leon.convert.hf_opt import opt_config
+
+    model = _randomised(ModelConfig.from_preset("tiny", vocab_size=VOCAB, glu=True, activation="silu"))
+    model.save_pretrained(tmp_path)
+    loaded = CM3LeonTransformer.from_pretrained(tmp_path)
+    assert loaded.config.glu
+    torch.testing.assert_close(loaded.blocks[1].mlp.gate.weight, model.blocks[1].mlp.gate.weight)
+    with pytest.raises(CM3LeonError, match="glu=true"):
+        opt_config(model.config)
+    with pytest.raises(CM3LeonError, match="ModelConfig.glu"):
+        ModelConfig.from_preset("tiny", vocab_size=VOCAB, glu="yes")

@@ -66,6 +66,10 @@ def opt_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[
         raise CM3LeonError(
             f"model config: norm_eps={config.norm_eps} cannot be exported, OPT's LayerNorm uses 1e-5"
         )
+    if config.glu:
+        raise CM3LeonError(
+            "model config: glu=true (a gated MLP) cannot be exported to OPT, whose MLP is fc2(act(fc1(x)))"
+        )
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["OPTForCausalLM"],

@@ -99,6 +99,9 @@ def register(sub) -> None:
     w.add_argument("--retrieved", default="",
                    help="k values, comma-separated: extra TopP+CFG settings with k retrieved documents "
                         "(retrieval k vs the shared --num-retrieved)")
+    w.add_argument("--temperatures", default="",
+                   help="sampling temperatures, comma-separated: extra TopP+CFG settings at the shared "
+                        "--cfg-scale (temperature vs the shared --temperature)")
     # what every setting starts from (the model's decoding.json unless given); --cfg-scale is
     # best-of-N's and the --retrieved settings' scale
     decoding_config.add_arguments(w, skip=("method", "num_candidates"))
@@ -271,7 +274,7 @@ def _sweep(args) -> int:
                          num_prompts=num, seed=args.seed, split=split, batch_size=args.batch_size,
                          fid_features=args.fid_features, clip_retriever=args.clip_retriever, images=args.images,
                          device=args.device, decoding=decoding_config.given(args), seeds=args.seeds,
-                         retrieved=args.retrieved,
+                         retrieved=args.retrieved, temperatures=args.temperatures,
                          methods=args.methods)
     print(markdown_table(spread_rows(res["rows"], res["metrics"]), ["setting", *res["metrics"], "seconds_per_image"]))
     print(f"wrote {Path(args.out) / 'sweep.json'}, sweep.md and {len(res['plots'])} plot(s)")

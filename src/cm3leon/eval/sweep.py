@@ -43,14 +43,16 @@ DEFAULT_CFG_SCALES = (1.0, 2.0, 3.0, 5.0, 7.0)  # CFG scales alpha compared by d
 
 
 def decoding_settings(base: DecodingConfig, cfg_scales: Sequence[float], best_of: Sequence[int],
-                      retrieved: Sequence[int] = (), methods: Sequence[str] = IMAGE_METHODS) -> list[dict]:
+                      retrieved: Sequence[int] = (), methods: Sequence[str] = IMAGE_METHODS,
+                      temperatures: Sequence[float] = ()) -> list[dict]:
     """The settings compared, each {"setting": label, "decoding": a DecodingConfig,
     "cfg_scale", "num_candidates", "num_retrieved"} (None where unused), every one `base` with
     its method (and scale, N or k) changed: TopP; TopP+CFG at each of `cfg_scales`; TopP+CFG at
-    base's scale with each k of `retrieved` documents in the prompt; CD-K; best-of-N for each N
-    of `best_of` (at base's scale). `methods`: which of IMAGE_METHODS to include (the
-    retrieval settings count as "cfg")."""
-    none = {"cfg_scale": None, "num_candidates": None, "num_retrieved": None}
+    base's scale with each k of `retrieved` documents in the prompt and with each sampling
+    temperature of `temperatures` (other than base's); CD-K; best-of-N for each N of `best_of`
+    (at base's scale). `methods`: which of IMAGE_METHODS to include (the retrieval and
+    temperature settings count as "cfg")."""
+    none = {"cfg_scale": None, "num_candidates": None, "num_retrieved": None, "temperature": None}
     a0 = base.cfg_scale
     out = []
     if "topp" in methods:
@@ -60,6 +62,9 @@ def decoding_settings(base: DecodingConfig, cfg_scales: Sequence[float], best_of
                  **none, "cfg_scale": float(a)} for a in cfg_scales]
         out += [{"setting": f"TopP+CFG a={a0:g} k={k}", "decoding": base.replace(method="cfg", num_retrieved=int(k)),
                  **none, "cfg_scale": a0, "num_retrieved": int(k)} for k in retrieved]
+        out += [{"setting": f"TopP+CFG a={a0:g} T={t:g}", "decoding": base.replace(method="cfg", temperature=float(t)),
+                 **none, "cfg_scale": a0, "temperature": float(t)}
+                for t in temperatures if float(t) != base.temperature]
     if "cdk" in methods:
         out.append({"setting": "CD-K", "decoding": base.replace(method="cdk"), **none})
     if "best_of_n" in methods:
@@ -99,6 +104,7 @@ def sweep_decoding(
     seeds: Sequence[int] | str | None = None,
     retrieved: Sequence[int] | str = (),
     methods: Sequence[str] | str | None = None,
+    temperatures: Sequence[float] | str = (),
 ) -> dict:
     """Compare decoding settings on the same prompts (the first `num_prompts` captions of
     `split`, same seeds for every setting); write sweep.json, sweep.md and
@@ -108,7 +114,8 @@ def sweep_decoding(
     every setting its temperature, top-p, CD-K alpha and k, retrieved documents). `seeds`: the
     sampling seeds each setting is run with (default: `seed` alone); a row's figures are the
     means over them. `retrieved`: k values compared as extra TopP+CFG settings with k
-    retrieved documents in the prompt. `methods`: the decoding families to run (default: all of
+    retrieved documents in the prompt; `temperatures`, sampling temperatures compared the same
+    way (at the shared CFG scale). `methods`: the decoding families to run (default: all of
     the API's IMAGE_METHODS).
     Returns sweep.json's content: {"rows": [one per setting], "metrics": [...], ...}."""
     from cm3leon.eval.data import check_num, load_eval_data
@@ -129,6 +136,9 @@ def sweep_decoding(
     best_of = [int(n) for n in _check_list(best_of, "best_of", int, 1)]
     seeds = [seed] if seeds is None else [int(v) for v in _check_list(seeds, "seeds", int, 0)]
     retrieved = [int(k) for k in _check_list(retrieved, "retrieved", int, 0)]
+    temperatures = _check_list(temperatures, "temperatures", float, 0.0)
+    if any(t <= 0 for t in temperatures):
+        raise CM3LeonError(f"temperatures must be > 0, got {temperatures}")
     methods = (list(IMAGE_METHODS) if methods is None else
                [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods))
     if not seeds or len(set(seeds)) != len(seeds):
@@ -176,13 +186,14 @@ def sweep_decoding(
         return fig
 
     rows = []
-    settings = decoding_settings(base, cfg_scales, best_of, retrieved, methods)
+    settings = decoding_settings(base, cfg_scales, best_of, retrieved, methods, temperatures)
     if not settings:
         raise CM3LeonError(f"nothing to sweep: methods {methods} with cfg_scales {cfg_scales} and best_of {best_of}")
     with MetricsLogger(out / "sweep_log.jsonl") as log:
         for s in settings:
             row = {"setting": s["setting"], "method": s["decoding"].method, "cfg_scale": s["cfg_scale"],
-                   "num_candidates": s["num_candidates"], "num_retrieved": s["num_retrieved"]}
+                   "num_candidates": s["num_candidates"], "num_retrieved": s["num_retrieved"],
+                   "temperature": s["temperature"]}
             per_seed, seconds = [], []
             for sd in seeds:
                 t0 = time.perf_counter()
@@ -208,7 +219,11 @@ def sweep_decoding(
 
     plots = []
     labels = {"both": "shapes accuracy (colour and shape right)", "clip_score": "CLIP score"}
-    cfg_rows = [r for r in rows if r["method"] == "cfg" and r["num_retrieved"] is None]
+    cfg_rows = [r for r in rows if r["method"] == "cfg" and r["num_retrieved"] is None and r["temperature"] is None]
+    # the temperature rows and the shared-temperature row at the same scale
+    t_rows = sorted([r for r in rows if r["temperature"] is not None] +
+                    [{**r, "temperature": base.temperature} for r in cfg_rows if r["cfg_scale"] == base.cfg_scale],
+                    key=lambda r: r["temperature"]) if any(r["temperature"] is not None for r in rows) else []
     n_rows = [r for r in rows if r["method"] == "best_of_n"]
     for m in metrics:
         slug = m.lower().replace("-", "_").replace(" ", "_")
@@ -216,6 +231,11 @@ def sweep_decoding(
             p = plot_xy(cfg_rows, "cfg_scale", m, out / f"sweep_{slug}_vs_cfg.png",
                         title=f"{m} vs CFG scale (TopP+CFG)",
                         xlabel="CFG scale α", ylabel=labels.get(m, m), yerr_suffix="_std")
+            plots.append(p.name)
+        if t_rows:
+            p = plot_xy(t_rows, "temperature", m, out / f"sweep_{slug}_vs_temperature.png",
+                        title=f"{m} vs sampling temperature (TopP+CFG a={base.cfg_scale:g})",
+                        xlabel="temperature", ylabel=labels.get(m, m), yerr_suffix="_std")
             plots.append(p.name)
         if n_rows:
             p = plot_xy(n_rows, "num_candidates", m, out / f"sweep_{slug}_vs_n.png",

@@ -47,6 +47,13 @@ class ModelConfig:
     d_ff: int | None = None  # MLP width; None -> 4 * d_model, as in OPT
     max_seq_len: int = 4096  # context length (paper Sec. 3: 4096 tokens)
     activation: str = "relu"  # the paper follows OPT, whose MLP uses ReLU
+    # Gated MLP (GLU, Shazeer 2020): fc2(act(gate(x)) * fc1(x)); with activation "silu" this
+    # is the SwiGLU of Llama and of the Chameleon / LlamaGen / Janus / Emu3 decoders. Its
+    # product of two projections computes interactions of two features of the input (does
+    # the question's word match the picture?) that a bias-free ReLU MLP learns slowly
+    # (measured in cm3leon/run/config.py). False: the paper's (OPT's) plain MLP. Default
+    # width with gating: 8/3 * d_model rounded up to a multiple of 64, the plain MLP's params.
+    glu: bool = False
     tie_embeddings: bool = True  # output head shares the token embedding, as in OPT
     init_std: float = 0.006  # truncated normal std, cut at +-3 std (paper Sec. 3)
     pos_init_std: float = 0.0002  # learned positions start near 0 (paper Sec. 3)
@@ -86,6 +93,8 @@ class ModelConfig:
             raise CM3LeonError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
             )
+        if not isinstance(self.glu, bool):
+            raise CM3LeonError(f"ModelConfig.glu must be true or false, got {self.glu!r}")
         if self.activation not in ACTIVATIONS:
             raise CM3LeonError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.segment_positions, int) or self.segment_positions < 0:
@@ -110,7 +119,16 @@ class ModelConfig:
 
     @property
     def ffn_dim(self) -> int:
-        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.glu:
+            return -(-8 * self.d_model // (3 * 64)) * 64
+        return 4 * self.d_model
+
+    @property
+    def mlp_matrices(self) -> int:
+        """How many d_model x ffn_dim matrices an MLP holds (3 gated, 2 plain)."""
+        return 3 if self.glu else 2
 
     @property
     def padded_vocab_size(self) -> int:

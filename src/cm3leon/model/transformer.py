@@ -89,9 +89,13 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(config.d_model, config.ffn_dim, bias=False)
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model, bias=False)
         self.act = _ACTIVATIONS[config.activation]
+        # config.glu: a gate projection, act(gate(x)) * fc1(x) (SwiGLU with silu)
+        self.gate = nn.Linear(config.d_model, config.ffn_dim, bias=False) if config.glu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if self.gate is None:
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.gate(x)) * self.fc1(x))
 
 
 class Block(nn.Module):
@@ -358,6 +362,6 @@ def loss_positions(targets: torch.Tensor, ignore_index: int = -100) -> torch.Ten
 def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, 6N + 12 * n_layer * d_model * seq_len (PaLM, App. B), for MFU."""
     seq_len = seq_len or config.max_seq_len
-    n = config.n_layer * (4 * config.d_model**2 + 2 * config.d_model * config.ffn_dim)
+    n = config.n_layer * (4 * config.d_model**2 + config.mlp_matrices * config.d_model * config.ffn_dim)
     n += config.padded_vocab_size * config.d_model  # output head
     return 6 * n + 12 * config.n_layer * config.d_model * seq_len

@@ -512,7 +512,7 @@ def _claims(after: SweepSummary, before: SweepSummary | None) -> Table | None:
         for r in rows:
             if r.get("num_retrieved") is not None:  # the k-retrieved row and its k = shared twin
                 twin = next((t for t in rows if t.get("method") == "cfg" and t.get("num_retrieved") is None
-                             and t.get("cfg_scale") == r.get("cfg_scale")), None)
+                             and t.get("temperature") is None and t.get("cfg_scale") == r.get("cfg_scale")), None)
                 for x in (twin, r):
                     if x is not None:
                         add("retrieval k", stage, x)

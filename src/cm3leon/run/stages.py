@@ -178,7 +178,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
         seeds = [ctx.seed + i for i in range(p.sweep_seeds)]
         common = dict(num_prompts=p.sweep_num, seeds=seeds, decoding=p.decoding, retrieved=retrieved)
         sweep_decoding(ctx.stage_dir("sft"), ctx.data, out / "sweep", cfg_scales=scales, best_of=p.sweep_best_of,
-                       **common)
+                       temperatures=p.sweep_temperatures, **common)
         if p.eval_before_sft:  # the same prompts and seeds before SFT: what instruction tuning changed
             sweep_decoding(ctx.stage_dir("pretrain"), ctx.data, out / "sweep_pretrain", cfg_scales=[p.decoding.cfg_scale],
                            best_of=(), methods=("topp", "cfg"), **common)
