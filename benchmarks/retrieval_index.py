@@ -8,8 +8,9 @@ The vectors are a mixture of Gaussian clusters on the unit sphere (real CLIP doc
 cluster; uniform random vectors are the worst case for IVF). Queries are fresh draws from the
 same mixture, not database vectors. The indexes are the ones `cm3leon index build` makes
 (same defaults: nlist ~ sqrt(n), nprobe 16, PQ with dim/8 sub-quantisers of 8 bits; the
-"+refine" row re-ranks 4k compressed hits exactly with the stored vectors, as MemoryBank.search
-does; its size column is the compressed index only, the vectors stay on disk, memory-mapped).
+"+refine" row re-ranks refine*k (default 16k) compressed hits exactly with the stored vectors, as
+MemoryBank.search does; its size column is the compressed index only, the vectors stay on disk,
+memory-mapped; results/retrieval_index.json was measured at the earlier default, refine 4).
 Prints a markdown table and writes JSON (--out).
 """
 

@@ -16,7 +16,8 @@ from cm3leon.retrieval.encoder import (
     BiEncoder, BiEncoderConfig, BiEncoderRetriever, load_retriever, make_clip_retriever, save_bi_encoder,
 )
 from cm3leon.retrieval.index import (
-    MemoryBank, Retrieval, build_index, compute_neighbors, make_faiss_index, retrieve_for_prompt,
+    KeyLookup, MemoryBank, MetadataRows, Retrieval, build_index, compute_neighbors, index_params, make_faiss_index,
+    retrieve_for_prompt,
 )
 from cm3leon.retrieval.policy import RetrievalPolicy, drop_image_patches, drop_text, select_documents
 from cm3leon.retrieval.train import contrastive_loss, recall_at_k, retrieval_metrics, train_retriever
@@ -322,6 +323,15 @@ def test_ivfpq_refine_reranks_compressed_hits_exactly(tmp_path):
     assert recall(ids) > recall(index.search(q, 10)[1]) + 0.1  # re-ranking recovers PQ's confusions
 
 
+def test_ivfpq_default_refine_is_16():
+    # 4-byte PQ codes of 32-dim vectors: recall@10 0.54 at refine 4, 0.83 at 16 (20k-record scale run)
+    assert index_params(20_000, 32, "ivfpq")["refine"] == 16
+    from cm3leon.cli import build_parser
+
+    args = build_parser().parse_args(["index", "build", "--data", "d", "--retriever", "r", "--out", "o"])
+    assert args.refine == 16
+
+
 def test_built_index_finds_its_own_documents_and_maps_codes(world):
     bank = MemoryBank.load(world["index"])
     assert len(bank) == 24 and bank.dim == 32  # the train split
@@ -368,7 +378,7 @@ def test_index_build_resumes_after_an_interruption(world, tmp_path, monkeypatch)
     build_index(world["data"], world["retriever"], out, codes=world["codes"], batch_size=8, chunk_size=8)
     assert calls["docs"] == 24 - 16  # only the rest was embedded
     a, b = MemoryBank.load(out), MemoryBank.load(world["index"])
-    assert [r["key"] for r in a.rows] == [r["key"] for r in b.rows]
+    assert [a.document(i)["key"] for i in range(len(a))] == [b.document(i)["key"] for i in range(len(b))]
     assert np.allclose(a.vectors(range(24)), b.vectors(range(24)), atol=1e-6)
     assert not (out / "embeddings").exists()
 
@@ -392,6 +402,101 @@ def test_a_damaged_memory_bank_file_is_a_named_error(world, tmp_path, name, cont
         (broken / name).write_bytes(content)
     with pytest.raises(CM3LeonError, match=match):
         MemoryBank.load(broken)
+
+
+def test_bank_reads_metadata_rows_on_demand_and_keeps_no_row_dicts(world):
+    """At millions of documents a dict per row does not fit: the bank keeps byte offsets only."""
+    bank = MemoryBank.load(world["index"])
+    lines = [json.loads(line) for line in (world["index"] / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(bank) == len(lines) == 24
+    for i in reversed(range(len(bank))):  # any order: each row is found by its offset
+        doc, row = bank.document(i), lines[i]
+        assert {f: doc[f] for f in ("key", "text", "split", "code_index")} == \
+            {f: row.get(f) for f in ("key", "text", "split", "code_index")}
+        assert bank.doc_info(i) == (row["key"], row["sig"], True)
+    assert not hasattr(bank, "rows")
+    assert not any(isinstance(v, (list, dict)) and len(v) >= len(lines) for v in vars(bank).values())
+    meta = bank.metadata
+    assert meta._starts.dtype == np.int64 and meta._starts.shape == (24,)
+    assert [r for _, rows in meta.batches(size=5) for r in rows] == lines
+    with pytest.raises(IndexError):
+        meta[24]
+    small = MetadataRows(world["index"] / "metadata.jsonl", cache_size=3)
+    assert [small[i]["key"] for i in range(24)] == [r["key"] for r in lines]
+    assert len(small._cache) == 3  # the cache stays bounded
+    small.close()
+
+
+def test_metadata_rows_skip_blank_lines_and_name_the_bad_line(tmp_path):
+    p = tmp_path / "metadata.jsonl"
+    good = [{"key": "a", "text": "x"}, {"key": "ünï", "text": "y"}]
+    p.write_bytes(b"\n".join(json.dumps(r).encode() for r in good[:1]) + b"\n\n" + json.dumps(good[1]).encode() + b"\n")
+    rows = MetadataRows(p)
+    assert len(rows) == 2 and [rows[1], rows[0]] == good[::-1]
+    assert [r for _, b in rows.batches(size=1) for r in b] == good
+    rows.close()
+    for content, match in [
+        (b'{"key": "a", "text": ""}\n{"key": "b", "text": ""}\n{"key": "c", "te\n', r"metadata.jsonl:3: malformed JSON line"),
+        (b'{"key": "a", "text": ""}\n{"key": "b", "text": "\xff\xfe"}\n', r"metadata.jsonl:2: malformed JSON line"),
+        (b'{"key": "a", "text": ""}\n{"text": "no key"}\n', r"metadata.jsonl:2: the row needs a string 'key'"),
+        (b'{"key": "a"}\n', r"metadata.jsonl:1: the row has no 'text'"),
+        (b'{"key": "a", "text": ""}\n"just a string"\n', r"metadata.jsonl: every line must be a JSON object"),
+    ]:
+        p.write_bytes(content)
+        with pytest.raises(CM3LeonError, match=match):
+            MetadataRows(p)
+
+
+def test_a_corrupt_metadata_line_in_a_built_bank_is_a_named_error(world, tmp_path):
+    import shutil
+
+    broken = tmp_path / "index"
+    shutil.copytree(world["index"], broken)
+    lines = (broken / "metadata.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[5] = lines[5][: len(lines[5]) // 2] + "\n"  # a row cut short in the middle of the file
+    (broken / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(CM3LeonError, match=r"metadata\.jsonl:6: malformed JSON line"):
+        MemoryBank.load(broken)
+
+
+def test_key_lookup_gives_the_first_record_of_a_key_and_minus_one_for_unknown_keys():
+    pairs = [("b", "train"), ("a", "val"), ("b", "test"), ("κλειδί", "train"), ("a\x00", "train"),
+             ("ab", "train"), ("κλειδί", "val"), ("a", "train"), ("日本語のキー" * 5, "test"), ("", "train")]
+    ref: dict[str, int] = {}
+    for gi, (k, _) in enumerate(pairs):
+        ref.setdefault(k, gi)
+    for chunk in (2, 3, 65536):  # keys encoded in chunks of different widths
+        kl = KeyLookup(iter(pairs), chunk=chunk)
+        queries = list(ref) + ["c", "a\x00\x00", "κλειδ", "κλειδίκ", "x" * 500, "日本語のキー"]
+        assert kl.lookup(queries).tolist() == [ref.get(q, -1) for q in queries]
+        assert kl.lookup([]).dtype == np.int64 and kl.lookup([]).shape == (0,)
+        assert kl.get("κλειδί") == 3 and kl.get("b") == 0 and kl.get("nope") is None and kl.get("nope", -1) == -1
+        assert len(kl) == len(pairs) and [kl.split(i) for i in range(len(pairs))] == [s for _, s in pairs]
+        assert kl.split_names == ("test", "train", "val")
+        assert kl.in_split("val").tolist() == [s == "val" for _, s in pairs] and not kl.in_split("other").any()
+    rng = np.random.default_rng(0)
+    keys = [str(int(x)) for x in rng.integers(0, 300, 1000)]  # many repeats, lengths 1-3
+    ref = {}
+    for gi, k in enumerate(keys):
+        ref.setdefault(k, gi)
+    kl = KeyLookup(((k, "train") for k in keys), chunk=64)
+    queries = [str(i) for i in range(-5, 305)]
+    assert kl.lookup(queries).tolist() == [ref.get(q, -1) for q in queries]
+    assert KeyLookup([]).lookup(["a"]).tolist() == [-1]
+
+
+def test_code_lookup_of_a_tokenized_directory_with_repeated_keys(tmp_path):
+    from cm3leon.data.codes import CodeShardWriter
+    from cm3leon.retrieval.index import _code_lookup
+
+    w = CodeShardWriter(tmp_path / "codes", grid=(1, 1), codebook_size=8, text_vocab_size=10, shard_size=2)
+    for key, split in [("k1", "train"), ("ключ", "val"), ("k1", "test"), ("k22", "train"), ("ключ", "train")]:
+        w.add(key, split, "t", [1], [0])
+    w.close()
+    codes, kl = _code_lookup(tmp_path / "codes")
+    assert len(codes) == kl.num_records == 5
+    assert kl.lookup(["k1", "ключ", "k22", "k2"]).tolist() == [0, 1, 3, -1]
+    assert kl.in_split("train").tolist() == [True, False, False, True, True]
 
 
 def test_damaged_retriever_weights_are_a_named_error(world, tmp_path):

@@ -54,8 +54,9 @@ def register(sub) -> None:
     b.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default 16)")
     b.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default: dim/8)")
     b.add_argument("--pq-nbits", type=int, default=8, help="bits per PQ code (default 8)")
-    b.add_argument("--refine", type=int, default=4,
-                   help="IVF-PQ: re-rank refine*k compressed hits exactly with the stored vectors (1 = off; default 4)")
+    b.add_argument("--refine", type=int, default=16,
+                   help="IVF-PQ: re-rank refine*k compressed hits exactly with the stored vectors (1 = off; default 16: "
+                        "with 4-byte PQ codes of 32-dim vectors, recall@10 was 0.54 at 4 and 0.83 at 16)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--chunk-size", type=int, default=8192, help="documents per resumable embedding chunk")
     b.set_defaults(func=_build)

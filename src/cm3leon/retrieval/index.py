@@ -9,6 +9,7 @@ An index directory:
     index.faiss       the FAISS index (ids 0..count-1 in metadata order)
     vectors.npy       float32 [count, dim] document vectors (exact relevance for the policy)
     metadata.jsonl    one row per document: {"key", "text", "split", "code_index", "sig"}
+                      (a loaded bank keeps only each row's byte offset and reads rows on demand)
     image_codes.npy   [count, h*w] VQ codes of each document (only with --codes)
     embeddings/       chunks written while embedding; a rerun resumes after the last one
 
@@ -24,8 +25,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
+from array import array
+from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,8 +37,8 @@ from cm3leon.errors import CM3LeonError
 from cm3leon.retrieval.policy import (
     Query, RetrievalPolicy, document_signature, image_digest, search_candidates, select_documents,
 )
-from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, read_jsonl, remove_stale_temporaries,
-                              remove_tree, write_json)
+from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, remove_stale_temporaries, remove_tree,
+                              write_json)
 from cm3leon.utils.logging import progress
 
 FORMAT = "cm3leon-index/1"
@@ -46,11 +50,13 @@ EMBEDDINGS = "embeddings"  # the resumable chunks of a build in progress
 # ---------------------------------------------------------------------------- FAISS
 
 def index_params(n: int, dim: int, index_type: str, nlist: int | None = None, pq_m: int | None = None,
-                 pq_nbits: int = 8, nprobe: int | None = None, refine: int = 4) -> dict:
+                 pq_nbits: int = 8, nprobe: int | None = None, refine: int = 16) -> dict:
     """Parameters of an index over n vectors, with defaults that suit n (recorded in index.json).
 
     IVF-PQ `refine`: fetch refine*k hits by compressed distance, re-rank them by exact inner
-    product with the stored vectors (PQ alone confuses close neighbours; 1 = off)."""
+    product with the stored vectors (PQ alone confuses close neighbours; 1 = off). The default 16
+    suits short codes: on 20,000 32-dimensional vectors in 4-byte PQ codes, recall@10 against
+    exact search was 0.54 at refine 4 and 0.83 at 16 (benchmarks/scale.py)."""
     if index_type not in INDEX_TYPES:
         raise CM3LeonError(f"--index-type {index_type!r}: expected one of {INDEX_TYPES}")
     if index_type == "flat":
@@ -119,12 +125,103 @@ def rerank_exact(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, k: i
 
 # ---------------------------------------------------------------------------- the bank
 
-class MemoryBank:
-    """A built index directory: `search`, `document`, `vectors`, `len()`, `.dim`."""
+class MetadataRows:
+    """The rows of a bank's metadata.jsonl, read on demand: what stays in memory is the byte
+    offset of each row (8 bytes a document) and a small cache of recently read rows, not a
+    Python dict per document.
 
-    def __init__(self, path: Path, info: dict, index, rows: list[dict], vectors: np.ndarray,
+    Opening scans the file once and checks that every non-blank line is a JSON object with a
+    string "key" and a "text" (errors name file:line). The file stays open, so a bank rebuilt
+    in place (files are replaced by rename) does not change the rows under a loaded bank."""
+
+    def __init__(self, path: str | Path, cache_size: int = 4096):
+        self.path = Path(path)
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache_size = int(cache_size)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "rb")
+        try:
+            self._starts = self._scan()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _scan(self) -> np.ndarray:
+        starts = array("q")
+        pos = 0
+        for lineno, line in enumerate(self._file, 1):
+            if line.strip():
+                self._check(self._parse(line, f"{self.path}:{lineno}"), f"{self.path}:{lineno}")
+                starts.append(pos)
+            pos += len(line)
+        return np.frombuffer(starts, dtype=np.int64).copy() if starts else np.zeros(0, np.int64)
+
+    @staticmethod
+    def _parse(line: bytes, where: str) -> dict:
+        try:
+            return json.loads(line.decode("utf-8"))
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise CM3LeonError(f"{where}: malformed JSON line ({e})") from None
+
+    def _check(self, row, where: str) -> None:
+        if not isinstance(row, dict):
+            raise CM3LeonError(f"{self.path}: every line must be a JSON object ({where} is a {type(row).__name__})")
+        if not isinstance(row.get("key"), str):
+            raise CM3LeonError(f"{where}: the row needs a string 'key' (got {row.get('key')!r})")
+        if "text" not in row:
+            raise CM3LeonError(f"{where}: the row has no 'text'")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i: int) -> dict:
+        """Row i (a cached dict: callers must not modify it)."""
+        i = int(i)
+        if not 0 <= i < len(self._starts):
+            raise IndexError(f"{self.path}: row {i} of {len(self._starts)}")
+        with self._lock:
+            row = self._cache.get(i)
+            if row is not None:
+                self._cache.move_to_end(i)
+                return row
+            self._file.seek(int(self._starts[i]))
+            line = self._file.readline()
+            row = self._parse(line, f"{self.path}: row {i}")
+            self._check(row, f"{self.path}: row {i}")
+            self._cache[i] = row
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return row
+
+    def batches(self, size: int = 65536) -> Iterator[tuple[int, list[dict]]]:
+        """(first row, rows) of `size` rows at a time, in order, for one pass over all rows."""
+        for s in range(0, len(self._starts), size):
+            e = min(s + size, len(self._starts))
+            with self._lock:
+                self._file.seek(int(self._starts[s]))
+                block = self._file.read(-1 if e == len(self._starts) else int(self._starts[e] - self._starts[s]))
+            rows = [self._parse(line, f"{self.path}: rows {s}..{e - 1}")
+                    for line in block.split(b"\n") if line.strip()]  # lines as the scan saw them
+            if len(rows) != e - s:
+                raise CM3LeonError(f"{self.path}: changed while the bank was loaded; load it again")
+            yield s, rows
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __del__(self):
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+
+
+class MemoryBank:
+    """A built index directory: `search`, `document`, `doc_info`, `vectors`, `len()`, `.dim`;
+    `metadata` reads the rows of metadata.jsonl on demand."""
+
+    def __init__(self, path: Path, info: dict, index, metadata: MetadataRows, vectors: np.ndarray,
                  image_codes: np.ndarray | None):
-        self.path, self.info, self.index, self.rows = path, info, index, rows
+        self.path, self.info, self.index, self.metadata = path, info, index, metadata
         self._vectors, self._codes = vectors, image_codes
         self.dim = int(info["dim"])
 
@@ -148,9 +245,7 @@ class MemoryBank:
         except RuntimeError as e:
             raise CM3LeonError(f"{path / 'index.faiss'}: not a readable FAISS index ({str(e).splitlines()[0][:160]}); "
                                "rebuild with `cm3leon index build`") from None
-        rows = list(read_jsonl(path / "metadata.jsonl"))
-        if not all(isinstance(r, dict) for r in rows):
-            raise CM3LeonError(f"{path / 'metadata.jsonl'}: every line must be a JSON object")
+        rows = MetadataRows(path / "metadata.jsonl")
         vectors = load_npy(path / "vectors.npy", "index vectors")
         codes_path = path / "image_codes.npy"
         codes = load_npy(codes_path, "image codes") if codes_path.is_file() else None
@@ -172,7 +267,7 @@ class MemoryBank:
         return cls(path, info, index, rows, vectors, codes)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.metadata)
 
     @property
     def retriever_path(self) -> Path | None:
@@ -212,13 +307,14 @@ class MemoryBank:
 
     def document(self, i: int) -> dict:
         """{key, text, split, code_index (or None), image_codes (np.ndarray or None)}."""
-        row = self.rows[int(i)]
+        row = self.metadata[i]
         return {"key": row["key"], "text": row["text"], "split": row.get("split"),
                 "code_index": row.get("code_index"),
                 "image_codes": None if self._codes is None else np.asarray(self._codes[int(i)], dtype=np.int64)}
 
     def doc_info(self, i: int) -> tuple[str, str | None, bool]:
-        row = self.rows[int(i)]
+        """(key, content signature, eligible) for the selection policy."""
+        row = self.metadata[i]
         return row["key"], row.get("sig"), True
 
 
@@ -264,22 +360,88 @@ def retrieve_for_prompt(retriever, bank, text: str | None = None, image=None, k:
 
 # ---------------------------------------------------------------------------- build
 
+def _encode_key(key: str) -> bytes:
+    # UTF-8 (lone surrogates kept) plus 0xFF, a byte UTF-8 never contains: numpy's fixed-width
+    # bytes drop trailing NULs, the end marker keeps "a" and "a\x00" apart.
+    return key.encode("utf-8", "surrogatepass") + b"\xff"
+
+
+class KeyLookup:
+    """Record key -> global record index of a tokenized directory, and every record's split,
+    in numpy arrays: the distinct keys as sorted fixed-width bytes (binary search), their
+    record indices, and a split code per record. A key that occurs more than once maps to its
+    first (lowest) record index."""
+
+    def __init__(self, keys_and_splits: Iterable[tuple[str, str]], chunk: int = 65536):
+        parts: list[np.ndarray] = []
+        buf: list[bytes] = []
+        names: dict[str, int] = {}
+        codes = array("H")
+        for key, split in keys_and_splits:
+            buf.append(_encode_key(key))
+            codes.append(names.setdefault(split, len(names)))
+            if len(buf) >= chunk:
+                parts.append(np.array(buf, dtype=bytes))
+                buf = []
+        if buf:
+            parts.append(np.array(buf, dtype=bytes))
+        self.num_records = len(codes)
+        # splits renumbered in sorted order (what np.unique of the names gives)
+        self.split_names: tuple[str, ...] = tuple(sorted(names))
+        remap = np.array([self.split_names.index(n) for n in names], dtype=np.uint16)
+        self.split_codes = remap[np.frombuffer(codes, dtype=np.uint16)] if len(codes) else np.zeros(0, np.uint16)
+        keys = np.concatenate(parts) if parts else np.zeros(0, dtype="S1")
+        del parts
+        order = np.argsort(keys, kind="stable")  # equal keys stay in record order
+        keys = keys[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        self._keys, self._index = keys[first], order[first].astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def lookup(self, keys: Iterable[str]) -> np.ndarray:
+        """Global record index of each key, int64, -1 where the key is not in the directory."""
+        enc = [_encode_key(k) for k in keys]
+        out = np.full(len(enc), -1, dtype=np.int64)
+        if not enc or not len(self._keys):
+            return out
+        width = self._keys.dtype.itemsize
+        # a key longer than every stored one is absent; b"" matches nothing (stored keys end in 0xFF)
+        q = np.array([e if len(e) <= width else b"" for e in enc], dtype=self._keys.dtype)
+        pos = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
+        hit = self._keys[pos] == q
+        out[hit] = self._index[pos[hit]]
+        return out
+
+    def get(self, key: str, default=None):
+        gi = int(self.lookup([key])[0])
+        return default if gi < 0 else gi
+
+    def split(self, gi: int) -> str:
+        """The split of record gi."""
+        return self.split_names[int(self.split_codes[int(gi)])]
+
+    def in_split(self, name: str) -> np.ndarray:
+        """bool [num_records]: which records are in split `name`."""
+        if name not in self.split_names:
+            return np.zeros(self.num_records, dtype=bool)
+        return self.split_codes == self.split_names.index(name)
+
+
 def _code_lookup(codes_dir: str | Path):
+    """(CodeDataset, KeyLookup) of a tokenized directory."""
     from cm3leon.data.codes import CodeDataset
 
     codes = CodeDataset(codes_dir)
-    key_to_gi: dict[str, int] = {}
-    splits = []
-    for gi, (key, split) in enumerate(codes.keys_and_splits()):
-        key_to_gi.setdefault(key, gi)
-        splits.append(split)
-    return codes, key_to_gi, np.asarray(splits)
+    return codes, KeyLookup(codes.keys_and_splits())
 
 
 def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
                 split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
                 chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
-                nprobe: int | None = None, refine: int = 4, train_sample: int | None = None,
+                nprobe: int | None = None, refine: int = 16, train_sample: int | None = None,
                 device: str | None = None) -> dict:
     """Embed `split` of a dataset with a retriever and index the document vectors.
 
@@ -295,9 +457,9 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     out.mkdir(parents=True, exist_ok=True)
     retriever_dir = Path(retriever).resolve()
     enc = load_retriever(retriever_dir, device=device)
-    code_ds, key_to_gi = None, {}
+    code_ds, key_lookup = None, None
     if codes is not None:
-        code_ds, key_to_gi, _ = _code_lookup(codes)
+        code_ds, key_lookup = _code_lookup(codes)
     split_arg = None if split == "all" else split
 
     (out / "index.json").unlink(missing_ok=True)  # the directory is incomplete until the end
@@ -360,7 +522,7 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
         batch_t.append(rec.text)
         batch_im.append(rec.image)
         batch_rows.append({"key": rec.key, "text": rec.text, "split": rec.split or "train",
-                           "code_index": key_to_gi.get(rec.key) if code_ds is not None else None,
+                           "code_index": key_lookup.get(rec.key) if key_lookup is not None else None,
                            "sig": document_signature(rec.text, image_digest(rec.image))})
         if len(batch_rows) >= batch_size or len(chunk_rows) + len(batch_rows) >= chunk_size:
             flush_batch()
@@ -382,23 +544,31 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
             s += len(a)
         vecs.flush()
         del vecs
-    rows = []
+    # each document's code index (-1: none), not its whole row
+    code_index = np.full(count, -1, dtype=np.int64) if code_ds is not None else None
+    n_rows = 0
     with atomic_path(out / "metadata.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for c in chunks:
             with open(c.with_suffix(".jsonl"), encoding="utf-8") as g:
                 for line in g:
                     f.write(line)
-                    rows.append(json.loads(line))
+                    if code_index is not None and n_rows < count:
+                        ci = json.loads(line)["code_index"]
+                        code_index[n_rows] = -1 if ci is None else ci
+                    n_rows += 1
+    if n_rows != count:
+        raise CM3LeonError(f"{emb_dir}: the chunks hold {count} vectors but {n_rows} metadata rows; "
+                           f"delete {emb_dir} to start over")
     missing_codes = 0
     if code_ds is not None:
         with atomic_path(out / "image_codes.npy") as tmp:  # filled on disk: [count, h*w] may not fit in memory
             codes_arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32,
                                                   shape=(count, code_ds.tokens_per_image))
-            for i, r in enumerate(rows):
-                if r["code_index"] is None:
+            for i, ci in enumerate(code_index.tolist()):
+                if ci < 0:
                     missing_codes += 1
                 else:
-                    codes_arr[i] = code_ds.tokens(r["code_index"])[1]
+                    codes_arr[i] = code_ds.tokens(ci)[1]
             codes_arr.flush()
             del codes_arr
     else:
@@ -449,11 +619,16 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
     if not data or not Path(data).exists():
         raise CM3LeonError(f"dataset {data!r} recorded in {Path(index_dir) / 'index.json'} not found; pass --data DIR")
 
-    _, key_to_gi, code_splits = _code_lookup(codes_dir)
-    num_records = len(code_splits)
-    bank_gi = np.array([key_to_gi.get(r["key"], -1) for r in bank.rows], dtype=np.int64)
-    bank_ok = (bank_gi >= 0) & np.array([r.get("split", "train") == "train" for r in bank.rows])
-    bank_ok &= np.where(bank_gi >= 0, code_splits[np.maximum(bank_gi, 0)] == "train", False)
+    _, key_lookup = _code_lookup(codes_dir)
+    num_records = key_lookup.num_records
+    code_train = key_lookup.in_split("train")
+    bank_gi = np.full(len(bank), -1, dtype=np.int64)  # each bank document's global record index
+    bank_train = np.zeros(len(bank), dtype=bool)
+    for start, rows in bank.metadata.batches():
+        bank_gi[start:start + len(rows)] = key_lookup.lookup([r["key"] for r in rows])
+        bank_train[start:start + len(rows)] = [r.get("split", "train") == "train" for r in rows]
+    bank_ok = (bank_gi >= 0) & bank_train
+    bank_ok &= np.where(bank_gi >= 0, code_train[np.maximum(bank_gi, 0)], False)
 
     def doc_info(i: int):
         key, sig, _ = bank.doc_info(i)
@@ -476,7 +651,7 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
 
     bar = progress(total=num_records, desc="neighbours", unit="rec")
     for rec in open_dataset(str(data), size=enc.image_size):
-        gi = key_to_gi.get(rec.key)
+        gi = key_lookup.get(rec.key)
         if gi is None:
             not_in_codes += 1
             continue
@@ -485,7 +660,7 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
         found[gi] = True
         pending.append((gi, Query(text=rec.text, image=rec.image, key=rec.key,
                                   signature=document_signature(rec.text, image_digest(rec.image)),
-                                  training=code_splits[gi] == "train")))
+                                  training=bool(code_train[gi]))))
         if len(pending) >= batch_size:
             run(pending)
             bar.update(len(pending))
@@ -502,8 +677,8 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
         "data": str(data), "num_records": num_records,
         "rows_with_k": int((counts == policy.num_docs).sum()),
         "rows_by_count": {str(c): int((counts == c).sum()) for c in range(policy.num_docs + 1)},
-        "rows_with_k_by_split": {s: int(((counts == policy.num_docs) & (code_splits == s)).sum())
-                                 for s in np.unique(code_splits).tolist()},
+        "rows_with_k_by_split": {s: int(((counts == policy.num_docs) & key_lookup.in_split(s)).sum())
+                                 for s in key_lookup.split_names},
         "skipped": skipped,
         "bank_documents": len(bank), "bank_documents_usable": int(bank_ok.sum()),
         "records_without_query": int((~found).sum()),  # in the codes but not found in the dataset
