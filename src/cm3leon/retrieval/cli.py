@@ -52,7 +52,7 @@ def register(sub) -> None:
     b.add_argument("--codes", default=None, help="tokenized directory: record each document's code index and image codes")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~sqrt(n))")
     b.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default 16)")
-    b.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default: dim/8)")
+    b.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantisers (default: dim/2, at most 64)")
     b.add_argument("--pq-nbits", type=int, default=8, help="bits per PQ code (default 8)")
     b.add_argument("--refine", type=int, default=16,
                    help="IVF-PQ: re-rank refine*k compressed hits exactly with the stored vectors (1 = off; default 16: "
