@@ -260,10 +260,18 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     shutil.copytree(model_dir, d)
     plain = CM3Leon.from_pretrained(d)
     assert plain.decoding == DecodingConfig() and plain.decoding.model_defaults() == {
-        "cfg_scale": 3.0, "num_retrieved": 2, "cdk_k": 10}  # the paper's settings (CD-K's k: ours)
+        "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2, "cdk_k": 10}  # the paper's (CD-K's k: ours)
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
-    assert tuned.decoding.model_defaults() == {"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}
+    assert tuned.decoding.model_defaults() == {"cfg_scale": 1.5, "temperature": 1.0, "num_retrieved": 0, "cdk_k": 1}
+    # the sampling temperature the model draws best at is one of its defaults too
+    (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5}))
+    cool = CM3Leon.from_pretrained(d)
+    assert cool.decoding.temperature == 0.5
+    assert cool.sample_images("a blue square", method="cfg", seed=3)[0].codes == \
+        plain.sample_images("a blue square", method="cfg", cfg_scale=1.5, temperature=0.5, seed=3)[0].codes
+    (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
+    tuned = CM3Leon.from_pretrained(d)
     cdk = tuned.sample_images("a blue square", method="cdk", seed=3)[0]
     assert cdk.settings["guidance"]["cdk_k"] == 1
     assert cdk.codes == plain.sample_images("a blue square", method="cdk", cdk_k=1, seed=3)[0].codes
@@ -281,6 +289,7 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
 @pytest.mark.parametrize("content, field", [
     ({"cfg_scale": "high"}, "cfg_scale"), ({"num_retrieved": 1.5}, "num_retrieved"),
     ({"num_retrieved": -1}, "num_retrieved"), ({"cdk_k": 0}, "cdk_k"), ({"top_p": 0.5}, "unknown"),
+    ({"temperature": -1}, "temperature"),
     ([1, 2], "JSON object"),
 ])
 def test_a_bad_decoding_json_names_the_file_and_field(model_dir, tmp_path, content, field):

@@ -45,11 +45,14 @@ def test_the_decoder_gets_the_methods_guidance_and_sampler():
 
 def test_a_model_directory_keeps_its_model_keys(tmp_path):
     assert read_model_decoding(tmp_path) == {}
-    write_model_decoding(tmp_path, DecodingConfig(cfg_scale=1.5, num_retrieved=0, cdk_k=1, temperature=0.5))
+    write_model_decoding(tmp_path, DecodingConfig(cfg_scale=1.5, num_retrieved=0, cdk_k=1, temperature=0.5,
+                                                  top_p=0.5))
     assert (tmp_path / DECODING_FILE).is_file()
-    assert read_model_decoding(tmp_path) == {"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}
+    # the sampling temperature is the model's (chosen by its sweep); top-p and the method are the call's
+    assert read_model_decoding(tmp_path) == {"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1}
     d = DecodingConfig.from_model_dir(tmp_path)
-    assert d.model_defaults() == {"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1} and d.temperature == 1.0
+    assert d.model_defaults() == {"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1}
+    assert d.top_p == DecodingConfig.top_p and d.method == DecodingConfig.method
     assert set(MODEL_KEYS) <= FIELDS
 
 

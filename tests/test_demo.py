@@ -48,8 +48,8 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     # ... which the tuned model directory recommends to every later user of it (API, CLI, serve)
     preset = PIPELINE_PRESETS["quick"]
     assert json.loads((out / "sft" / "decoding.json").read_text()) == {
-        "cfg_scale": preset.decoding.cfg_scale, "num_retrieved": preset.decoding.num_retrieved,
-        "cdk_k": preset.decoding.cdk_k}
+        "cfg_scale": preset.decoding.cfg_scale, "temperature": preset.decoding.temperature,
+        "num_retrieved": preset.decoding.num_retrieved, "cdk_k": preset.decoding.cdk_k}
     assert all(0.0 <= m["accuracy_both"] <= 1.0 for m in gen["methods"].values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0

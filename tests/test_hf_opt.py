@@ -269,6 +269,7 @@ def test_export_carries_the_model_directorys_cfg_scale(tmp_path, tiny_model_dir_
     export_hf(model_dir, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "generation_config.json").read_text())["cm3leon"]["cfg_scale"] == \
         DecodingConfig.cfg_scale
-    (model_dir / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0}))
+    (model_dir / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0}))
     export_hf(model_dir, tmp_path / "tuned")
-    assert json.loads((tmp_path / "tuned" / "generation_config.json").read_text())["cm3leon"]["cfg_scale"] == 1.5
+    tuned = json.loads((tmp_path / "tuned" / "generation_config.json").read_text())["cm3leon"]
+    assert tuned["cfg_scale"] == 1.5 and tuned["temperature"] == 0.5

@@ -278,14 +278,16 @@ def _write_hf_tokenizer(src: Path, dst: Path, config: ModelConfig) -> list[str]:
         from cm3leon.tokenizers.image import VQConfig
 
         tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config")).tokens_per_image
-        cfg_scale = DecodingConfig.from_model_dir(src).cfg_scale
+        decoding = DecodingConfig.from_model_dir(src)
         (dst / "generation_config.json").write_text(json.dumps({
             "bos_token_id": vocab.eos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
             "max_new_tokens": tokens_per_image + 1, "do_sample": False,
             # for image generation (cm3leon.hf): an image is tokens_per_image codes then <break>,
-            # decoded with CFG at the model directory's scale (decoding.json), else the decoder's default
+            # decoded with CFG at the model directory's scale and sampling temperature
+            # (decoding.json), else the decoder's defaults
             "cm3leon": {"tokens_per_image": tokens_per_image, "image_offset": vocab.image_offset,
-                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": cfg_scale}},
+                        "image_end": vocab.size, "break_id": vocab.break_id, "cfg_scale": decoding.cfg_scale,
+                        "temperature": decoding.temperature}},
             indent=2) + "\n", encoding="utf-8")
         written.append("generation_config.json")
     return written

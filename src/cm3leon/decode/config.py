@@ -31,7 +31,7 @@ SCORERS = ("auto", "clip", "likelihood")  # how best-of-N ranks its candidates (
 DECODING_FILE = "decoding.json"
 # What a model directory's decoding.json may set: a small tuned model can draw best at another
 # CFG scale, without retrieved documents or with another CD-K k than the paper's settings.
-MODEL_KEYS = ("cfg_scale", "num_retrieved", "cdk_k")
+MODEL_KEYS = ("cfg_scale", "temperature", "num_retrieved", "cdk_k")
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
 
@@ -121,7 +121,7 @@ def check_model_decoding(d: Any, where: str) -> dict:
         DecodingConfig().replace(**d)
     except CM3LeonError as e:
         raise CM3LeonError(f"{where}: {e}") from None
-    return {k: float(v) if k == "cfg_scale" else int(v) for k, v in d.items()}
+    return {k: float(v) if k in ("cfg_scale", "temperature") else int(v) for k, v in d.items()}
 
 
 def read_model_decoding(model_dir: str | os.PathLike) -> dict:
