@@ -69,9 +69,11 @@ def tokenize_cmd(data: Path, vq: Path, text: Path, out: Path, batch_size: int, s
             "--workers", str(workers)]
 
 
-def index_cmd(data: Path, retriever: Path, codes: Path, out: Path, batch_size: int, chunk_size: int) -> list[str]:
+def index_cmd(data: Path, retriever: Path, codes: Path, out: Path, batch_size: int, chunk_size: int,
+              workers: int = 1) -> list[str]:
     return [*CLI, "index", "build", "--data", str(data), "--retriever", str(retriever), "--codes", str(codes),
-            "--out", str(out), "--batch-size", str(batch_size), "--chunk-size", str(chunk_size)]
+            "--out", str(out), "--batch-size", str(batch_size), "--chunk-size", str(chunk_size),
+            "--workers", str(workers)]
 
 
 def neighbors_cmd(index: Path, codes: Path) -> list[str]:
@@ -321,8 +323,9 @@ def tokenize_stage(data: Path, vq: Path, text: Path, num_shards: int, batch_size
                  finished=is_complete, progress=count_shards, rows=record_keys)
 
 
-def index_stage(data: Path, retriever: Path, codes: Path, num_docs: int, batch_size: int, chunk_size: int) -> Stage:
-    return Stage("index", lambda out: index_cmd(data, retriever, codes, out, batch_size, chunk_size),
+def index_stage(data: Path, retriever: Path, codes: Path, num_docs: int, batch_size: int, chunk_size: int,
+                workers: int = 1) -> Stage:
+    return Stage("index", lambda out: index_cmd(data, retriever, codes, out, batch_size, chunk_size, workers),
                  math.ceil(num_docs / chunk_size), check=unloadable_index,
                  outputs=files_under,
                  finished=lambda out: (out / "index.json").is_file() and not (out / "embeddings").exists(),

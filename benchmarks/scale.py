@@ -1,5 +1,5 @@
 """The pipeline at scale on one machine: synthetic webdataset shards -> tokenize (1 and 2
-worker processes) -> embed + IVF-PQ index -> neighbours -> 50 pretraining steps, each stage a
+worker processes) -> embed + IVF-PQ index (1 and 2 worker processes) -> neighbours -> 50 pretraining steps, each stage a
 `cm3leon` command in its own process, timed, with its peak memory.
 
     python benchmarks/scale.py --records 20000 --shard-size 2000      # ~5 min on 2 busy cores
@@ -9,7 +9,8 @@ Per stage: records and records/s (wall time of the command, its start-up include
 RSS (`ru_maxrss` of the stage's process from `os.wait4`: the largest of the process and the
 workers it waited for, not their sum; Linux counts a child's peak from its parent's RSS when it
 starts, so this script keeps its own memory small). Besides the chain:
-- `tokenize --workers 2` must write byte-identical shards to `--workers 1` (checked);
+- `tokenize --workers 2` must write byte-identical shards to `--workers 1` (checked), and
+  `index build --workers 2` the same vectors.npy, metadata.jsonl and index.faiss (checked);
 - index recall@10: the IVF-PQ index (with its exact re-rank, as the neighbours stage searches
   it) against exact inner-product search, over 1,000 stored document vectors as queries;
 - training memory does not grow with the data: the same 50 steps on the codes of the first
@@ -126,6 +127,11 @@ def main() -> int:
     stage("embed + index (ivfpq)", 1, train_records,
           ["index", "build", "--data", data, "--retriever", work / "retriever", "--out", work / "index",
            "--index-type", "ivfpq", "--codes", work / "codes", "--chunk-size", "8192"])
+    stage("embed + index (ivfpq)", 2, train_records,
+          ["index", "build", "--data", data, "--retriever", work / "retriever", "--out", work / "index2",
+           "--index-type", "ivfpq", "--codes", work / "codes", "--chunk-size", "8192", "--workers", "2"])
+    index_identical = all((work / "index" / f).read_bytes() == (work / "index2" / f).read_bytes()
+                          for f in ("vectors.npy", "metadata.jsonl", "image_codes.npy", "index.faiss"))
     # in a process of its own: a child's peak RSS starts at its parent's, so this one stays small
     recall = json.loads(subprocess.run([sys.executable, __file__, "--recall-of", str(work / "index")], check=True,
                                        capture_output=True, text=True).stdout)
@@ -142,7 +148,8 @@ def main() -> int:
     import torch
 
     report = {"records": n, "shard_size": args.shard_size, "image_size": args.size, "stages": stages,
-              "tokenize_workers_identical": identical, "index": recall, "total_s": round(total_s, 1),
+              "tokenize_workers_identical": identical,
+              "index_workers_identical": index_identical, "index": recall, "total_s": round(total_s, 1),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     md = [f"{n:,} synthetic records ({-(-n // args.shard_size)} shards of {args.shard_size:,}, {args.size} px), "
           f"{os.cpu_count()} CPU cores; whole run {total_s / 60:.1f} min.", "",
@@ -150,7 +157,8 @@ def main() -> int:
     md += [f"| {r['stage']} | {r['processes']} | {r['records']:,} | {r['seconds']} | "
            + (f"{r['records_per_s']:,}" if "records_per_s" in r else f"({r['tokens_per_s']:,} tokens/s)")
            + f" | {r['peak_rss_mib']:,} |" for r in stages]
-    md += ["", f"tokenize with 2 workers byte-identical to 1: {'yes' if identical else 'NO'}; index recall@10 "
+    md += ["", f"tokenize with 2 workers byte-identical to 1: {'yes' if identical else 'NO'}; embed + index "
+               f"with 2 workers byte-identical to 1: {'yes' if index_identical else 'NO'}; index recall@10 "
                f"({recall['index_type']}, {json.dumps(recall['params'])}) against exact search over "
                f"{recall['queries']} stored vectors as queries: {recall['recall_at_10_ties']:.3f} counting a hit "
                f"that ties the 10th best score ({recall['recall_at_10']:.3f} by ids; many scenes repeat, so many "
@@ -162,7 +170,7 @@ def main() -> int:
     print("\n".join(md))
     if tmp is not None:
         tmp.cleanup()
-    return 0 if identical else 1
+    return 0 if identical and index_identical else 1
 
 
 if __name__ == "__main__":

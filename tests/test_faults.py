@@ -153,6 +153,28 @@ def test_index_build_killed_at_random_points_resumes_to_the_uninterrupted_index(
 
 
 @pytest.mark.slow
+def test_index_build_with_workers_killed_resumes_to_the_one_process_index(tmp_path):
+    """`cm3leon index build --workers 2` over webdataset shards, SIGKILLed twice mid-embedding
+    (its workers die with it): nothing on disk fails to load, and the resumed index is byte
+    for byte what an uninterrupted build with one process writes."""
+    from cm3leon.data.readers import open_dataset
+    from cm3leon.data.shapes import synthesize_webdataset
+    from cm3leon.retrieval.index import build_index
+    from cm3leon.retrieval.train import train_retriever
+
+    data = Path(synthesize_webdataset(tmp_path / "data", num=48, size=32, seed=0, shard_size=12)["out"])
+    codes = make_fake_codes(data, tmp_path / "codes")
+    train_retriever(data, tmp_path / "retriever", steps=2, batch_size=8, size=32, dim=16, seed=0)
+    num_docs = sum(1 for _ in open_dataset(data, size=None, split="train").texts())
+    result = kill_and_resume(index_stage(data, tmp_path / "retriever", codes, num_docs, batch_size=2, chunk_size=2,
+                                         workers=2), tmp_path, 2, random.Random(5))
+    assert result["kills"] == 2 and _clean(result) == CLEAN, result["corrupt_examples"]
+    build_index(data, tmp_path / "retriever", tmp_path / "one", codes=codes, batch_size=2, chunk_size=2)
+    assert files_under(tmp_path / "one") == files_under(tmp_path / "index-killed")
+    assert differing_bytes(tmp_path / "index-killed", tmp_path / "one", files_under(tmp_path / "one")) == 0
+
+
+@pytest.mark.slow
 def test_neighbours_killed_at_random_times_rerun_to_the_uninterrupted_file(tmp_path):
     """`cm3leon index neighbors` is one pass (no partial state to resume): killed three times,
     then rerun, it writes the uninterrupted run's neighbors.npy / .json byte for byte."""
@@ -185,7 +207,7 @@ def test_index_build_refuses_embedding_chunks_with_a_gap(tmp_path, monkeypatch):
     out = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
         build_index(data, retriever, out, batch_size=4, chunk_size=4)
-    (out / "embeddings" / "chunk-00001.npy").unlink()
+    (out / "embeddings" / "chunk-00000-00001.npy").unlink()
     with pytest.raises(CM3LeonError, match=r"embeddings: embedding chunks .* not numbered 0, 1"):
         build_index(data, retriever, out, batch_size=4, chunk_size=4)
 

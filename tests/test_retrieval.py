@@ -387,6 +387,77 @@ def test_index_build_resumes_after_an_interruption(world, tmp_path, monkeypatch)
     assert not (out / "embeddings").exists()
 
 
+INDEX_FILES = ("vectors.npy", "metadata.jsonl", "image_codes.npy", "index.faiss", "index.json")
+
+
+def test_index_build_with_workers_writes_what_one_process_writes(world, tmp_path):
+    """`cm3leon index build --workers 2` over webdataset shards (units of 10 records, batches
+    of 3 and chunks of 4 that divide neither) writes the one-process build's files byte for
+    byte; over a captions.jsonl folder (one unit) extra workers change nothing."""
+    from cm3leon.cli import main
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    data = Path(synthesize_webdataset(tmp_path / "wds", num=40, size=32, seed=0, shard_size=10)["out"])
+    codes = make_codes(data, tmp_path / "codes")
+    args = dict(codes=codes, batch_size=3, chunk_size=4, index_type="ivf")
+    one = build_index(data, world["retriever"], tmp_path / "one", **args)
+    assert main(["index", "build", "--data", str(data), "--retriever", str(world["retriever"]), "--codes", str(codes),
+                 "--out", str(tmp_path / "two"), "--batch-size", "3", "--chunk-size", "4", "--index-type", "ivf",
+                 "--workers", "2"]) == 0
+    assert 0 < one["count"] < 40 and not (tmp_path / "two" / "embeddings").exists()
+    for name in INDEX_FILES:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    keys = [MemoryBank.load(tmp_path / "two").document(i)["key"] for i in range(one["count"])]
+    from cm3leon.data.readers import open_dataset
+    assert keys == [r.key for r in open_dataset(data, size=32, split="train")]  # the dataset's order
+
+    build_index(world["data"], world["retriever"], tmp_path / "folder", codes=world["codes"], batch_size=8,
+                chunk_size=16, workers=4)
+    for name in INDEX_FILES:
+        assert (tmp_path / "folder" / name).read_bytes() == (world["index"] / name).read_bytes(), name
+
+
+def test_index_build_under_torchrun_writes_what_one_process_writes(world, tmp_path):
+    """The ranks of `torchrun --nproc_per_node=2` take whole shards; rank 0 merges them into
+    the one-process build's files (both with one torch thread, as torchrun's ranks run)."""
+    import os
+    import subprocess
+    import sys
+
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    data = Path(synthesize_webdataset(tmp_path / "wds", num=30, size=32, seed=1, shard_size=10)["out"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = build_index(data, world["retriever"], tmp_path / "one", batch_size=3, chunk_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cm3leon.cli",
+           "index", "build", "--data", str(data), "--retriever", str(world["retriever"]),
+           "--out", str(tmp_path / "ranks"), "--batch-size", "3", "--chunk-size", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["count"] == one["count"]  # printed once, by rank 0
+    for name in ("vectors.npy", "metadata.jsonl", "index.faiss", "index.json"):
+        assert (tmp_path / "ranks" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_index_build_refuses_bad_worker_counts(world, tmp_path, monkeypatch, capsys):
+    from cm3leon.cli import main
+
+    with pytest.raises(CM3LeonError, match="--workers must be >= 1, got 0"):
+        build_index(world["data"], world["retriever"], tmp_path / "x", workers=0)
+    assert main(["index", "build", "--data", str(world["data"]), "--retriever", str(world["retriever"]),
+                 "--out", str(tmp_path / "x"), "--workers", "-1"]) == 2
+    assert "--workers must be >= 1, got -1" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CM3LeonError, match="--workers 2 under torchrun: each of the 2 ranks is one worker"):
+        build_index(world["data"], world["retriever"], tmp_path / "x", workers=2)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("index.faiss", b"garbage" * 10, "index.faiss: not a readable FAISS index"),
     ("vectors.npy", b"garbage" * 10, "vectors.npy: index vectors file truncated or not a plain .npy array"),

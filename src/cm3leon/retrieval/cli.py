@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def register(sub) -> None:
@@ -59,6 +60,12 @@ def register(sub) -> None:
                         "with 4-byte PQ codes of 32-dim vectors, recall@10 was 0.54 at 4 and 0.83 at 16)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--chunk-size", type=int, default=8192, help="documents per resumable embedding chunk")
+    b.add_argument("--workers", type=int, default=1,
+                   help="embedding processes, each taking whole input shards (a webdataset's .tar shards; a "
+                        "captions.jsonl folder or COCO JSON is one unit, so one process embeds it). The index "
+                        "does not depend on it (default 1): each worker keeps this process's torch threads, since CPU vectors' "
+                        "last bits depend on the thread count (with few cores, lower OMP_NUM_THREADS for every run "
+                        "you compare). Under torchrun each rank is one worker (torchrun sets OMP_NUM_THREADS=1)")
     b.set_defaults(func=_build)
 
     q = isub.add_parser("query", help="print the nearest documents to a text or an image")
@@ -112,8 +119,10 @@ def _build(args) -> int:
 
     info = build_index(args.data, args.retriever, args.out, index_type=args.index_type, split=args.split,
                        codes=args.codes, batch_size=args.batch_size, chunk_size=args.chunk_size, nlist=args.nlist,
-                       pq_m=args.pq_m, pq_nbits=args.pq_nbits, nprobe=args.nprobe, refine=args.refine)
-    print(json.dumps(info, indent=2))
+                       pq_m=args.pq_m, pq_nbits=args.pq_nbits, nprobe=args.nprobe, refine=args.refine,
+                       workers=args.workers)
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(json.dumps(info, indent=2))
     return 0
 
 

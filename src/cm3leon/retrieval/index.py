@@ -11,7 +11,9 @@ An index directory:
     metadata.jsonl    one row per document: {"key", "text", "split", "code_index", "sig"}
                       (a loaded bank keeps only each row's byte offset and reads rows on demand)
     image_codes.npy   [count, h*w] VQ codes of each document (only with --codes)
-    embeddings/       chunks written while embedding; a rerun resumes after the last one
+    embeddings/       while embedding: each dataset unit's chunks (`chunk-UNIT-CHUNK`) and, once
+                      it is done, its `unit-*.json`; a rerun skips done units and resumes a
+                      started one after its last chunk (`--workers N` take whole units)
 
 Exact search (IndexFlatIP) is the default; IVF and IVF-PQ (trained on a sample) scale to
 millions of documents.
@@ -22,12 +24,14 @@ generation time.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import threading
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -40,11 +44,13 @@ from cm3leon.retrieval.policy import (
 from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, remove_stale_temporaries, remove_tree,
                               write_json)
 from cm3leon.utils.logging import progress
+from cm3leon.utils.units import check_workers, run_units, torchrun
 
 FORMAT = "cm3leon-index/1"
 NEIGHBORS_FORMAT = "cm3leon-neighbors/1"
 INDEX_TYPES = ("flat", "ivf", "ivfpq")
 EMBEDDINGS = "embeddings"  # the resumable chunks of a build in progress
+EMBED_LAYOUT = "chunk-UNIT-CHUNK"  # recorded in embeddings/build.json: another layout is not resumed
 
 
 # ---------------------------------------------------------------------------- FAISS
@@ -444,53 +450,55 @@ def _code_lookup(codes_dir: str | Path):
     return codes, KeyLookup(codes.keys_and_splits())
 
 
-def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
-                split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
-                chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
-                nprobe: int | None = None, refine: int = 16, train_sample: int | None = None,
-                device: str | None = None) -> dict:
-    """Embed `split` of a dataset with a retriever and index the document vectors.
+@dataclass(frozen=True)
+class EmbedJob:
+    """What a process needs to embed units of a dataset (picklable, for worker processes)."""
 
-    Embeddings are written in chunks of `chunk_size` documents to `out/embeddings/`; a rerun
-    with the same arguments resumes after the last complete chunk. With `codes`, each document
-    records its global index in that tokenized directory and its image codes are stored."""
-    from cm3leon.data.readers import open_dataset
+    data: str
+    retriever: str
+    emb_dir: str
+    split: str | None  # None: every split
+    codes: str | None
+    batch_size: int
+    chunk_size: int
+    device: str | None
+
+
+def embed_unit_file(emb_dir: str | Path, unit: int) -> Path:
+    """The marker of a finished unit (its chunks all written)."""
+    return Path(emb_dir) / f"unit-{unit:05d}.json"
+
+
+def _unit_chunk(emb_dir: str | Path, unit: int, chunk: int) -> Path:
+    return Path(emb_dir) / f"chunk-{unit:05d}-{chunk:05d}.npy"
+
+
+@functools.cache
+def _cached_retriever(path: str, device: str | None):
     from cm3leon.retrieval.encoder import load_retriever
 
-    if index_type not in INDEX_TYPES:
-        raise CM3LeonError(f"--index-type {index_type!r}: expected one of {INDEX_TYPES}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    retriever_dir = Path(retriever).resolve()
-    enc = load_retriever(retriever_dir, device=device)
-    code_ds, key_lookup = None, None
-    if codes is not None:
-        code_ds, key_lookup = _code_lookup(codes)
-    split_arg = None if split == "all" else split
+    return load_retriever(path, device=device)
 
-    (out / "index.json").unlink(missing_ok=True)  # the directory is incomplete until the end
-    emb_dir = out / EMBEDDINGS
-    state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
-             "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size,
-             # the retriever's contents too: one retrained in place embeds differently
-             "retriever_sha256": {f.name: file_digest(f) for f in (retriever_dir / "config.json",
-                                                                   retriever_dir / "model.safetensors")
-                                  if f.is_file()}}
-    remove_stale_temporaries(out)  # an output file write cut short by a kill, the old embeddings/
-    remove_stale_temporaries(emb_dir)  # ... or a chunk write
-    if (emb_dir / "build.json").is_file():
-        prev = read_json(emb_dir / "build.json")
-        if prev != state:
-            raise CM3LeonError(f"{emb_dir / 'build.json'}: an interrupted build with other settings ({prev}); "
-                               f"delete {emb_dir} to start over")
-    else:
-        shutil.rmtree(emb_dir, ignore_errors=True)
-        emb_dir.mkdir(parents=True)
-        write_json(emb_dir / "build.json", state)
-    done_chunks = sorted(emb_dir.glob("chunk-*.npy"))
-    if [c.name for c in done_chunks] != [f"chunk-{i:05d}.npy" for i in range(len(done_chunks))]:
-        raise CM3LeonError(f"{emb_dir}: embedding chunks {[c.name for c in done_chunks]} are not numbered 0, 1, ... "
-                           f"(some were deleted); delete {emb_dir} to start over")
+
+@functools.cache
+def _cached_key_lookup(codes: str):
+    return _code_lookup(codes)[1]
+
+
+def embed_unit(job: EmbedJob, unit: int, bar=None) -> dict:
+    """Embed the records of `job.split` in unit `unit` of the dataset into chunks
+    `chunk-UNIT-CHUNK.npy/.jsonl` of `job.chunk_size` documents (batches start afresh in each
+    unit, so the vectors do not depend on which process embeds which unit), resuming after the
+    unit's last complete chunk, and write its `unit-*.json`; returns that file's contents."""
+    from cm3leon.data.readers import open_dataset
+
+    emb_dir = Path(job.emb_dir)
+    enc = _cached_retriever(job.retriever, job.device)
+    key_lookup = _cached_key_lookup(job.codes) if job.codes is not None else None
+    done_chunks = sorted(emb_dir.glob(f"chunk-{unit:05d}-*.npy"))
+    if [c.name for c in done_chunks] != [_unit_chunk(emb_dir, unit, i).name for i in range(len(done_chunks))]:
+        raise CM3LeonError(f"{emb_dir}: embedding chunks {[c.name for c in done_chunks]} of unit {unit} are not "
+                           f"numbered 0, 1, ... (some were deleted); delete {emb_dir} to start over")
     done = sum(load_npy(c, "embedding chunk").shape[0] for c in done_chunks)
 
     chunk_vecs: list[np.ndarray] = []
@@ -501,11 +509,11 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
         nonlocal next_chunk, chunk_vecs, chunk_rows
         if not chunk_rows:
             return
-        name = emb_dir / f"chunk-{next_chunk:05d}"
+        name = _unit_chunk(emb_dir, unit, next_chunk)
         with atomic_path(name.with_suffix(".jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for r in chunk_rows:
                 f.write(json.dumps(r) + "\n")
-        with atomic_path(name.with_suffix(".npy")) as tmp:  # the .npy marks the chunk complete
+        with atomic_path(name) as tmp:  # the .npy marks the chunk complete
             np.save(tmp, np.concatenate(chunk_vecs).astype(np.float32))
         next_chunk += 1
         chunk_vecs, chunk_rows = [], []
@@ -518,11 +526,14 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
             chunk_vecs.append(enc.embed_documents(batch_t, batch_im).numpy())
             chunk_rows.extend(batch_rows)
             batch_t, batch_im, batch_rows = [], [], []
-        if len(chunk_rows) >= chunk_size:
+        if len(chunk_rows) >= job.chunk_size:
             flush_chunk()
 
-    bar = progress(desc=f"embedding {split}", unit="doc", initial=done)
-    for n_seen, rec in enumerate(open_dataset(str(data), size=enc.image_size, split=split_arg)):
+    # the whole unit, also under torchrun (the reader would otherwise take this rank's part of it)
+    reader = open_dataset(job.data, size=enc.image_size, split=job.split, units=[unit], rank=0, world_size=1)
+    seen = 0
+    for n_seen, rec in enumerate(reader):
+        seen = n_seen + 1
         if n_seen < done:  # already embedded in an earlier run
             continue
         batch_t.append(rec.text)
@@ -530,14 +541,121 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
         batch_rows.append({"key": rec.key, "text": rec.text, "split": rec.split or "train",
                            "code_index": key_lookup.get(rec.key) if key_lookup is not None else None,
                            "sig": document_signature(rec.text, image_digest(rec.image))})
-        if len(batch_rows) >= batch_size or len(chunk_rows) + len(batch_rows) >= chunk_size:
+        if len(batch_rows) >= job.batch_size or len(chunk_rows) + len(batch_rows) >= job.chunk_size:
             flush_batch()
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     flush_batch()
     flush_chunk()
-    bar.close()
+    if seen < done:
+        raise CM3LeonError(f"{job.data}: unit {unit} now has fewer records than {emb_dir} already holds of it "
+                           f"({done}); the dataset changed since the interrupted build: delete {emb_dir} to start over")
+    info = {"unit": unit, "num_docs": seen, "num_chunks": next_chunk}
+    write_json(embed_unit_file(emb_dir, unit), info)
+    return info
 
-    chunks = sorted(emb_dir.glob("chunk-*.npy"))
+
+def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
+                split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
+                chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
+                nprobe: int | None = None, refine: int = 16, train_sample: int | None = None,
+                device: str | None = None, workers: int = 1) -> dict:
+    """Embed `split` of a dataset with a retriever and index the document vectors.
+
+    The dataset is embedded unit by unit (a webdataset's .tar shards; a folder or COCO set is
+    one unit), each unit in chunks of `chunk_size` documents in `out/embeddings/`, finished by
+    its `unit-*.json`; a rerun with the same arguments skips finished units and resumes a
+    started one after its last complete chunk. `workers` processes, or the ranks of torchrun
+    (one worker each), take whole units; the merge writes the documents in the dataset's
+    order, so the index does not depend on their number. With `codes`, each document records
+    its global index in that tokenized directory and its image codes are stored."""
+    import torch
+    import torch.distributed as dist
+
+    from cm3leon.data.readers import detect_format
+
+    if index_type not in INDEX_TYPES:
+        raise CM3LeonError(f"--index-type {index_type!r}: expected one of {INDEX_TYPES}")
+    if batch_size < 1 or chunk_size < 1:
+        raise CM3LeonError(f"--batch-size and --chunk-size must be >= 1 (got {batch_size}, {chunk_size})")
+    rank, world = torchrun()
+    check_workers(workers, world)
+    out = Path(out)
+    retriever_dir = Path(retriever).resolve()
+    enc = _cached_retriever(str(retriever_dir), device)
+    code_ds = None
+    if codes is not None:
+        from cm3leon.data.codes import CodeDataset
+
+        code_ds = CodeDataset(codes)
+    split_arg = None if split == "all" else split
+
+    emb_dir = out / EMBEDDINGS
+    state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
+             "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size, "layout": EMBED_LAYOUT,
+             # the retriever's contents too: one retrained in place embeds differently
+             "retriever_sha256": {f.name: file_digest(f) for f in (retriever_dir / "config.json",
+                                                                   retriever_dir / "model.safetensors")
+                                  if f.is_file()}}
+    if (emb_dir / "build.json").is_file():  # checked by every rank, before any of them writes
+        prev = read_json(emb_dir / "build.json")
+        if prev != state:
+            raise CM3LeonError(f"{emb_dir / 'build.json'}: an interrupted build with other settings ({prev}); "
+                               f"delete {emb_dir} to start over")
+
+    group = world > 1 and not dist.is_initialized()
+    if group:  # only for barriers: a rank must not clean up another's temporaries mid-write
+        dist.init_process_group("gloo")
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "index.json").unlink(missing_ok=True)  # the directory is incomplete until the end
+            remove_stale_temporaries(out)  # an output file write cut short by a kill, the old embeddings/
+            remove_stale_temporaries(emb_dir)  # ... or a chunk write
+            if not (emb_dir / "build.json").is_file():
+                shutil.rmtree(emb_dir, ignore_errors=True)
+                emb_dir.mkdir(parents=True)
+                write_json(emb_dir / "build.json", state)
+        if world > 1:
+            dist.barrier()
+        num_units = len(detect_format(data).units())
+        pending = [u for u in range(num_units) if not embed_unit_file(emb_dir, u).is_file()]
+        initial = sum(read_json(embed_unit_file(emb_dir, u), "unit marker")["num_docs"]
+                      for u in range(num_units) if u not in pending)
+        job = EmbedJob(str(data), str(retriever_dir), str(emb_dir), split_arg,
+                       None if codes is None else str(codes), batch_size, chunk_size, device)
+        with progress(desc=f"embedding {split}", unit="doc", initial=initial) as bar:
+            # every worker embeds with this process's torch threads: on a CPU the vectors'
+            # last bits depend on the thread count (how a kernel splits a sum), so fewer
+            # threads per worker would not write the one-process build's bytes
+            run_units(functools.partial(embed_unit, job), pending[rank::world], workers, bar, count="num_docs",
+                      threads=torch.get_num_threads())
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            _merge_index(out, data, retriever_dir, enc, code_ds, codes, split, num_units, index_type,
+                         index_params_args=(nlist, pq_m, pq_nbits, nprobe, refine), train_sample=train_sample)
+        if world > 1:
+            dist.barrier()
+    finally:
+        if group:
+            dist.destroy_process_group()
+    return read_json(out / "index.json", "index description")
+
+
+def _merge_index(out: Path, data, retriever_dir: Path, enc, code_ds, codes, split: str, num_units: int,
+                 index_type: str, index_params_args: tuple, train_sample: int | None) -> dict:
+    """The finished units' chunks, in unit order (the dataset's record order), streamed into
+    vectors.npy / metadata.jsonl / image_codes.npy, then the FAISS index and index.json."""
+    emb_dir = out / EMBEDDINGS
+    chunks = []
+    for u in range(num_units):
+        marker = read_json(embed_unit_file(emb_dir, u), "unit marker")
+        for c in range(int(marker["num_chunks"])):
+            if not _unit_chunk(emb_dir, u, c).is_file():
+                raise CM3LeonError(f"{embed_unit_file(emb_dir, u)}: unit {u} has {marker['num_chunks']} chunks but "
+                                   f"{_unit_chunk(emb_dir, u, c).name} is missing; delete {emb_dir} to start over")
+            chunks.append(_unit_chunk(emb_dir, u, c))
     count = sum(np.load(c, mmap_mode="r").shape[0] for c in chunks)
     if count == 0:
         raise CM3LeonError(f"{data}: no records in split {split!r} to index")
@@ -582,7 +700,7 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
 
     import faiss
 
-    params = index_params(count, enc.dim, index_type, nlist, pq_m, pq_nbits, nprobe, refine)
+    params = index_params(count, enc.dim, index_type, *index_params_args)
     vecs = np.load(out / "vectors.npy", mmap_mode="r")
     index = make_faiss_index(vecs, index_type, params, train_sample=train_sample)
     with atomic_path(out / "index.faiss") as tmp:

@@ -14,13 +14,13 @@ records in a fixed order). `meta.json`, written once every unit is finished, mer
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.io import file_digest, read_json, remove_stale_temporaries, write_json
 from cm3leon.utils.logging import progress
+from cm3leon.utils.units import check_workers, run_units, torchrun
 
 ARGS_FILE = "tokenize_args.json"
 LAYOUT = "shard-UNIT-CHUNK"  # recorded in ARGS_FILE: a directory of another layout is not resumed
@@ -104,42 +104,9 @@ def tokenize_unit(job: TokenizeJob, unit: int, bar=None) -> dict:
     return info
 
 
-def _worker_init(threads: int, parent: int) -> None:
-    """A worker process: `threads` torch threads, and it dies with the process that started
-    it, so a `kill -9` of `cm3leon tokenize` leaves no worker writing beside the next run."""
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass  # not Linux: the pool's own shutdown ends the workers
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _tokenize_units(job: TokenizeJob, units: list[int], workers: int, total: int | None, initial: int) -> None:
     with progress(total=total, desc="tokenize", unit="rec", initial=initial) as bar:
-        if workers == 1 or len(units) <= 1:
-            for u in units:
-                tokenize_unit(job, u, bar)
-            return
-        import multiprocessing
-
-        import torch
-
-        threads = max(1, torch.get_num_threads() // workers)
-        ctx = multiprocessing.get_context("spawn")  # no forked torch state
-        with ctx.Pool(min(workers, len(units)), initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
-            for info in pool.imap_unordered(functools.partial(tokenize_unit, job), units):
-                bar.update(info["num_records"])
-
-
-def _torchrun() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        run_units(functools.partial(tokenize_unit, job), units, workers, bar, count="num_records")
 
 
 def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokenizer: str | Path, out: str | Path,
@@ -159,12 +126,8 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
 
     if batch_size < 1 or shard_size < 1:
         raise CM3LeonError(f"--batch-size and --shard-size must be >= 1 (got {batch_size}, {shard_size})")
-    if workers < 1:
-        raise CM3LeonError(f"--workers must be >= 1, got {workers}")
-    rank, world = _torchrun()
-    if world > 1 and workers > 1:
-        raise CM3LeonError(f"--workers {workers} under torchrun: each of the {world} ranks is one worker; "
-                           "pass --workers 1 or run without torchrun")
+    rank, world = torchrun()
+    check_workers(workers, world)
     out = Path(out)
     vq, tok = _tokenizers(str(image_tokenizer), str(text_tokenizer), device)
     args = {
