@@ -44,7 +44,7 @@ from cm3leon.retrieval.policy import (
 from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, remove_stale_temporaries, remove_tree,
                               write_json)
 from cm3leon.utils.logging import progress
-from cm3leon.utils.units import check_workers, run_units, torchrun
+from cm3leon.utils.units import barrier_group, check_workers, run_units, torchrun
 
 FORMAT = "cm3leon-index/1"
 NEIGHBORS_FORMAT = "cm3leon-neighbors/1"
@@ -603,9 +603,7 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
             raise CM3LeonError(f"{emb_dir / 'build.json'}: an interrupted build with other settings ({prev}); "
                                f"delete {emb_dir} to start over")
 
-    group = world > 1 and not dist.is_initialized()
-    if group:  # only for barriers: a rank must not clean up another's temporaries mid-write
-        dist.init_process_group("gloo")
+    group = barrier_group(world)
     try:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)

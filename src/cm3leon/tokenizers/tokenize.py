@@ -20,7 +20,7 @@ from pathlib import Path
 from cm3leon.errors import CM3LeonError
 from cm3leon.utils.io import file_digest, read_json, remove_stale_temporaries, write_json
 from cm3leon.utils.logging import progress
-from cm3leon.utils.units import check_workers, run_units, torchrun
+from cm3leon.utils.units import barrier_group, check_workers, run_units, torchrun
 
 ARGS_FILE = "tokenize_args.json"
 LAYOUT = "shard-UNIT-CHUNK"  # recorded in ARGS_FILE: a directory of another layout is not resumed
@@ -150,9 +150,7 @@ def tokenize_dataset(data: str | Path, image_tokenizer: str | Path, text_tokeniz
     elif any(out.glob("shard-*")):
         raise CM3LeonError(f"{out} already holds code shards of unknown origin; use another --out or delete it")
 
-    group = world > 1 and not dist.is_initialized()
-    if group:  # only for barriers: a rank must not clean up another's temporaries mid-write
-        dist.init_process_group("gloo")
+    group = barrier_group(world)
     try:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,18 @@ def torchrun() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def barrier_group(world: int) -> bool:
+    """Under torchrun, a gloo process group for barriers (a rank must not clean up another's
+    temporaries mid-write), unless one is set up already. True when this call made it: the
+    caller then destroys it (`torch.distributed.destroy_process_group()`) when done."""
+    import torch.distributed as dist
+
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
 def check_workers(workers: int, world: int) -> None:
     """--workers must be >= 1, and 1 under torchrun (each rank is one worker)."""
     if workers < 1:
