@@ -546,7 +546,7 @@ def test_key_lookup_gives_the_first_record_of_a_key_and_minus_one_for_unknown_ke
         assert kl.lookup(queries).tolist() == [ref.get(q, -1) for q in queries]
         assert kl.lookup([]).dtype == np.int64 and kl.lookup([]).shape == (0,)
         assert kl.get("κλειδί") == 3 and kl.get("b") == 0 and kl.get("nope") is None and kl.get("nope", -1) == -1
-        assert len(kl) == len(pairs) and [kl.split(i) for i in range(len(pairs))] == [s for _, s in pairs]
+        assert len(kl) == len(pairs) and [kl.split_names[c] for c in kl.split_codes] == [s for _, s in pairs]
         assert kl.split_names == ("test", "train", "val")
         assert kl.in_split("val").tolist() == [s == "val" for _, s in pairs] and not kl.in_split("other").any()
     rng = np.random.default_rng(0)

@@ -48,11 +48,12 @@ class ModelConfig:
     max_seq_len: int = 4096  # context length (paper Sec. 3: 4096 tokens)
     activation: str = "relu"  # the paper follows OPT, whose MLP uses ReLU
     # Gated MLP (GLU, Shazeer 2020): fc2(act(gate(x)) * fc1(x)); with activation "silu" this
-    # is the SwiGLU of Llama and of the Chameleon / LlamaGen / Janus / Emu3 decoders. Its
-    # product of two projections computes interactions of two features of the input (does
-    # the question's word match the picture?) that a bias-free ReLU MLP learns slowly
-    # (measured in cm3leon/run/config.py). False: the paper's (OPT's) plain MLP. Default
-    # width with gating: 8/3 * d_model rounded up to a multiple of 64, the plain MLP's params.
+    # is the SwiGLU of Llama and of the Chameleon / LlamaGen / Janus / Emu3 decoders: its
+    # product of two projections models interactions of two input features directly. On the
+    # demo it did not teach the model to match a question's word with the picture (VQA
+    # existence at chance either way, cm3leon/run/config.py), so no preset uses it. False: the
+    # paper's (OPT's) plain MLP. Default width with gating: 8/3 * d_model rounded up to a
+    # multiple of 64, the plain MLP's parameters.
     glu: bool = False
     tie_embeddings: bool = True  # output head shares the token embedding, as in OPT
     init_std: float = 0.006  # truncated normal std, cut at +-3 std (paper Sec. 3)

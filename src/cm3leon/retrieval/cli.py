@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+
+from cm3leon.utils.units import torchrun
 
 
 def register(sub) -> None:
@@ -57,7 +58,7 @@ def register(sub) -> None:
     b.add_argument("--pq-nbits", type=int, default=8, help="bits per PQ code (default 8)")
     b.add_argument("--refine", type=int, default=16,
                    help="IVF-PQ: re-rank refine*k compressed hits exactly with the stored vectors (1 = off; default 16: "
-                        "with 4-byte PQ codes of 32-dim vectors, recall@10 was 0.54 at 4 and 0.83 at 16)")
+                        "on 225,000 32-dim vectors in the default 16-byte codes, recall@10 was 0.96 at 4, 0.996 at 16)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--chunk-size", type=int, default=8192, help="documents per resumable embedding chunk")
     b.add_argument("--workers", type=int, default=1,
@@ -121,7 +122,7 @@ def _build(args) -> int:
                        codes=args.codes, batch_size=args.batch_size, chunk_size=args.chunk_size, nlist=args.nlist,
                        pq_m=args.pq_m, pq_nbits=args.pq_nbits, nprobe=args.nprobe, refine=args.refine,
                        workers=args.workers)
-    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+    if torchrun()[0] == 0:  # once under torchrun
         print(json.dumps(info, indent=2))
     return 0
 

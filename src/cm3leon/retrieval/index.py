@@ -431,10 +431,6 @@ class KeyLookup:
         gi = int(self.lookup([key])[0])
         return default if gi < 0 else gi
 
-    def split(self, gi: int) -> str:
-        """The split of record gi."""
-        return self.split_names[int(self.split_codes[int(gi)])]
-
     def in_split(self, name: str) -> np.ndarray:
         """bool [num_records]: which records are in split `name`."""
         if name not in self.split_names:
