@@ -260,10 +260,12 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     shutil.copytree(model_dir, d)
     plain = CM3Leon.from_pretrained(d)
     assert plain.decoding == DecodingConfig() and plain.decoding.model_defaults() == {
-        "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2, "cdk_k": 10}  # the paper's (CD-K's k: ours)
+        "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2, "cdk_k": 10,  # the paper's (CD-K's k: ours)
+        "image_guidance": 1.5, "text_guidance": 7.5}
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
-    assert tuned.decoding.model_defaults() == {"cfg_scale": 1.5, "temperature": 1.0, "num_retrieved": 0, "cdk_k": 1}
+    assert tuned.decoding.model_defaults() == {"cfg_scale": 1.5, "temperature": 1.0, "num_retrieved": 0, "cdk_k": 1,
+                                               "image_guidance": 1.5, "text_guidance": 7.5}
     # the sampling temperature the model draws best at is one of its defaults too
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5}))
     cool = CM3Leon.from_pretrained(d)
@@ -286,10 +288,32 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     assert given.settings["guidance"]["cfg_scale"] == 4.0
 
 
+def test_decoding_json_sets_the_models_editing_guidance_and_temperature(model_dir, tmp_path, picture):
+    """Editing draws with the model's decoding.json scales and temperature (the paper's 1.5 / 7.5
+    at temperature 1 without one); arguments override them."""
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    plain = CM3Leon.from_pretrained(d)
+    paper = plain.edit_samples(picture, "make it blue", seed=4)[0]
+    assert paper.settings["guidance"] == {"method": "edit", "image_guidance": 1.5, "text_guidance": 7.5}
+    assert paper.settings["temperature"] == 1.0
+    (d / DECODING_FILE).write_text(json.dumps({"image_guidance": 1.0, "text_guidance": 1.5, "temperature": 0.5}))
+    tuned = CM3Leon.from_pretrained(d)
+    own = tuned.edit_samples(picture, "make it blue", seed=4)[0]
+    assert own.settings["guidance"] == {"method": "edit", "image_guidance": 1.0, "text_guidance": 1.5}
+    assert own.settings["temperature"] == 0.5
+    assert own.codes == plain.edit_samples(picture, "make it blue", image_guidance=1.0, text_guidance=1.5,
+                                           temperature=0.5, seed=4)[0].codes
+    given = tuned.edit_samples(picture, "make it blue", text_guidance=7.5, temperature=1.0, seed=4)[0]
+    assert given.settings["guidance"]["text_guidance"] == 7.5 and given.codes != own.codes
+    assert given.codes == plain.edit_samples(picture, "make it blue", image_guidance=1.0, seed=4)[0].codes
+
+
 @pytest.mark.parametrize("content, field", [
     ({"cfg_scale": "high"}, "cfg_scale"), ({"num_retrieved": 1.5}, "num_retrieved"),
     ({"num_retrieved": -1}, "num_retrieved"), ({"cdk_k": 0}, "cdk_k"), ({"top_p": 0.5}, "unknown"),
-    ({"temperature": -1}, "temperature"),
+    ({"temperature": -1}, "temperature"), ({"text_guidance": -2}, "text_guidance"),
+    ({"image_guidance": "x"}, "image_guidance"),
     ([1, 2], "JSON object"),
 ])
 def test_a_bad_decoding_json_names_the_file_and_field(model_dir, tmp_path, content, field):

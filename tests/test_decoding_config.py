@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from cm3leon.decode.config import (DECODING_FILE, FIELDS, MODEL_KEYS, DecodingConfig, add_arguments, given,
+from cm3leon.decode.config import (DECODING_FILE, EDIT_KEYS, FIELDS, MODEL_KEYS, DecodingConfig, add_arguments, given,
                                    read_model_decoding, write_model_decoding)
 from cm3leon.decode.guidance import Guidance
 from cm3leon.errors import CM3LeonError
@@ -46,12 +46,16 @@ def test_the_decoder_gets_the_methods_guidance_and_sampler():
 def test_a_model_directory_keeps_its_model_keys(tmp_path):
     assert read_model_decoding(tmp_path) == {}
     write_model_decoding(tmp_path, DecodingConfig(cfg_scale=1.5, num_retrieved=0, cdk_k=1, temperature=0.5,
-                                                  top_p=0.5))
+                                                  top_p=0.5, image_guidance=1.0, text_guidance=1.5))
     assert (tmp_path / DECODING_FILE).is_file()
-    # the sampling temperature is the model's (chosen by its sweep); top-p and the method are the call's
-    assert read_model_decoding(tmp_path) == {"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1}
+    # the sampling temperature and editing's scales are the model's (chosen by its sweeps); top-p
+    # and the method are the call's
+    own = {"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1, "image_guidance": 1.0,
+           "text_guidance": 1.5}
+    assert read_model_decoding(tmp_path) == own
     d = DecodingConfig.from_model_dir(tmp_path)
-    assert d.model_defaults() == {"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1}
+    assert d.model_defaults() == own and d.edit_guidance().to_dict() == {
+        "method": "edit", "image_guidance": 1.0, "text_guidance": 1.5}
     assert d.top_p == DecodingConfig.top_p and d.method == DecodingConfig.method
     assert set(MODEL_KEYS) <= FIELDS
 
@@ -77,5 +81,9 @@ def test_every_decoding_command_offers_the_configs_flags(argv, capsys):
         main([*argv, "-h"])
     text = capsys.readouterr().out
     skip = {"method", "num_candidates"} if argv[1] == "sweep" else set()
+    if argv[1] != "model":  # editing's scales: where edits are drawn (eval model, generate edit)
+        skip |= set(EDIT_KEYS)
     for name in FIELDS - skip:
         assert "--" + name.replace("_", "-") in text, (argv, name)
+    for name in set(EDIT_KEYS) & skip:
+        assert "--" + name.replace("_", "-") not in text, (argv, name)

@@ -40,6 +40,7 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     # the dtype measured at start
     config = json.loads((out / "pretrain" / "config.json").read_text())
     assert config["image_embedding_init"] > 0 and config["segment_positions"] and config["segment_numbers"]
+    assert config["shared_segment_positions"]  # the CPU presets: one cell table for every segment
     assert json.loads((out / "pretrain" / "train_summary.json").read_text())["dtype"] in ("bf16", "fp32")
     gen = json.loads((out / "generate" / "summary.json").read_text())
     assert set(gen["methods"]) == {"topp", "cfg", "cdk", "best_of_n"}
@@ -49,7 +50,8 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     preset = PIPELINE_PRESETS["quick"]
     assert json.loads((out / "sft" / "decoding.json").read_text()) == {
         "cfg_scale": preset.decoding.cfg_scale, "temperature": preset.decoding.temperature,
-        "num_retrieved": preset.decoding.num_retrieved, "cdk_k": preset.decoding.cdk_k}
+        "num_retrieved": preset.decoding.num_retrieved, "cdk_k": preset.decoding.cdk_k,
+        "image_guidance": preset.decoding.image_guidance, "text_guidance": preset.decoding.text_guidance}
     assert all(0.0 <= m["accuracy_both"] <= 1.0 for m in gen["methods"].values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0

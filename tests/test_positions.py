@@ -157,3 +157,51 @@ def test_packed_documents_train_exactly_as_each_alone(stride, numbers):
             alone += float(model(t, y, reduction="none", position_ids=pos)[1].sum())
     assert packed.item() == pytest.approx(alone, rel=1e-5)
     assert abs(unmasked.item() - alone) > 1e-3  # packing without it is not the same
+
+
+def _shared_model() -> CM3LeonTransformer:
+    torch.manual_seed(1)
+    m = CM3LeonTransformer(_config().replace(shared_segment_positions=True)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    return m
+
+
+def test_shared_segment_positions_give_a_cell_one_vector_in_every_segment():
+    """model.shared_segment_positions: the k-th token of every segment shares the cell table's
+    row k (on top of its own position row), and that row learns from every segment."""
+    m = _shared_model()
+    with torch.no_grad():
+        m.pos_embeddings.weight.zero_()
+    table = m.position_table()
+    assert torch.equal(table[3], table[STRIDE + 3]) and torch.equal(table[3], table[2 * STRIDE + 3])
+    assert not torch.equal(table[3], table[4])
+    i = VOCAB.image_offset
+    doc = [EOS, i, i + 1, BRK, i + 2, i + 3, BRK, i + 4, i + 5, EOS]
+    pos = document_positions(doc, m.config)
+    _, loss = m(torch.tensor([doc]), targets=torch.tensor([doc[1:] + [-100]]), position_ids=pos)
+    loss.backward()
+    grad = m.cell_embeddings.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[2].abs().sum() > 0  # cells of the three segments
+    assert grad[STRIDE - 1].abs().sum() == 0  # no token sits at that index
+
+
+def test_shared_segment_positions_need_segment_positions_and_export_as_one_table(tmp_path):
+    from cm3leon.convert.hf_opt import export_hf, import_hf
+
+    with pytest.raises(CM3LeonError, match="shared_segment_positions needs segment_positions"):
+        ModelConfig.from_preset("tiny", vocab_size=VOCAB.size, shared_segment_positions=True)
+    m = _shared_model()
+    export_hf(m, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back = CM3LeonTransformer.from_pretrained(tmp_path / "back").eval()
+    assert back.cell_embeddings is None and not back.config.shared_segment_positions
+    assert torch.allclose(back.pos_embeddings.weight, m.position_table())
+    t, i = VOCAB.text_offset, VOCAB.image_offset
+    doc = [EOS, t + 1, t + 2, BRK, i, i + 1, i + 2, BRK, t + 3, BRK, i + 3, i + 4, EOS]
+    pos = document_positions(doc, m.config)
+    with torch.no_grad():
+        a, _ = m(torch.tensor([doc]), position_ids=pos)
+        b, _ = back(torch.tensor([doc]), position_ids=pos)
+    torch.testing.assert_close(a, b)

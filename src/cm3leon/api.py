@@ -27,7 +27,6 @@ import torch
 
 from cm3leon.decode.config import IMAGE_METHODS, SCORERS, DecodingConfig, check_model_decoding
 from cm3leon.decode.generate import generate
-from cm3leon.decode.guidance import Guidance
 from cm3leon.decode.processors import ImageConstraint, ImageInfillConstraint, SamplerSettings, TextConstraint
 from cm3leon.decode.rerank import rank, sequence_logprob, split_methods
 from cm3leon.layout.prompts import Document, PromptBuilder, TaskPrompt, box_to_region
@@ -431,13 +430,15 @@ class CM3Leon:
         return texts[0] if one else texts
 
     # --- image -> image --------------------------------------------------------------------
-    def edit_samples(self, images, instructions: str | Sequence[str], image_guidance: float = 1.5,
-                     text_guidance: float = 7.5, temperature: float = 1.0, top_p: float | None = 0.9,
-                     top_k: int | None = None, seed: int | None = None, n: int = 1,
+    def edit_samples(self, images, instructions: str | Sequence[str], image_guidance: float | None = None,
+                     text_guidance: float | None = None, temperature: float | None = None,
+                     top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None, n: int = 1,
                      on_step: Callable[[int, torch.Tensor], None] | None = None) -> list[ImageSample]:
         """Edit images following instructions (paper Table 5 template), with two-scale
-        guidance in one batch: image 1.5, text 7.5 by default (paper Sec. 5). n samples per
-        (image, instruction), all in one batch, pair by pair. on_step: `generate`'s hook."""
+        guidance in one batch. Scales and temperature left None are `self.decoding`'s: the
+        model directory's decoding.json, else the paper's image 1.5, text 7.5 (Sec. 5) at
+        temperature 1. n samples per (image, instruction), all in one batch, pair by pair.
+        on_step: `generate`'s hook."""
         _check_n(n)
         one, images = _as_batch(images, "images")
         one_i, instructions = _as_batch(instructions, "instructions")
@@ -446,8 +447,9 @@ class CM3Leon:
                                f"(got {len(images)} image(s), {len(instructions)} instruction(s))")
         if not images:
             return []
-        guidance = Guidance("edit", image_scale=image_guidance, text_scale=text_guidance)
-        sampler = SamplerSettings(temperature, top_k, top_p)
+        d = self.decoding.replace(image_guidance=image_guidance, text_guidance=text_guidance, temperature=temperature)
+        guidance = d.edit_guidance()
+        sampler = SamplerSettings(d.temperature, top_k, top_p)
         seed = _new_seed(seed)
         tps = [tp for c, ins in zip(self.encode_images(images), instructions) for tp in [self.prompts.edit(c, ins)] * n]
         per_row = [tp.guidance_streams("edit") for tp in tps]
@@ -462,8 +464,8 @@ class CM3Leon:
         return [ImageSample(im, c, ins, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)
                 for i, (im, c, ins, tp) in enumerate(zip(self.decode_images(codes), codes, rows, tps))]
 
-    def edit(self, images, instructions: str | Sequence[str], image_guidance: float = 1.5,
-             text_guidance: float = 7.5, temperature: float = 1.0, top_p: float | None = 0.9,
+    def edit(self, images, instructions: str | Sequence[str], image_guidance: float | None = None,
+             text_guidance: float | None = None, temperature: float | None = None, top_p: float | None = 0.9,
              top_k: int | None = None, seed: int | None = None):
         """`edit_samples`' images: one image and one instruction -> a PIL image; lists -> a list."""
         samples = self.edit_samples(images, instructions, image_guidance, text_guidance, temperature, top_p, top_k,

@@ -99,7 +99,8 @@ def opt_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[
         "use_cache": True,
         "dtype": dtype_name,
         "torch_dtype": dtype_name,  # the name older transformers and vLLM read
-        "cm3leon": config.to_dict(),
+        # the summed position table is a plain one (state_dict_to_hf): imported, it is that model
+        "cm3leon": config.replace(shared_segment_positions=False).to_dict(),
     }
 
 
@@ -156,6 +157,9 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     """Our state dict -> OPTForCausalLM state dict (`model.decoder.*`, `lm_head.weight`)."""
     V, d = config.vocab_size, config.d_model
     pos = state["pos_embeddings.weight"]
+    if "cell_embeddings.weight" in state:  # shared segment positions: OPT holds the summed table
+        cell = state["cell_embeddings.weight"]
+        pos = pos + cell[torch.arange(pos.size(0), device=pos.device) % cell.size(0)]
     hf = {
         "decoder.embed_tokens.weight": state["tok_embeddings.weight"][:V],
         # (max_seq_len, d) -> (max_seq_len + 2, d): OPT looks up position + 2

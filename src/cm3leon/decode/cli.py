@@ -33,8 +33,9 @@ def register(sub) -> None:
         q.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
         if image_sampling is None:  # text -> image: every DecodingConfig flag
             return
-        q.add_argument("--temperature", type=float, default=1.0 if image_sampling else 0.0,
-                       help="0 = greedy (default %(default)s)")
+        q.add_argument("--temperature", type=float, default=None if image_sampling else 0.0,
+                       help="0 = greedy (default " + ("the model's decoding.json, else 1)" if image_sampling
+                                                      else "%(default)s)"))
         q.add_argument("--top-p", type=float, default=0.9 if image_sampling else None,
                        help="nucleus sampling mass (default %(default)s)")
         q.add_argument("--top-k", type=int, default=None, help="keep the k best tokens (default all)")
@@ -45,7 +46,7 @@ def register(sub) -> None:
     t.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     t.add_argument("--prompts", help="a text file with one prompt per line")
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    decoding_config.add_arguments(t)  # the model directory's decoding.json unless given
+    decoding_config.add_arguments(t, skip=decoding_config.EDIT_KEYS)  # the model's decoding.json unless given
     t.set_defaults(func=_image)
 
     c = gsub.add_parser("caption", help="image -> text (infilling)")
@@ -66,8 +67,10 @@ def register(sub) -> None:
     e.add_argument("--image", required=True, help="the image to edit")
     e.add_argument("--instruction", required=True, help="what to change")
     e.add_argument("--n", type=int, default=1, help="edited images to draw (default 1)")
-    e.add_argument("--image-guidance", type=float, default=1.5, help="source-image guidance (paper 1.5)")
-    e.add_argument("--text-guidance", type=float, default=7.5, help="instruction guidance (paper 7.5)")
+    e.add_argument("--image-guidance", type=float, default=None,
+                   help="source-image guidance (default: the model's decoding.json, else the paper's 1.5)")
+    e.add_argument("--text-guidance", type=float, default=None,
+                   help="instruction guidance (default: the model's decoding.json, else the paper's 7.5)")
     e.set_defaults(func=_edit)
 
 

@@ -30,8 +30,10 @@ IMAGE_METHODS = ("topp", "cfg", "cdk", "best_of_n")
 SCORERS = ("auto", "clip", "likelihood")  # how best-of-N ranks its candidates (CM3Leon.rerank)
 DECODING_FILE = "decoding.json"
 # What a model directory's decoding.json may set: a small tuned model can draw best at another
-# CFG scale, without retrieved documents or with another CD-K k than the paper's settings.
-MODEL_KEYS = ("cfg_scale", "temperature", "num_retrieved", "cdk_k")
+# CFG scale, without retrieved documents or with another CD-K k than the paper's settings, and
+# edit best at other guidance scales.
+MODEL_KEYS = ("cfg_scale", "temperature", "num_retrieved", "cdk_k", "image_guidance", "text_guidance")
+EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
 
@@ -50,6 +52,10 @@ class DecodingConfig:
     num_candidates: int = 8  # best-of-N: candidates drawn per prompt (half TopP+CFG, half CD-K)
     num_retrieved: int = 2  # documents retrieved into the prompt (paper Sec. 2: k = 2)
     scorer: str = "auto"  # best-of-N ranking: auto | clip | likelihood
+    # Editing (paper Sec. 5: two-scale guidance, source image 1.5, instruction 7.5); editing
+    # samples with this config's temperature and top-p / top-k too.
+    image_guidance: float = Guidance.image_scale
+    text_guidance: float = Guidance.text_scale
 
     def __post_init__(self) -> None:
         if self.method not in IMAGE_METHODS:
@@ -58,6 +64,7 @@ class DecodingConfig:
             raise CM3LeonError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         SamplerSettings(self.temperature, self.top_k, self.top_p)  # their checks, their messages
         Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)  # inf / NaN too
+        self.edit_guidance()
         for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED)):
             v, lo = getattr(self, name), int(name == "num_candidates")
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -102,6 +109,10 @@ class DecodingConfig:
             return Guidance("cdk", cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)
         return Guidance("cfg", cfg_scale=self.cfg_scale)
 
+    def edit_guidance(self) -> Guidance:
+        """Editing's two-scale guidance (source image, instruction)."""
+        return Guidance("edit", image_scale=self.image_guidance, text_scale=self.text_guidance)
+
 
 FIELDS = frozenset(f.name for f in fields(DecodingConfig))
 
@@ -121,7 +132,7 @@ def check_model_decoding(d: Any, where: str) -> dict:
         DecodingConfig().replace(**d)
     except CM3LeonError as e:
         raise CM3LeonError(f"{where}: {e}") from None
-    return {k: float(v) if k in ("cfg_scale", "temperature") else int(v) for k, v in d.items()}
+    return {k: float(v) if k in ("cfg_scale", "temperature", *EDIT_KEYS) else int(v) for k, v in d.items()}
 
 
 def read_model_decoding(model_dir: str | os.PathLike) -> dict:
@@ -155,6 +166,8 @@ _HELP = {
     "num_candidates": "best_of_n: candidates per prompt",
     "num_retrieved": "documents retrieved into the prompt",
     "scorer": f"best_of_n ranking: {' | '.join(SCORERS)}",
+    "image_guidance": "editing: source-image guidance scale (paper 1.5)",
+    "text_guidance": "editing: instruction guidance scale (paper 7.5)",
 }
 
 

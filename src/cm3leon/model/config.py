@@ -76,6 +76,13 @@ class ModelConfig:
     # every segment (0 stays the document's first token) and every image's k-th code shares
     # one position, whichever document of the sequence it is in.
     segment_numbers: bool = True
+    # With segment positions: True adds a second learned table of N rows indexed by the index
+    # in the segment (position % N), shared by every segment, to the position table: the k-th
+    # code of every image then shares a vector (its cell of the code grid) while the segment
+    # number stays in the position, so attention can match a cell across images (an edit's
+    # source and target, a retrieved image and the query's). Exported to OPT as the one
+    # summed table. False: the position table alone.
+    shared_segment_positions: bool = False
     # > 0: the image codes' embedding rows start from the image tokenizer's codebook (its
     # principal directions, this std per element) instead of noise alone, so codes of alike
     # patches start alike (`CM3LeonTransformer.init_image_embeddings`, applied by `cm3leon
@@ -103,6 +110,11 @@ class ModelConfig:
         self.segment_delimiters = [int(t) for t in self.segment_delimiters]
         if self.segment_positions and not self.segment_delimiters:
             raise CM3LeonError("ModelConfig.segment_positions needs segment_delimiters (the <break> and <eos> ids)")
+        if not isinstance(self.shared_segment_positions, bool):
+            raise CM3LeonError(f"ModelConfig.shared_segment_positions must be true or false, got "
+                               f"{self.shared_segment_positions!r}")
+        if self.shared_segment_positions and not self.segment_positions:
+            raise CM3LeonError("ModelConfig.shared_segment_positions needs segment_positions > 0")
         if self.segment_positions > self.max_seq_len:
             raise CM3LeonError(f"ModelConfig.segment_positions ({self.segment_positions}) exceeds max_seq_len "
                                f"({self.max_seq_len})")

@@ -129,6 +129,9 @@ class CM3LeonTransformer(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
+        # config.shared_segment_positions: one more row per index in a segment, shared by all segments
+        self.cell_embeddings = (nn.Embedding(config.segment_positions, config.d_model)
+                                if config.shared_segment_positions else None)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.gradient_checkpointing = False
@@ -145,7 +148,7 @@ class CM3LeonTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.o_proj.weight", "mlp.fc2.weight")):
                 nn.init.zeros_(p)
-            elif name == "pos_embeddings.weight":
+            elif name in ("pos_embeddings.weight", "cell_embeddings.weight"):
                 nn.init.trunc_normal_(p, std=pstd, a=-3 * pstd, b=3 * pstd)
             else:
                 nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
@@ -250,7 +253,7 @@ class CM3LeonTransformer(nn.Module):
             raise CM3LeonError(f"forward: {T} tokens exceed the model's max_seq_len {self.config.max_seq_len}")
         if position_ids is None:
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
-        x = self.tok_embeddings(tokens) + self.pos_embeddings(position_ids)  # (B, T, d)
+        x = self.tok_embeddings(tokens) + self.position_embedding(position_ids)  # (B, T, d)
         mask = self._attention_mask(B, T, input_pos, attn_mask, tokens.device)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -290,6 +293,18 @@ class CM3LeonTransformer(nn.Module):
                 raise CM3LeonError(f"forward: reduction must be 'mean' or 'none', got {reduction!r}")
         return logits, loss
 
+    def position_embedding(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The learned position vectors of `position_ids` (any shape -> (..., d))."""
+        pos = self.pos_embeddings(position_ids)
+        if self.cell_embeddings is None:
+            return pos
+        return pos + self.cell_embeddings(position_ids % self.config.segment_positions)
+
+    @torch.no_grad()
+    def position_table(self) -> torch.Tensor:
+        """(max_seq_len, d): every position's vector as one table (what OPT's table holds)."""
+        return self.position_embedding(torch.arange(self.config.max_seq_len, device=self.pos_embeddings.weight.device))
+
     def _attention_mask(self, B: int, T: int, input_pos: torch.Tensor | None,
                         attn_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
         """Bool (B|1, 1, T, S) mask, True = attend; None means plain causal over T."""
@@ -314,6 +329,8 @@ class CM3LeonTransformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel() + self.pos_embeddings.weight.numel()
+            if self.cell_embeddings is not None:
+                n -= self.cell_embeddings.weight.numel()
         return n
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:

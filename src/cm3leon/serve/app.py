@@ -301,8 +301,8 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                     e_pick = gr.Button("Use the last generated image", size="sm")
                     instruction = gr.Textbox(label="instruction", placeholder="make it blue",
                                              max_length=MAX_TEXT_CHARS + 1)
-                    image_guidance = gr.Slider(0, 10, value=1.5, step=0.1, label="image guidance")
-                    text_guidance = gr.Slider(0, 20, value=7.5, step=0.1, label="text guidance")
+                    image_guidance = gr.Slider(0, 10, value=m.decoding.image_guidance, step=0.1, label="image guidance")
+                    text_guidance = gr.Slider(0, 20, value=m.decoding.text_guidance, step=0.1, label="text guidance")
                     e_temperature = gr.Slider(0, 2, value=m.decoding.temperature, step=0.05,
                                             label="temperature (0 = greedy)")
                     e_top_p = gr.Slider(0.05, 1, value=m.decoding.top_p or 1.0, step=0.05, label="top-p")

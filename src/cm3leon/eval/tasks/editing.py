@@ -4,10 +4,13 @@ returning the input unedited scores."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections import defaultdict
 from typing import Any, Sequence
 
+from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png
 
@@ -78,7 +81,14 @@ def run(ctx: TaskContext) -> None:
         else:
             t0 = time.perf_counter()
             rows = [r for r in rows if isinstance(r.get("instruction"), str)]
-            edited = batched(ctx.model.edit, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
+            fn = ctx.model.edit
+            if isinstance(ctx.decoding, DecodingConfig):  # the run's editing scales and sampling,
+                d = ctx.decoding  # those of them the model's edit() takes
+                given = dict(image_guidance=d.image_guidance, text_guidance=d.text_guidance,
+                             temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
+                takes = inspect.signature(fn).parameters
+                fn = functools.partial(fn, **{k: v for k, v in given.items() if k in takes})
+            edited = batched(fn, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
                              ctx.batch_size, "editing", ctx.seed)
             targets = [edit_target_objects(r) for r in rows]
             ctx.results["edit"], per = score_edits(edited, targets, [r.get("type") for r in rows],
