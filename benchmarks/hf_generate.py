@@ -5,7 +5,8 @@ same CFG, same seed — and a check that both wrote the same codes.
     python benchmarks/hf_generate.py [--model runs/demo/sft] [--batch 8] [--repeats 3]
 
 Writes benchmarks/results/hf_generate.json. Without a model directory (run `make demo`
-first) it says so and exits 0.
+first) it says so and exits 0. `vllm_serve.py` times vLLM against the same two with the
+functions here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,62 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+
+Draw = Callable[[int], list]  # seed -> image codes (0-based), one list per prompt
+
+
+def shape_prompts(n: int) -> list[str]:
+    colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle", "cross")
+    return [f"a large {colours[i % 4]} {shapes[(i // 4) % 4]}" for i in range(n)]
+
+
+def cm3leon_draw(model_dir, prompts: list[str], cfg_scale: float, temperature: float = 1.0,
+                 top_p: float | None = 0.9, device: str = "cpu") -> Draw:
+    """`CM3Leon.sample_images` on our model directory."""
+    from cm3leon.api import CM3Leon
+
+    ours = CM3Leon.from_pretrained(model_dir, device=device)
+
+    def draw(seed: int) -> list:
+        return [list(s.codes) for s in ours.sample_images(
+            prompts, method="cfg", cfg_scale=cfg_scale, temperature=temperature, top_p=top_p, seed=seed,
+            num_retrieved=0)]
+    return draw
+
+
+def transformers_draw(hf_dir, prompts: list[str], cfg_scale: float, temperature: float = 1.0,
+                      top_p: float | None = 0.9, device: str = "cpu") -> Draw:
+    """`transformers`' `generate` on an exported directory with the `cm3leon.hf` processors."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from cm3leon.hf import BatchedCFGLogitsProcessor, CM3LeonOPTForCausalLM, build_image_prompt
+
+    hf = CM3LeonOPTForCausalLM.from_pretrained(hf_dir).to(device).eval()
+    batch = build_image_prompt(hf_dir, prompts)
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    offset = batch.constraint.vocab.image_offset
+
+    def draw(seed: int) -> list:
+        cfg = BatchedCFGLogitsProcessor(cfg_scale, batch.constraint, temperature=temperature, top_p=top_p, seed=seed)
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=batch.length,
+                              logits_processor=LogitsProcessorList([cfg]))
+        return (out[: len(prompts), batch.prompt_length:-1] - offset).tolist()
+    return draw
+
+
+def best_times(draws: dict[str, Draw], repeats: int) -> dict[str, float]:
+    """Each draw's best wall time over `repeats` (seeds 1..repeats), interleaved, so drifts of
+    the machine hit all alike. Run each once before (the warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in draws}
+    for r in range(repeats):
+        for name, draw in draws.items():
+            t0 = time.perf_counter()
+            draw(r + 1)
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -31,40 +88,16 @@ def main() -> int:
         return 0
 
     import torch
-    from transformers import LogitsProcessorList
 
-    from cm3leon.api import CM3Leon
     from cm3leon.convert.hf_opt import export_hf
-    from cm3leon.hf import BatchedCFGLogitsProcessor, CM3LeonOPTForCausalLM, build_image_prompt
 
-    colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle", "cross")
-    prompts = [f"a large {colours[i % 4]} {shapes[(i // 4) % 4]}" for i in range(args.batch)]
-    ours = CM3Leon.from_pretrained(args.model)
+    prompts = shape_prompts(args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(args.model, Path(tmp) / "hf")
-        hf = CM3LeonOPTForCausalLM.from_pretrained(Path(tmp) / "hf").eval()
-        batch = build_image_prompt(Path(tmp) / "hf", prompts)
-
-        def run_ours(seed):
-            return [list(s.codes) for s in ours.sample_images(
-                prompts, method="cfg", cfg_scale=args.cfg_scale, temperature=1.0, top_p=0.9, seed=seed,
-                num_retrieved=0)]
-
-        def run_hf(seed):
-            cfg = BatchedCFGLogitsProcessor(args.cfg_scale, batch.constraint, temperature=1.0, top_p=0.9, seed=seed)
-            with torch.no_grad():
-                out = hf.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-                                  max_new_tokens=batch.length, logits_processor=LogitsProcessorList([cfg]))
-            return (out[: len(prompts), batch.prompt_length:-1] - ours.vocab.image_offset).tolist()
-
-        same = run_ours(0) == run_hf(0)  # also the warm-up
-        times = {"cm3leon": [], "transformers": []}
-        for r in range(args.repeats):  # interleaved, so drifts of the machine hit both alike
-            for name, fn in (("cm3leon", run_ours), ("transformers", run_hf)):
-                t0 = time.perf_counter()
-                fn(r + 1)
-                times[name].append(time.perf_counter() - t0)
-    best = {k: min(v) for k, v in times.items()}
+        draws = {"cm3leon": cm3leon_draw(args.model, prompts, args.cfg_scale),
+                 "transformers": transformers_draw(Path(tmp) / "hf", prompts, args.cfg_scale)}
+        same = draws["cm3leon"](0) == draws["transformers"](0)  # also the warm-up
+        best = best_times(draws, args.repeats)
     result = {"model": args.model, "batch": args.batch, "cfg_scale": args.cfg_scale, "same_codes": same,
               "images_per_s": {k: round(args.batch / v, 2) for k, v in best.items()},
               "speedup_vs_transformers": round(best["transformers"] / best["cm3leon"], 2),

@@ -11,7 +11,8 @@
 - `BatchedCFGLogitsProcessor`: classifier-free guidance over the two halves of the batch
   (paper Sec. 3), the constraint applied to the guided scores, and ONE token drawn per pair
   (argmax at temperature 0, else the project's seeded sampler), returned as the only allowed
-  id of both rows, so both streams continue with the same token whatever `generate` does;
+  id of both rows, so both streams continue with the same token whatever `generate` does
+  (`guided_tokens`, `force_tokens`: the same steps serve vLLM, `cm3leon.vllm`);
 - `codes_to_image`: the generated codes back to a picture with the exported image tokenizer.
 
     from transformers import LogitsProcessorList
@@ -39,6 +40,19 @@ from cm3leon.decode.processors import ImageConstraint, SamplerSettings, sample
 from cm3leon.errors import CM3LeonError
 
 
+def _export_parts(model_dir: str | os.PathLike):
+    """(config.json as a dict, Vocab, tokens per image) of an exported model directory."""
+    from cm3leon.tokenizers.image import VQConfig
+    from cm3leon.tokenizers.vocab import Vocab
+    from cm3leon.utils.io import read_json
+
+    d = Path(model_dir)
+    config = read_json(d / "config.json", "model config")
+    vq = d / "image_tokenizer" / "config.json"
+    tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config"), where=str(vq)).tokens_per_image
+    return config, Vocab.load(d), tokens_per_image
+
+
 class ImageTokenConstraint(ImageConstraint):
     """The decoder's image constraint (`tokens_per_image` image codes, then `<break>`) as a
     `transformers` logits processor; `prompt_length`: the padded prompt's length, from which
@@ -48,11 +62,34 @@ class ImageTokenConstraint(ImageConstraint):
         super().__init__(vocab, model_vocab_size, tokens_per_image)
         self.prompt_length = int(prompt_length)
 
+    @classmethod
+    def from_export(cls, model_dir: str | os.PathLike, prompt_length: int = 0) -> "ImageTokenConstraint":
+        """The constraint of an exported model directory (its config.json, vocab.json and
+        image_tokenizer/config.json)."""
+        config, vocab, tokens_per_image = _export_parts(model_dir)
+        return cls(vocab, int(config.get("vocab_size", vocab.size)), tokens_per_image, prompt_length)
+
     def step_mask(self, input_ids: torch.LongTensor, device) -> torch.Tensor:
         return self.mask(input_ids.shape[1] - self.prompt_length, device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return scores.float() + self.step_mask(input_ids, scores.device)
+
+
+def guided_tokens(cond: torch.Tensor, uncond: torch.Tensor, mask: torch.Tensor, guidance: Guidance,
+                  sampler: SamplerSettings, generator=None) -> torch.Tensor:
+    """One token per pair: CFG of the conditional and unconditional logits (P, V) (paper
+    Sec. 3), the constraint's additive mask (V,) or (P, V) added, drawn by the project's sampler
+    (`generator`: one for all rows, or one per row) -> (P,) long."""
+    return sample(guidance.combine(torch.stack([cond, uncond]), mask), sampler, generator)
+
+
+def force_tokens(scores: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """In place: each of `rows` allows only its token (0 there, -inf elsewhere), so any sampler,
+    greedy or random, emits it. Returns `scores`."""
+    scores[rows] = -torch.inf
+    scores[rows, tokens] = 0.0
+    return scores
 
 
 class BatchedCFGLogitsProcessor:
@@ -77,14 +114,12 @@ class BatchedCFGLogitsProcessor:
                                f"halves, got {rows} rows")
         mask = (self.constraint.step_mask(input_ids, scores.device) if self.constraint is not None
                 else torch.zeros(vocab_size, device=scores.device))
-        guided = self.guidance.combine(scores.view(2, rows // 2, vocab_size), mask)
         if self._gen is None and self.seed is not None and self.sampler.temperature > 0:
             self._gen = torch.Generator(device=scores.device)
             self._gen.manual_seed(int(self.seed))
-        token = sample(guided, self.sampler, self._gen).repeat(2)  # (2B,): the pair's one token
-        out = torch.full_like(scores, -torch.inf)
-        out[torch.arange(rows, device=scores.device), token] = 0.0
-        return out
+        token = guided_tokens(scores[: rows // 2], scores[rows // 2:], mask, self.guidance, self.sampler, self._gen)
+        return force_tokens(torch.empty_like(scores), torch.arange(rows, device=scores.device),
+                            token.repeat(2))  # (2B,): the pair's one token in both rows
 
 
 def _opt_class():
@@ -136,19 +171,13 @@ def build_image_prompt(model_dir: str | os.PathLike, prompts: Sequence[str] | st
     config.json, vocab.json, text_tokenizer/ and image_tokenizer/config.json): conditional
     and unconditional (`<mask:0>` for the caption) prompts of the training layout, left-padded."""
     from cm3leon.layout.prompts import PromptBuilder
-    from cm3leon.tokenizers.image import VQConfig
     from cm3leon.tokenizers.text import TextTokenizer
-    from cm3leon.tokenizers.vocab import Vocab
-    from cm3leon.utils.io import read_json
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise CM3LeonError("build_image_prompt: no prompts")
-    d = Path(model_dir)
-    config = read_json(d / "config.json", "model config")
-    vocab, tok = Vocab.load(d), TextTokenizer.load(d / "text_tokenizer")
-    vq = d / "image_tokenizer" / "config.json"
-    tokens_per_image = VQConfig.from_dict(read_json(vq, "image tokenizer config"), where=str(vq)).tokens_per_image
+    config, vocab, tokens_per_image = _export_parts(model_dir)
+    tok = TextTokenizer.load(Path(model_dir) / "text_tokenizer")
     builder = PromptBuilder(vocab, tok, int(config.get("max_position_embeddings", 2048)), tokens_per_image)
     tps = [builder.text_to_image(p) for p in prompts]
     rows = [tp.cond for tp in tps] + [tp.uncond for tp in tps]
@@ -179,5 +208,6 @@ def codes_to_image(model_dir: str | os.PathLike, generated) -> list:
         return tensor_to_images(vq.decode((rows - vocab.image_offset).view(-1, h, w)))
 
 
-__all__ = ["ImageTokenConstraint", "BatchedCFGLogitsProcessor", "ImagePromptBatch", "build_image_prompt",
-           "codes_to_image", "CM3LeonOPTForCausalLM"]
+# and CM3LeonOPTForCausalLM, an attribute built on first use (it needs transformers)
+__all__ = ["ImageTokenConstraint", "BatchedCFGLogitsProcessor", "guided_tokens", "force_tokens", "ImagePromptBatch",
+           "build_image_prompt", "codes_to_image"]

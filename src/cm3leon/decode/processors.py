@@ -70,11 +70,14 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(drop, -math.inf)
 
 
-def sample(scores: torch.Tensor, settings: SamplerSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(scores: torch.Tensor, settings: SamplerSettings,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """Draw one id per row from scores (B, V) -> (B,) long, without a device sync.
 
     Sampling uses the exponential-race trick (argmax of p / Exp(1) is a draw from p), which
-    needs no `torch.multinomial` host sync and is reproducible with `generator`."""
+    needs no `torch.multinomial` host sync and is reproducible with `generator`: one for the
+    batch, or one per row (each row's draw then depends on its own generator only, whatever
+    else is in the batch: a served request's seed)."""
     scores = scores.float()
     if settings.temperature == 0:
         return scores.argmax(dim=-1)
@@ -84,7 +87,14 @@ def sample(scores: torch.Tensor, settings: SamplerSettings, generator: torch.Gen
     if settings.top_p is not None:
         scores = top_p_filter(scores, settings.top_p)
     probs = torch.softmax(scores, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    noise = torch.empty_like(probs)
+    if isinstance(generator, Sequence):
+        if len(generator) != len(noise):
+            raise CM3LeonError(f"sample: {len(generator)} generators for {len(noise)} rows")
+        for row, gen in zip(noise, generator):
+            row.exponential_(1.0, generator=gen)
+    else:
+        noise.exponential_(1.0, generator=generator)
     return (probs / noise).argmax(dim=-1)
 
 
