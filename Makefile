@@ -6,6 +6,8 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cm3leon-installed
+# `make demo` needs only the package and its evaluation extra: half the install of `setup`
+DEMO_STAMP := $(VENV)/.cm3leon-demo-installed
 
 # `make serve` serves this model directory (the demo's instruction-tuned model).
 MODEL  ?= runs/demo/sft
@@ -20,6 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,ui,baselines]"
 	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit('torchvision must not be installed (it breaks the CPU torch build)' if u.find_spec('torchvision') else 0)"
+	touch $(DEMO_STAMP) $@
+
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[eval]"
 	touch $@
 
 setup: $(STAMP)
@@ -33,10 +41,10 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/cm3leon demo --out runs/demo
 
-demo-quick: $(STAMP)
+demo-quick: $(DEMO_STAMP)
 	$(BIN)/cm3leon demo --out runs/demo-quick --quick
 
 # CM3Leon against a DALL-E-style and a latent-diffusion model at the same training FLOPs and
