@@ -173,12 +173,12 @@ def unloadable_neighbors(codes: Path) -> list[str]:
     the codes."""
     from cm3leon.data.codes import CodeDataset
     from cm3leon.errors import CM3LeonError
-    from cm3leon.retrieval.index import _load_part
+    from cm3leon.retrieval.index import load_neighbors_part
     from cm3leon.utils.io import load_npy, read_json
 
     try:
         for part in sorted((codes / "neighbors.parts").glob("unit-*.npz")):
-            _load_part(part.parent, int(part.stem.split("-")[1]))
+            load_neighbors_part(part.parent, int(part.stem.split("-")[1]))
         if (codes / "neighbors.npy").is_file():
             n = load_npy(codes / "neighbors.npy", "neighbours").shape[0]
             if n != len(CodeDataset(codes)):

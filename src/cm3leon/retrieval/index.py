@@ -817,7 +817,8 @@ def neighbors_unit(job: NeighborsJob, unit: int, bar=None) -> dict:
     return {"unit": unit, "num_queries": len(records)}
 
 
-def _load_part(parts: Path, unit: int) -> dict:
+def load_neighbors_part(parts: Path, unit: int) -> dict:
+    """A finished unit's part file (see `neighbors_part`); an unreadable one is a CM3LeonError."""
     path = neighbors_part(parts, unit)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -893,7 +894,7 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
                 dist.barrier()
             num_units = len(detect_format(data).units())
             pending = [u for u in range(num_units) if not neighbors_part(parts, u).is_file()]
-            initial = sum(len(_load_part(parts, u)["records"]) for u in range(num_units) if u not in pending)
+            initial = sum(len(load_neighbors_part(parts, u)["records"]) for u in range(num_units) if u not in pending)
             job = NeighborsJob(str(index_dir), str(codes_dir), str(data), str(retriever_dir), str(parts), policy,
                                seed, batch_size, device, faiss.omp_get_max_threads())
             with progress(total=key_lookup.num_records, desc="neighbours", unit="rec", initial=initial) as bar:
@@ -940,7 +941,7 @@ def _merge_neighbors(job: NeighborsJob, num_units: int, key_lookup: KeyLookup, b
     skipped = np.zeros(len(SKIP_REASONS), dtype=np.int64)
     not_in_codes = 0
     for u in range(num_units):
-        part = _load_part(parts, u)
+        part = load_neighbors_part(parts, u)
         records = part["records"]
         first = np.zeros(len(records), dtype=bool)
         first[np.unique(records, return_index=True)[1]] = True  # a key twice in the unit
