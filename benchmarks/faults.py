@@ -76,8 +76,9 @@ def index_cmd(data: Path, retriever: Path, codes: Path, out: Path, batch_size: i
             "--workers", str(workers)]
 
 
-def neighbors_cmd(index: Path, codes: Path) -> list[str]:
-    return [*CLI, "index", "neighbors", "--index", str(index), "--codes", str(codes), "--k", "2"]
+def neighbors_cmd(index: Path, codes: Path, workers: int = 1, batch_size: int = 256) -> list[str]:
+    return [*CLI, "index", "neighbors", "--index", str(index), "--codes", str(codes), "--k", "2",
+            "--workers", str(workers), "--batch-size", str(batch_size)]
 
 
 # ---------------------------------------------------------------------------- progress and state
@@ -98,6 +99,10 @@ def count_shards(out: Path) -> int:
 
 def count_chunks(out: Path) -> int:
     return len(list((out / "embeddings").glob("chunk-*.npy")))
+
+
+def count_neighbor_parts(out: Path) -> int:
+    return len(list((out / "neighbors.parts").glob("unit-*.npz")))
 
 
 def unloadable_checkpoints(run: Path) -> list[str]:
@@ -164,11 +169,16 @@ def unloadable_index(out: Path) -> list[str]:
 
 
 def unloadable_neighbors(codes: Path) -> list[str]:
+    """A neighbours part, neighbors.npy or neighbors.json that fails to load or does not fit
+    the codes."""
     from cm3leon.data.codes import CodeDataset
     from cm3leon.errors import CM3LeonError
+    from cm3leon.retrieval.index import load_neighbors_part
     from cm3leon.utils.io import load_npy, read_json
 
     try:
+        for part in sorted((codes / "neighbors.parts").glob("unit-*.npz")):
+            load_neighbors_part(part.parent, int(part.stem.split("-")[1]))
         if (codes / "neighbors.npy").is_file():
             n = load_npy(codes / "neighbors.npy", "neighbours").shape[0]
             if n != len(CodeDataset(codes)):
@@ -332,17 +342,19 @@ def index_stage(data: Path, retriever: Path, codes: Path, num_docs: int, batch_s
                  progress=count_chunks, rows=document_keys)
 
 
-def neighbors_stage(index: Path, codes: Path) -> Stage:
-    """`cm3leon index neighbors` writes into a copy of `codes` (made when missing): one run,
-    no units, so kills land after a random time."""
+def neighbors_stage(index: Path, codes: Path, num_units: int = 1, workers: int = 1, batch_size: int = 256) -> Stage:
+    """`cm3leon index neighbors` writes into a copy of `codes` (made when missing). Over one
+    unit (a captions folder) kills land after a random time; over several, after a random
+    number of finished unit parts (`neighbors.parts/unit-*.npz`)."""
     def cmd(out: Path) -> list[str]:
         if not (out / "meta.json").is_file():
             shutil.copytree(codes, out, dirs_exist_ok=True)
-        return neighbors_cmd(index, out)
+        return neighbors_cmd(index, out, workers, batch_size)
 
-    return Stage("neighbors", cmd, 1, check=unloadable_neighbors, outputs=lambda out: ["neighbors.npy",
-                                                                                       "neighbors.json"],
-                 finished=lambda out: (out / "neighbors.json").is_file())
+    return Stage("neighbors", cmd, num_units, check=unloadable_neighbors,
+                 outputs=lambda out: ["neighbors.npy", "neighbors.json"],
+                 finished=lambda out: (out / "neighbors.json").is_file() and not (out / "neighbors.parts").exists(),
+                 progress=count_neighbor_parts if num_units > 1 else None, margin=1 if num_units > 1 else 0)
 
 
 def make_codes(root: Path, shard_size: int = 4096, batch_size: int = 64) -> Path:

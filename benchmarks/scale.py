@@ -1,6 +1,6 @@
 """The pipeline at scale on one machine: synthetic webdataset shards -> tokenize (1 and 2
-worker processes) -> embed + IVF-PQ index (1 and 2 worker processes) -> neighbours -> 50 pretraining steps, each stage a
-`cm3leon` command in its own process, timed, with its peak memory.
+worker processes) -> embed + IVF-PQ index (1 and 2 worker processes) -> neighbours (1 and 2 worker processes) -> 50
+pretraining steps, each stage a `cm3leon` command in its own process, timed, with its peak memory.
 
     python benchmarks/scale.py --records 20000 --shard-size 2000      # ~5 min on 2 busy cores
     python benchmarks/scale.py                                       # 250,000 records (the scale test)
@@ -9,8 +9,10 @@ Per stage: records and records/s (wall time of the command, its start-up include
 RSS (`ru_maxrss` of the stage's process from `os.wait4`: the largest of the process and the
 workers it waited for, not their sum; Linux counts a child's peak from its parent's RSS when it
 starts, so this script keeps its own memory small). Besides the chain:
-- `tokenize --workers 2` must write byte-identical shards to `--workers 1` (checked), and
-  `index build --workers 2` the same vectors.npy, metadata.jsonl and index.faiss (checked);
+- `tokenize --workers 2` must write byte-identical shards to `--workers 1` (checked),
+  `index build --workers 2` the same vectors.npy, metadata.jsonl and index.faiss (checked), and
+  `index neighbors --workers 2` the same neighbors.npy and neighbors.json (checked; it writes
+  them beside the 2-worker codes, which are the 1-worker codes' bytes);
 - index recall@10: the IVF-PQ index (with its exact re-rank, as the neighbours stage searches
   it) against exact inner-product search, over 1,000 stored document vectors as queries;
 - training memory does not grow with the data: the same 50 steps on the codes of the first
@@ -80,7 +82,7 @@ def index_recall(index_dir: Path, num_queries: int = 1000, k: int = 10, batch: i
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=250_000)
     ap.add_argument("--shard-size", type=int, default=10_000, help="records per input .tar shard")
     ap.add_argument("--size", type=int, default=48, help="image side (the patch48 tokenizer: 36 codes)")
@@ -136,6 +138,10 @@ def main() -> int:
     recall = json.loads(subprocess.run([sys.executable, __file__, "--recall-of", str(work / "index")], check=True,
                                        capture_output=True, text=True).stdout)
     stage("neighbours (k=2)", 1, n, ["index", "neighbors", "--index", work / "index", "--codes", work / "codes"])
+    stage("neighbours (k=2)", 2, n, ["index", "neighbors", "--index", work / "index", "--codes", work / "codes2",
+                                     "--workers", "2"])
+    neighbours_identical = all((work / "codes" / f).read_bytes() == (work / "codes2" / f).read_bytes()
+                               for f in ("neighbors.npy", "neighbors.json"))
     for name, codes, out, k in (("train 50 steps, k=2", work / "codes", work / "run", "2"),
                                 ("train 50 steps, k=0", work / "codes", work / "run0", "0")):
         stage(name, 1, train_records, ["pretrain", "--data", codes, "--out", out, "--num-retrieved", k, *TRAIN], out)
@@ -149,7 +155,8 @@ def main() -> int:
 
     report = {"records": n, "shard_size": args.shard_size, "image_size": args.size, "stages": stages,
               "tokenize_workers_identical": identical,
-              "index_workers_identical": index_identical, "index": recall, "total_s": round(total_s, 1),
+              "index_workers_identical": index_identical, "neighbours_workers_identical": neighbours_identical,
+              "index": recall, "total_s": round(total_s, 1),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     md = [f"{n:,} synthetic records ({-(-n // args.shard_size)} shards of {args.shard_size:,}, {args.size} px), "
           f"{os.cpu_count()} CPU cores; whole run {total_s / 60:.1f} min.", "",
@@ -158,7 +165,8 @@ def main() -> int:
            + (f"{r['records_per_s']:,}" if "records_per_s" in r else f"({r['tokens_per_s']:,} tokens/s)")
            + f" | {r['peak_rss_mib']:,} |" for r in stages]
     md += ["", f"tokenize with 2 workers byte-identical to 1: {'yes' if identical else 'NO'}; embed + index "
-               f"with 2 workers byte-identical to 1: {'yes' if index_identical else 'NO'}; index recall@10 "
+               f"with 2 workers byte-identical to 1: {'yes' if index_identical else 'NO'}; neighbours with 2 "
+               f"workers byte-identical to 1: {'yes' if neighbours_identical else 'NO'}; index recall@10 "
                f"({recall['index_type']}, {json.dumps(recall['params'])}) against exact search over "
                f"{recall['queries']} stored vectors as queries: {recall['recall_at_10_ties']:.3f} counting a hit "
                f"that ties the 10th best score ({recall['recall_at_10']:.3f} by ids; many scenes repeat, so many "
@@ -170,7 +178,7 @@ def main() -> int:
     print("\n".join(md))
     if tmp is not None:
         tmp.cleanup()
-    return 0 if identical and index_identical else 1
+    return 0 if identical and index_identical and neighbours_identical else 1
 
 
 if __name__ == "__main__":

@@ -176,8 +176,9 @@ def test_index_build_with_workers_killed_resumes_to_the_one_process_index(tmp_pa
 
 @pytest.mark.slow
 def test_neighbours_killed_at_random_times_rerun_to_the_uninterrupted_file(tmp_path):
-    """`cm3leon index neighbors` is one pass (no partial state to resume): killed three times,
-    then rerun, it writes the uninterrupted run's neighbors.npy / .json byte for byte."""
+    """`cm3leon index neighbors` over one unit (a captions folder: nothing finished to keep
+    before its end): killed three times, then rerun, it writes the uninterrupted run's
+    neighbors.npy / .json byte for byte."""
     from cm3leon.retrieval.index import build_index
 
     data, retriever, codes = _index_inputs(tmp_path)
@@ -185,6 +186,31 @@ def test_neighbours_killed_at_random_times_rerun_to_the_uninterrupted_file(tmp_p
     result = kill_and_resume(neighbors_stage(tmp_path / "index", codes), tmp_path, 3, random.Random(5))
     assert result["kills"] == 3
     assert _clean(result) == CLEAN, result["corrupt_examples"]
+
+
+@pytest.mark.slow
+def test_neighbours_with_workers_killed_resume_to_the_one_process_file(tmp_path):
+    """`cm3leon index neighbors --workers 2` over 6 webdataset shards, SIGKILLed after some
+    units' parts were written (its workers die with it): every part loads, and the rerun
+    writes what one uninterrupted process writes (the reference run here), byte for byte."""
+    import shutil
+    import time
+
+    from cm3leon.data.shapes import synthesize_webdataset
+    from cm3leon.retrieval.index import build_index, compute_neighbors
+    from cm3leon.retrieval.train import train_retriever
+
+    data = Path(synthesize_webdataset(tmp_path / "data", num=48, size=32, seed=0, shard_size=8)["out"])
+    codes = make_fake_codes(data, tmp_path / "codes")
+    train_retriever(data, tmp_path / "retriever", steps=2, batch_size=8, size=32, dim=16, seed=0)
+    build_index(data, tmp_path / "retriever", tmp_path / "index", codes=codes, batch_size=8, chunk_size=8)
+    shutil.copytree(codes, tmp_path / "neighbors-straight")
+    t0 = time.perf_counter()
+    compute_neighbors(tmp_path / "index", tmp_path / "neighbors-straight", k=2, batch_size=4)
+    result = kill_and_resume(neighbors_stage(tmp_path / "index", codes, num_units=6, workers=2, batch_size=4),
+                             tmp_path, 1, random.Random(6), straight_s=time.perf_counter() - t0)
+    assert result["kills"] == 1 and result["resumes"] >= 1 and _clean(result) == CLEAN, result["corrupt_examples"]
+    assert result["files_compared"] == 2  # neighbors.npy, neighbors.json
 
 
 def test_index_build_refuses_embedding_chunks_with_a_gap(tmp_path, monkeypatch):

@@ -672,3 +672,117 @@ def test_index_cli_query_and_neighbors(world, capsys):
     assert "give a query text" in capsys.readouterr().err
     assert main(["index", "neighbors", "--index", str(world["index"]), "--codes", str(world["codes"]), "--k", "1"]) == 0
     assert np.load(world["codes"] / "neighbors.npy").shape == (32, 1)
+
+
+@pytest.fixture(scope="module")
+def shards(world, tmp_path_factory):
+    """40 webdataset records in 4 shards of 10 (the units of --workers), their codes and a
+    flat index of their train split."""
+    from cm3leon.data.shapes import synthesize_webdataset
+
+    root = tmp_path_factory.mktemp("shards")
+    data = Path(synthesize_webdataset(root / "wds", num=40, size=32, seed=0, shard_size=10)["out"])
+    codes = make_codes(data, root / "codes")
+    build_index(data, world["retriever"], root / "index", codes=codes, batch_size=8, chunk_size=16)
+    return {"root": root, "data": data, "codes": codes, "index": root / "index"}
+
+
+def _codes_copy(shards, out: Path) -> Path:
+    import shutil
+
+    shutil.copytree(shards["codes"], out)
+    return out
+
+
+NEIGHBOR_FILES = ("neighbors.npy", "neighbors.json")
+
+
+def test_neighbors_with_workers_write_what_one_process_writes(shards, tmp_path):
+    """`cm3leon index neighbors --workers 2` over 4 shards (batches of 3 that divide no shard)
+    writes the one-process files byte for byte, and leaves no parts behind."""
+    from cm3leon.cli import main
+
+    one, two = _codes_copy(shards, tmp_path / "one"), _codes_copy(shards, tmp_path / "two")
+    s = compute_neighbors(shards["index"], one, k=2, seed=1, batch_size=3)
+    assert s["num_records"] == 40 and s["records_without_query"] == 0 and s["skipped"]["self"] > 0
+    assert main(["index", "neighbors", "--index", str(shards["index"]), "--codes", str(two), "--k", "2",
+                 "--seed", "1", "--batch-size", "3", "--workers", "2"]) == 0
+    for name in NEIGHBOR_FILES:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert not (two / "neighbors.parts").exists() and not (one / "neighbors.parts").exists()
+    _check_neighbors(two, 2)
+
+
+def test_neighbors_resume_after_an_interruption_without_redoing_finished_units(shards, tmp_path, monkeypatch):
+    """Interrupted after 2 of 4 units, a rerun searches only the other 2 (a part write cut
+    short is cleaned up) and writes the uninterrupted run's bytes; other settings are refused."""
+    import cm3leon.retrieval.index as index_mod
+
+    straight, run = _codes_copy(shards, tmp_path / "straight"), _codes_copy(shards, tmp_path / "run")
+    compute_neighbors(shards["index"], straight, k=2, batch_size=4)
+    real, units = index_mod.neighbors_unit, []
+
+    def interrupted(job, unit, bar=None):
+        if unit == 2:
+            raise KeyboardInterrupt
+        return real(job, unit, bar)
+
+    monkeypatch.setattr(index_mod, "neighbors_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbors(shards["index"], run, k=2, batch_size=4)
+    parts = run / "neighbors.parts"
+    assert sorted(p.name for p in parts.glob("unit-*")) == ["unit-00000.npz", "unit-00001.npz"]
+    assert not (run / "neighbors.npy").exists()
+    with pytest.raises(CM3LeonError, match="an interrupted run with other settings"):
+        compute_neighbors(shards["index"], run, k=3, batch_size=4)
+    (parts / ".unit-00002.npz.abc.tmp").mkdir()  # a part write cut short
+
+    def counted(job, unit, bar=None):
+        units.append(unit)
+        return real(job, unit, bar)
+
+    monkeypatch.setattr(index_mod, "neighbors_unit", counted)
+    compute_neighbors(shards["index"], run, k=2, batch_size=4)
+    assert units == [2, 3]  # the finished units were not searched again
+    for name in NEIGHBOR_FILES:
+        assert (run / name).read_bytes() == (straight / name).read_bytes(), name
+    assert not parts.exists() and not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_neighbors_under_torchrun_write_what_one_process_writes(shards, tmp_path):
+    """The ranks of `torchrun --nproc_per_node=2` take whole shards; rank 0 merges them into
+    the one-process files (both with one torch thread, as torchrun's ranks run)."""
+    import os
+    import subprocess
+    import sys
+
+    one, ranks = _codes_copy(shards, tmp_path / "one"), _codes_copy(shards, tmp_path / "ranks")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compute_neighbors(shards["index"], one, k=2)
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cm3leon.cli",
+           "index", "neighbors", "--index", str(shards["index"]), "--codes", str(ranks), "--k", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["num_records"] == 40  # printed once, by rank 0
+    for name in NEIGHBOR_FILES:
+        assert (ranks / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_neighbors_refuse_bad_worker_counts(shards, tmp_path, monkeypatch, capsys):
+    from cm3leon.cli import main
+
+    codes = _codes_copy(shards, tmp_path / "codes")
+    with pytest.raises(CM3LeonError, match="--workers must be >= 1, got 0"):
+        compute_neighbors(shards["index"], codes, workers=0)
+    assert main(["index", "neighbors", "--index", str(shards["index"]), "--codes", str(codes),
+                 "--workers", "-1"]) == 2
+    assert "--workers must be >= 1, got -1" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CM3LeonError, match="--workers 2 under torchrun: each of the 2 ranks is one worker"):
+        compute_neighbors(shards["index"], codes, workers=2)
+    assert sorted(p.name for p in codes.iterdir()) == sorted(p.name for p in shards["codes"].iterdir())

@@ -88,6 +88,12 @@ def register(sub) -> None:
     n.add_argument("--max-relevance", type=float, default=0.9, help="skip candidates above this relevance (paper 0.9)")
     n.add_argument("--query-dropout", type=float, default=0.2, help="query token dropout in training (paper 0.2)")
     n.add_argument("--num-candidates", type=int, default=64, help="hits fetched per query modality before filtering")
+    n.add_argument("--batch-size", type=int, default=256, help="queries embedded and searched together")
+    n.add_argument("--workers", type=int, default=1,
+                   help="search processes, each taking whole input shards (a webdataset's .tar shards; a "
+                        "captions.jsonl folder or COCO JSON is one unit, so one process searches it), each "
+                        "loading the bank. neighbors.npy/.json do not depend on it (default 1): each worker keeps "
+                        "this process's torch and FAISS threads. Under torchrun each rank is one worker")
     n.set_defaults(func=_neighbors)
 
 
@@ -162,6 +168,7 @@ def _neighbors(args) -> int:
     policy = RetrievalPolicy(max_relevance=args.max_relevance if args.max_relevance > 0 else None,
                              query_dropout=args.query_dropout, num_candidates=args.num_candidates)
     s = compute_neighbors(args.index, args.codes, k=args.k, seed=args.seed, policy=policy, data=args.data,
-                          retriever=args.retriever)
-    print(json.dumps(s, indent=2))
+                          retriever=args.retriever, batch_size=args.batch_size, workers=args.workers)
+    if torchrun()[0] == 0:  # once under torchrun
+        print(json.dumps(s, indent=2))
     return 0

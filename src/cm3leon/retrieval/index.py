@@ -469,6 +469,13 @@ def _unit_chunk(emb_dir: str | Path, unit: int, chunk: int) -> Path:
     return Path(emb_dir) / f"chunk-{unit:05d}-{chunk:05d}.npy"
 
 
+def _retriever_digests(retriever_dir: Path) -> dict:
+    """SHA-256 of a retriever's config and weights: resumable state records them, since one
+    retrained in place embeds differently."""
+    return {f.name: file_digest(f) for f in (retriever_dir / "config.json", retriever_dir / "model.safetensors")
+            if f.is_file()}
+
+
 @functools.cache
 def _cached_retriever(path: str, device: str | None):
     from cm3leon.retrieval.encoder import load_retriever
@@ -589,10 +596,7 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     emb_dir = out / EMBEDDINGS
     state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
              "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size, "layout": EMBED_LAYOUT,
-             # the retriever's contents too: one retrained in place embeds differently
-             "retriever_sha256": {f.name: file_digest(f) for f in (retriever_dir / "config.json",
-                                                                   retriever_dir / "model.safetensors")
-                                  if f.is_file()}}
+             "retriever_sha256": _retriever_digests(retriever_dir)}
     if (emb_dir / "build.json").is_file():  # checked by every rank, before any of them writes
         prev = read_json(emb_dir / "build.json")
         if prev != state:
@@ -713,97 +717,258 @@ def _merge_index(out: Path, data, retriever_dir: Path, enc, code_ds, codes, spli
 
 # ---------------------------------------------------------------------------- neighbours
 
+NEIGHBOR_PARTS = "neighbors.parts"  # in the codes directory while `index neighbors` runs
+NEIGHBOR_LAYOUT = "unit-UNIT.npz"  # recorded in neighbors.parts/job.json: another layout is not resumed
+SKIP_REASONS = ("self", "threshold", "duplicate", "ineligible")  # select_documents' reasons, in summary order
+
+
+@dataclass(frozen=True)
+class NeighborsJob:
+    """What a process needs to retrieve neighbours for units of a dataset (picklable, for
+    worker processes)."""
+
+    index: str
+    codes: str
+    data: str
+    retriever: str
+    parts: str
+    policy: RetrievalPolicy
+    seed: int
+    batch_size: int
+    device: str | None
+    faiss_threads: int  # the main process's FAISS OpenMP threads, kept by every worker
+
+
+def neighbors_part(parts: str | Path, unit: int) -> Path:
+    """A finished unit's queries: `records` int64 [n] (global record indices, in the unit's
+    order), `neighbors` int64 [n, k], `skipped` int32 [n, len(SKIP_REASONS)], `not_in_codes`."""
+    return Path(parts) / f"unit-{unit:05d}.npz"
+
+
+@functools.cache
+def _cached_bank(path: str) -> MemoryBank:
+    return MemoryBank.load(path)
+
+
+def neighbors_unit(job: NeighborsJob, unit: int, bar=None) -> dict:
+    """Retrieve `job.policy.num_docs` documents for every record of unit `unit` of the dataset
+    that is in the codes, in batches of `job.batch_size` that start afresh in the unit (so the
+    result does not depend on which process takes which unit), and write its part file in one
+    atomic step; returns {"unit", "num_queries"}."""
+    import faiss
+
+    from cm3leon.data.readers import open_dataset
+
+    faiss.omp_set_num_threads(job.faiss_threads)
+    bank = _cached_bank(job.index)
+    enc = _cached_retriever(job.retriever, job.device)
+    key_lookup = _cached_key_lookup(job.codes)
+    code_train = key_lookup.in_split("train")
+    # each bank document's global record index; -1: not a usable neighbour (not a train record of the codes)
+    doc_record = load_npy(Path(job.parts) / "documents.npy", "bank documents' record indices")
+    k = job.policy.num_docs
+
+    def doc_info(i: int):
+        key, sig, _ = bank.doc_info(i)
+        return key, sig, bool(doc_record[i] >= 0)
+
+    # per batch (empty first pieces: a unit may have no record in the codes)
+    records = [np.zeros(0, np.int64)]
+    neighbors = [np.zeros((0, k), np.int64)]
+    skipped = [np.zeros((0, len(SKIP_REASONS)), np.int32)]
+
+    def run(batch: list[tuple[int, Query]]) -> None:
+        rngs = [np.random.default_rng([job.seed, gi]) for gi, _ in batch]  # per record: batching changes nothing
+        nb = np.full((len(batch), k), -1, dtype=np.int64)
+        sk = np.zeros((len(batch), len(SKIP_REASONS)), dtype=np.int32)
+        hits = search_candidates(enc, bank, [q for _, q in batch], job.policy, rngs)
+        for row, ((_, q), (ids, scores)) in enumerate(zip(batch, hits)):
+            chosen, why = select_documents(ids, scores, doc_info, job.policy, query_key=q.key,
+                                           query_signature=q.signature)
+            sk[row] = [why[r] for r in SKIP_REASONS]
+            nb[row, :len(chosen)] = doc_record[[d for d, _ in chosen]]
+        records.append(np.array([gi for gi, _ in batch], dtype=np.int64))
+        neighbors.append(nb)
+        skipped.append(sk)
+        if bar is not None:
+            bar.update(len(batch))
+
+    # the whole unit, also under torchrun (the reader would otherwise take this rank's part of it)
+    reader = open_dataset(job.data, size=enc.image_size, units=[unit], rank=0, world_size=1)
+    not_in_codes = 0
+    pending: list[tuple[int, Query]] = []
+    for rec in reader:
+        gi = key_lookup.get(rec.key)
+        if gi is None:
+            not_in_codes += 1
+            continue
+        pending.append((gi, Query(text=rec.text, image=rec.image, key=rec.key,
+                                  signature=document_signature(rec.text, image_digest(rec.image)),
+                                  training=bool(code_train[gi]))))
+        if len(pending) >= job.batch_size:
+            run(pending)
+            pending = []
+    if pending:
+        run(pending)
+    records = np.concatenate(records)
+    with atomic_path(neighbors_part(job.parts, unit)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, records=records, neighbors=np.concatenate(neighbors), skipped=np.concatenate(skipped),
+                 not_in_codes=np.int64(not_in_codes))
+    return {"unit": unit, "num_queries": len(records)}
+
+
+def load_neighbors_part(parts: Path, unit: int) -> dict:
+    """A finished unit's part file (see `neighbors_part`); an unreadable one is a CM3LeonError."""
+    path = neighbors_part(parts, unit)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in ("records", "neighbors", "skipped", "not_in_codes")}
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        raise CM3LeonError(f"{path}: unreadable neighbours part ({str(e)[:120]}); delete {parts} to start over") from None
+
+
 def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, seed: int = 0,
                       policy: RetrievalPolicy | None = None, data: str | Path | None = None,
-                      retriever: str | Path | None = None, batch_size: int = 256, device: str | None = None) -> dict:
+                      retriever: str | Path | None = None, batch_size: int = 256, device: str | None = None,
+                      workers: int = 1) -> dict:
     """Retrieve k documents for every record of a tokenized dataset, once, and write
     `codes_dir/neighbors.npy` (int64 [num_records, k], global record indices, -1 = none) and
     `codes_dir/neighbors.json` (policy and counts).
 
     Only records of the codes' train split that are in the bank can be neighbours; every
     record of every split is a query (query dropout only on train records, seeded by
-    (seed, record index) so the file does not depend on batching)."""
-    from cm3leon.data.readers import open_dataset
-    from cm3leon.retrieval.encoder import load_retriever
+    (seed, record index) so the file does not depend on batching). A record whose key occurs
+    more than once is queried at its first occurrence.
 
-    bank = MemoryBank.load(index_dir)
-    retriever_dir = Path(retriever) if retriever else bank.retriever_path
-    if retriever_dir is None:
-        raise CM3LeonError(f"{Path(index_dir) / 'index.json'} records no retriever; pass --retriever DIR")
-    enc = load_retriever(retriever_dir, device=device)
-    bank.check_retriever(enc)
-    policy = (policy or RetrievalPolicy()).with_(num_docs=int(k))
-    data = data or bank.info.get("data")
-    if not data or not Path(data).exists():
-        raise CM3LeonError(f"dataset {data!r} recorded in {Path(index_dir) / 'index.json'} not found; pass --data DIR")
+    The dataset is searched unit by unit (a webdataset's .tar shards; a folder or COCO set is
+    one unit), each unit's result written in one step to `codes_dir/neighbors.parts/`; a rerun
+    with the same arguments skips finished units. `workers` processes, or the ranks of
+    torchrun (one worker each), take whole units; the merge reads them in the dataset's order,
+    so the files do not depend on their number. Each process loads the bank (a flat index is
+    held in memory: dim * 4 bytes a document)."""
+    import faiss
+    import torch
+    import torch.distributed as dist
 
-    _, key_lookup = _code_lookup(codes_dir)
-    num_records = key_lookup.num_records
+    from cm3leon.data.readers import detect_format
+
+    if batch_size < 1:
+        raise CM3LeonError(f"batch_size must be >= 1 (got {batch_size})")
+    rank, world = torchrun()
+    check_workers(workers, world)
+    index_dir, codes_dir = Path(index_dir), Path(codes_dir)
+    try:
+        bank = _cached_bank(str(index_dir))
+        retriever_dir = Path(retriever) if retriever else bank.retriever_path
+        if retriever_dir is None:
+            raise CM3LeonError(f"{index_dir / 'index.json'} records no retriever; pass --retriever DIR")
+        enc = _cached_retriever(str(retriever_dir), device)
+        bank.check_retriever(enc)
+        policy = (policy or RetrievalPolicy()).with_(num_docs=int(k))
+        data = data or bank.info.get("data")
+        if not data or not Path(data).exists():
+            raise CM3LeonError(f"dataset {data!r} recorded in {index_dir / 'index.json'} not found; pass --data DIR")
+        key_lookup = _cached_key_lookup(str(codes_dir))
+        parts = codes_dir / NEIGHBOR_PARTS
+        state = {"index": str(index_dir.resolve()), "index_sha256": file_digest(index_dir / "index.json"),
+                 "codes_sha256": file_digest(codes_dir / "meta.json"), "data": str(Path(data).resolve()),
+                 "retriever": str(retriever_dir.resolve()), "retriever_sha256": _retriever_digests(retriever_dir),
+                 "seed": seed, "policy": policy.to_dict(), "batch_size": batch_size, "layout": NEIGHBOR_LAYOUT}
+        if (parts / "job.json").is_file():  # checked by every rank, before any of them writes
+            prev = read_json(parts / "job.json")
+            if prev != state:
+                raise CM3LeonError(f"{parts / 'job.json'}: an interrupted run with other settings ({prev}); "
+                                   f"delete {parts} to start over")
+        group = barrier_group(world)
+        try:
+            if rank == 0:
+                remove_stale_temporaries(codes_dir)  # an output write or a removal of the parts cut short
+                remove_stale_temporaries(parts)  # ... or a part write
+                if not (parts / "job.json").is_file():
+                    shutil.rmtree(parts, ignore_errors=True)
+                    parts.mkdir()
+                    with atomic_path(parts / "documents.npy") as tmp:
+                        np.save(tmp, _document_records(bank, key_lookup))
+                    write_json(parts / "job.json", state)  # last: the folder is ready
+            if world > 1:
+                dist.barrier()
+            num_units = len(detect_format(data).units())
+            pending = [u for u in range(num_units) if not neighbors_part(parts, u).is_file()]
+            initial = sum(len(load_neighbors_part(parts, u)["records"]) for u in range(num_units) if u not in pending)
+            job = NeighborsJob(str(index_dir), str(codes_dir), str(data), str(retriever_dir), str(parts), policy,
+                               seed, batch_size, device, faiss.omp_get_max_threads())
+            with progress(total=key_lookup.num_records, desc="neighbours", unit="rec", initial=initial) as bar:
+                # every worker keeps this process's torch threads: the query vectors' last bits
+                # on a CPU depend on the thread count
+                run_units(functools.partial(neighbors_unit, job), pending[rank::world], workers, bar,
+                          count="num_queries", threads=torch.get_num_threads())
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                _merge_neighbors(job, num_units, key_lookup, len(bank))
+            if world > 1:
+                dist.barrier()
+        finally:
+            if group:
+                dist.destroy_process_group()
+    finally:  # a long-lived process (a pipeline) keeps no bank, and sees a rebuilt one next time
+        for cache in (_cached_bank, _cached_retriever, _cached_key_lookup):
+            cache.cache_clear()
+    return read_json(codes_dir / "neighbors.json", "neighbours summary")
+
+
+def _document_records(bank: MemoryBank, key_lookup: KeyLookup) -> np.ndarray:
+    """Each bank document's global record index in the codes, -1 where it cannot be a
+    neighbour: not in the codes, or not a train record of both the bank and the codes."""
+    doc_record = np.full(len(bank), -1, dtype=np.int64)
     code_train = key_lookup.in_split("train")
-    bank_gi = np.full(len(bank), -1, dtype=np.int64)  # each bank document's global record index
-    bank_train = np.zeros(len(bank), dtype=bool)
     for start, rows in bank.metadata.batches():
-        bank_gi[start:start + len(rows)] = key_lookup.lookup([r["key"] for r in rows])
-        bank_train[start:start + len(rows)] = [r.get("split", "train") == "train" for r in rows]
-    bank_ok = (bank_gi >= 0) & bank_train
-    bank_ok &= np.where(bank_gi >= 0, code_train[np.maximum(bank_gi, 0)], False)
+        gi = key_lookup.lookup([r["key"] for r in rows])
+        bank_train = np.array([r.get("split", "train") == "train" for r in rows], dtype=bool)
+        ok = (gi >= 0) & bank_train & code_train[np.maximum(gi, 0)]
+        doc_record[start:start + len(rows)] = np.where(ok, gi, -1)
+    return doc_record
 
-    def doc_info(i: int):
-        key, sig, _ = bank.doc_info(i)
-        return key, sig, bool(bank_ok[i])
 
+def _merge_neighbors(job: NeighborsJob, num_units: int, key_lookup: KeyLookup, bank_documents: int) -> dict:
+    """The finished units' parts, in unit order (the dataset's record order; a record queried
+    twice keeps its first result), into neighbors.npy and neighbors.json; the parts are then
+    removed."""
+    parts, codes_dir, policy = Path(job.parts), Path(job.codes), job.policy
+    num_records = key_lookup.num_records
     neighbors = np.full((num_records, policy.num_docs), -1, dtype=np.int64)
     found = np.zeros(num_records, dtype=bool)
-    skipped = {"self": 0, "threshold": 0, "duplicate": 0, "ineligible": 0}
+    skipped = np.zeros(len(SKIP_REASONS), dtype=np.int64)
     not_in_codes = 0
-    pending: list[tuple[int, Query]] = []
-
-    def run(batch):
-        queries = [q for _, q in batch]
-        rngs = [np.random.default_rng([seed, gi]) for gi, _ in batch]
-        for (gi, q), (ids, scores) in zip(batch, search_candidates(enc, bank, queries, policy, rngs)):
-            chosen, why = select_documents(ids, scores, doc_info, policy, query_key=q.key, query_signature=q.signature)
-            for reason, c in why.items():
-                skipped[reason] += c
-            neighbors[gi, :len(chosen)] = bank_gi[[d for d, _ in chosen]]
-
-    bar = progress(total=num_records, desc="neighbours", unit="rec")
-    for rec in open_dataset(str(data), size=enc.image_size):
-        gi = key_lookup.get(rec.key)
-        if gi is None:
-            not_in_codes += 1
-            continue
-        if found[gi]:
-            continue
-        found[gi] = True
-        pending.append((gi, Query(text=rec.text, image=rec.image, key=rec.key,
-                                  signature=document_signature(rec.text, image_digest(rec.image)),
-                                  training=bool(code_train[gi]))))
-        if len(pending) >= batch_size:
-            run(pending)
-            bar.update(len(pending))
-            pending = []
-    if pending:
-        run(pending)
-        bar.update(len(pending))
-    bar.close()
-
+    for u in range(num_units):
+        part = load_neighbors_part(parts, u)
+        records = part["records"]
+        first = np.zeros(len(records), dtype=bool)
+        first[np.unique(records, return_index=True)[1]] = True  # a key twice in the unit
+        keep = first & ~found[records]  # ... or in an earlier unit
+        neighbors[records[keep]] = part["neighbors"][keep]
+        skipped += part["skipped"][keep].sum(0)
+        found[records[keep]] = True
+        not_in_codes += int(part["not_in_codes"])
+    doc_record = load_npy(parts / "documents.npy", "bank documents' record indices")
     counts = (neighbors >= 0).sum(1)
     summary = {
-        "format": NEIGHBORS_FORMAT, "k": policy.num_docs, "seed": seed, "policy": policy.to_dict(),
-        "index": str(Path(index_dir).resolve()), "retriever": str(Path(retriever_dir).resolve()),
-        "data": str(data), "num_records": num_records,
+        "format": NEIGHBORS_FORMAT, "k": policy.num_docs, "seed": job.seed, "policy": policy.to_dict(),
+        "index": str(Path(job.index).resolve()), "retriever": str(Path(job.retriever).resolve()),
+        "data": job.data, "num_records": num_records,
         "rows_with_k": int((counts == policy.num_docs).sum()),
         "rows_by_count": {str(c): int((counts == c).sum()) for c in range(policy.num_docs + 1)},
         "rows_with_k_by_split": {s: int(((counts == policy.num_docs) & key_lookup.in_split(s)).sum())
                                  for s in key_lookup.split_names},
-        "skipped": skipped,
-        "bank_documents": len(bank), "bank_documents_usable": int(bank_ok.sum()),
+        "skipped": {r: int(c) for r, c in zip(SKIP_REASONS, skipped)},
+        "bank_documents": bank_documents, "bank_documents_usable": int((doc_record >= 0).sum()),
         "records_without_query": int((~found).sum()),  # in the codes but not found in the dataset
         "dataset_records_not_in_codes": not_in_codes,
     }
-    codes_dir = Path(codes_dir)
+    del doc_record
     with atomic_path(codes_dir / "neighbors.npy") as tmp:
         np.save(tmp, neighbors)
     write_json(codes_dir / "neighbors.json", summary)
+    # whole or gone: a kill inside a plain rmtree would leave a folder with parts missing
+    remove_tree(parts)
     return summary
