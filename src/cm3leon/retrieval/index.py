@@ -44,7 +44,7 @@ from cm3leon.retrieval.policy import (
 from cm3leon.utils.io import (atomic_path, file_digest, load_npy, read_json, remove_stale_temporaries, remove_tree,
                               write_json)
 from cm3leon.utils.logging import progress
-from cm3leon.utils.units import barrier_group, check_workers, run_units, torchrun
+from cm3leon.utils.units import barrier_group, check_job, check_workers, run_units, torchrun
 
 FORMAT = "cm3leon-index/1"
 NEIGHBORS_FORMAT = "cm3leon-neighbors/1"
@@ -597,11 +597,7 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     state = {"data": str(Path(data).resolve()), "retriever": str(retriever_dir), "split": split,
              "dim": enc.dim, "image_size": enc.image_size, "chunk_size": chunk_size, "layout": EMBED_LAYOUT,
              "retriever_sha256": _retriever_digests(retriever_dir)}
-    if (emb_dir / "build.json").is_file():  # checked by every rank, before any of them writes
-        prev = read_json(emb_dir / "build.json")
-        if prev != state:
-            raise CM3LeonError(f"{emb_dir / 'build.json'}: an interrupted build with other settings ({prev}); "
-                               f"delete {emb_dir} to start over")
+    check_job(emb_dir / "build.json", state, "build")
 
     group = barrier_group(world)
     try:
@@ -874,11 +870,7 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
                  "codes_sha256": file_digest(codes_dir / "meta.json"), "data": str(Path(data).resolve()),
                  "retriever": str(retriever_dir.resolve()), "retriever_sha256": _retriever_digests(retriever_dir),
                  "seed": seed, "policy": policy.to_dict(), "batch_size": batch_size, "layout": NEIGHBOR_LAYOUT}
-        if (parts / "job.json").is_file():  # checked by every rank, before any of them writes
-            prev = read_json(parts / "job.json")
-            if prev != state:
-                raise CM3LeonError(f"{parts / 'job.json'}: an interrupted run with other settings ({prev}); "
-                                   f"delete {parts} to start over")
+        check_job(parts / "job.json", state, "run")
         group = barrier_group(world)
         try:
             if rank == 0:

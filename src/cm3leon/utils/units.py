@@ -28,6 +28,19 @@ def barrier_group(world: int) -> bool:
     return False
 
 
+def check_job(path, state: dict, what: str) -> None:
+    """A resumable job's settings file (`path`, written by the run that started it) must hold
+    `state`: a re-run with other settings would mix two jobs' parts. Checked by every rank,
+    before any of them writes."""
+    from cm3leon.utils.io import read_json
+
+    if os.path.isfile(path):
+        prev = read_json(path)
+        if prev != state:
+            raise CM3LeonError(f"{path}: an interrupted {what} with other settings ({prev}); "
+                               f"delete {os.path.dirname(path)} to start over")
+
+
 def check_workers(workers: int, world: int) -> None:
     """--workers must be >= 1, and 1 under torchrun (each rank is one worker)."""
     if workers < 1:
