@@ -106,7 +106,7 @@ LAYERS = (
     {"objectives", "decode"},
     {"train", "api"},
     {"sft", "eval", "convert", "baselines"},
-    {"hf", "serve", "run"},
+    {"hf", "vllm", "serve", "run"},
     {"cli", "__main__", ""},
 )
 
