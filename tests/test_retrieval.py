@@ -387,6 +387,24 @@ def test_index_build_resumes_after_an_interruption(world, tmp_path, monkeypatch)
     assert not (out / "embeddings").exists()
 
 
+def test_a_retriever_retrained_in_place_is_the_one_the_next_build_uses(world, tmp_path):
+    """build_index loads the retriever once per call, not once per process: a second build in the
+    same process after the retriever was retrained at the same path embeds with the new weights
+    (as a fresh process would)."""
+    import shutil
+
+    retriever = tmp_path / "retriever"
+    shutil.copytree(world["retriever"], retriever)
+    build_index(world["data"], retriever, tmp_path / "a", batch_size=8, chunk_size=16)
+    train_retriever(world["data"], retriever, steps=5, batch_size=16, size=32, dim=32, seed=1)
+    build_index(world["data"], retriever, tmp_path / "b", batch_size=8, chunk_size=16)
+    shutil.copytree(retriever, tmp_path / "fresh")
+    build_index(world["data"], tmp_path / "fresh", tmp_path / "c", batch_size=8, chunk_size=16)
+    a, b, c = (np.load(tmp_path / x / "vectors.npy") for x in "abc")
+    assert not np.allclose(a, b)
+    assert np.array_equal(b, c)
+
+
 INDEX_FILES = ("vectors.npy", "metadata.jsonl", "image_codes.npy", "index.faiss", "index.json")
 
 

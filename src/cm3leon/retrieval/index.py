@@ -572,6 +572,18 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     (one worker each), take whole units; the merge writes the documents in the dataset's
     order, so the index does not depend on their number. With `codes`, each document records
     its global index in that tokenized directory and its image codes are stored."""
+    try:
+        return _build_index(data, retriever, out, index_type, split, codes, batch_size, chunk_size, nlist, pq_m,
+                            pq_nbits, nprobe, refine, train_sample, device, workers)
+    finally:  # a long-lived process (a pipeline) keeps no retriever, and sees a retrained one next time
+        _clear_caches()
+
+
+def _build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
+                 split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
+                 chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
+                 nprobe: int | None = None, refine: int = 16, train_sample: int | None = None,
+                 device: str | None = None, workers: int = 1) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -823,6 +835,13 @@ def load_neighbors_part(parts: Path, unit: int) -> dict:
         raise CM3LeonError(f"{path}: unreadable neighbours part ({str(e)[:120]}); delete {parts} to start over") from None
 
 
+def _clear_caches() -> None:
+    """Forget the retrievers, key maps and banks the build and neighbour stages loaded (they are
+    cached by path for the units of one call only)."""
+    for cache in (_cached_bank, _cached_retriever, _cached_key_lookup):
+        cache.cache_clear()
+
+
 def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, seed: int = 0,
                       policy: RetrievalPolicy | None = None, data: str | Path | None = None,
                       retriever: str | Path | None = None, batch_size: int = 256, device: str | None = None,
@@ -904,8 +923,7 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
             if group:
                 dist.destroy_process_group()
     finally:  # a long-lived process (a pipeline) keeps no bank, and sees a rebuilt one next time
-        for cache in (_cached_bank, _cached_retriever, _cached_key_lookup):
-            cache.cache_clear()
+        _clear_caches()
     return read_json(codes_dir / "neighbors.json", "neighbours summary")
 
 
