@@ -124,6 +124,31 @@ def test_documents_include_neighbours_and_drop_the_least_relevant_when_too_long(
     assert tiny.skipped == 1
 
 
+def test_retrieval_dropout_shows_that_share_of_records_without_their_documents(tmp_path):
+    codes = make_codes(tmp_path, n=200)
+    lam0 = CM3Config(poisson_lambda=0.0)
+    full = CM3PretrainStream(codes, seq_len=128, num_retrieved=2, cm3=lam0)
+    half = CM3PretrainStream(codes, seq_len=128, num_retrieved=2, cm3=lam0, retrieval_dropout=0.5)
+    none = CM3PretrainStream(codes, seq_len=128, num_retrieved=2, cm3=lam0, retrieval_dropout=1.0)
+    dropped = 0
+    for item in range(half.num_items):
+        gi = int(half.codes.indices[item])
+        bare = half.document(gi, "text_first", 0)
+        ex = half.example(item, 0)
+        if len(ex.tokens) == len(bare):
+            np.testing.assert_array_equal(ex.tokens, bare)  # the query pair alone
+            dropped += 1
+        else:  # kept: exactly the documents of the stream without dropout
+            np.testing.assert_array_equal(ex.tokens, full.example(item, 0).tokens)
+        np.testing.assert_array_equal(none.example(item, 0).tokens, bare)
+    assert 0.35 < dropped / half.num_items < 0.65
+    # Seeded per (seed, epoch, record): the same records are dropped on every pass.
+    again = CM3PretrainStream(codes, seq_len=128, num_retrieved=2, cm3=lam0, retrieval_dropout=0.5)
+    assert all(np.array_equal(again.example(i, 0).tokens, half.example(i, 0).tokens) for i in range(40))
+    with pytest.raises(CM3LeonError, match="retrieval_dropout"):
+        CM3PretrainStream(codes, seq_len=128, num_retrieved=2, retrieval_dropout=1.5)
+
+
 def test_random_order_mixes_both_directions(tmp_path):
     stream = CM3PretrainStream(make_codes(tmp_path, neighbors=0), seq_len=128, order="random",
                                image_first_prob=0.5, cm3=CM3Config(poisson_lambda=0.0))

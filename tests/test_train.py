@@ -322,6 +322,7 @@ def test_config_file_flags_and_set_merge_with_typed_values(tmp_path):
                         ("train:\n  steps: 2.5\n", r"run.yaml: train.steps must be int"),
                         ("train:\n  parallel: tp\n", r"run.yaml: TrainConfig.parallel must be one of"),
                         ("sequences:\n  order: sideways\n", r"run.yaml: sequences.order must be one of"),
+                        ("sequences:\n  retrieval_dropout: 2\n", r"run.yaml: sequences.retrieval_dropout must be in"),
                         ("cm3: [1]\n", r"run.yaml: section 'cm3' must be a mapping"),
                         ("train: {steps: [\n", r"run.yaml: not valid YAML")):
         cfg.write_text(text)

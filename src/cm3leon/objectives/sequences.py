@@ -236,6 +236,8 @@ class PackedStream(BlockStream):
 class CM3PretrainStream(PackedStream):
     """Pretraining blocks from code shards: each record with its `num_retrieved` neighbours
     (`neighbors.npy`), in text-first / image-first / random order, CM3-transformed, packed.
+    With `retrieval_dropout` p, a record goes without its retrieved documents with probability
+    p (the query pair alone), so the model also learns to draw and describe from the query alone.
 
     Every random choice for a record comes from a generator seeded by (seed, epoch, record),
     so a block is the same whatever the sharding, and resuming re-makes it exactly."""
@@ -244,7 +246,7 @@ class CM3PretrainStream(PackedStream):
                  num_retrieved: int = 0, order: str = "text_first", image_first_prob: float = 0.5,
                  cm3: CM3Config | None = None, vocab: Vocab | None = None, seed: int = 0,
                  shuffle: bool = True, epochs: int | None = None, neighbors: str | Path | None = None,
-                 max_items: int | None = None):
+                 max_items: int | None = None, retrieval_dropout: float = 0.0):
         self.codes = codes if isinstance(codes, CodeDataset) and codes.split == split else CodeDataset(
             codes.path if isinstance(codes, CodeDataset) else codes, split=split)
         self.vocab = vocab or vocab_for_codes(self.codes)
@@ -257,6 +259,9 @@ class CM3PretrainStream(PackedStream):
             raise CM3LeonError(f"{self.codes.path}: the {split!r} split has no records")
         self.order, self.image_first_prob = order, float(image_first_prob)
         self.num_retrieved = int(num_retrieved)
+        if not 0.0 <= retrieval_dropout <= 1.0:
+            raise CM3LeonError(f"retrieval_dropout must be in [0, 1], got {retrieval_dropout}")
+        self.retrieval_dropout = float(retrieval_dropout)
         self.cm3 = cm3 or CM3Config()
         self.neighbors = load_neighbors(self.codes, self.num_retrieved, neighbors)
         if max_items is not None and max_items < 1:
@@ -285,7 +290,10 @@ class CM3PretrainStream(PackedStream):
         order = self.order
         if order == "random":
             order = "image_first" if rng.random() < self.image_first_prob else "text_first"
-        for k in range(len(self.retrieved_indices(gi)), -1, -1):  # drop the least relevant first
+        k_max = len(self.retrieved_indices(gi))
+        if self.retrieval_dropout > 0 and rng.random() < self.retrieval_dropout:
+            k_max = 0
+        for k in range(k_max, -1, -1):  # drop the least relevant first
             doc = self.document(gi, order, k)
             if len(doc) > self.seq_len:
                 continue  # CM3 only lengthens a document

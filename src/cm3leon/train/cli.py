@@ -20,7 +20,7 @@ from cm3leon.train.config import DTYPES
 # Folders named in the code shards' meta.json that belong in the model directory.
 # What a model directory carries beside its weights (pretraining and SFT copy them along).
 MODEL_DIR_PARTS = ("text_tokenizer", "image_tokenizer", "retriever", "index")
-DATA_OPTIONS = ("num_retrieved", "order", "image_first_prob", "val_query_records")
+DATA_OPTIONS = ("num_retrieved", "retrieval_dropout", "order", "image_first_prob", "val_query_records")
 DEFAULT_VAL_QUERY_RECORDS = 256  # validation records scored by the query-pair loss
 
 
@@ -57,7 +57,8 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     preset: names both the model preset and the train preset (tiny, demo-small, demo, 350m,
     760m, 7b). overrides: any TrainConfig field (steps, seq_len, lr, batch_tokens, parallel,
     seed, ...); CM3Config fields (poisson_lambda, min_spans, max_spans, mask_segments);
-    num_retrieved (default: 2 when the codes have neighbors.npy, else 0); order
+    num_retrieved (default: 2 when the codes have neighbors.npy, else 0); retrieval_dropout
+    (the fraction of training records shown without their retrieved documents); order
     (text_first | image_first | random); image_first_prob; val_query_records (the first N
     validation records, scored by the query-pair loss when val_loss_on is "query" or
     "both"); init (a model directory to start from instead of a fresh model); model (a dict
@@ -100,7 +101,8 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
         num_retrieved = min(2, int(np.load(nb, mmap_mode="r").shape[1])) if nb.is_file() else 0
     data_kw = dict(seq_len=cfg.seq_len, num_retrieved=num_retrieved, order=overrides.get("order", "text_first"),
                    image_first_prob=overrides.get("image_first_prob", 0.5), cm3=cm3, vocab=vocab, seed=cfg.seed)
-    train_data = CM3PretrainStream(codes_dir, "train", **data_kw)
+    train_data = CM3PretrainStream(codes_dir, "train", retrieval_dropout=overrides.get("retrieval_dropout", 0.0),
+                                   **data_kw)
     has_val = int(codes.meta.get("splits", {}).get("val", 0)) > 0
     val_data = {}
     if has_val and cfg.val_loss_on in ("all", "both"):
@@ -122,6 +124,7 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     if isinstance(model, ModelConfig) and model.image_embedding_init > 0:
         model = _fresh_model_with_codebook(model, cfg.seed, extra_files.get("image_tokenizer"), vocab)
     summary = {"codes_dir": str(codes_dir), "preset": preset, "num_retrieved": num_retrieved,
+               "retrieval_dropout": float(overrides.get("retrieval_dropout", 0.0)),
                "order": data_kw["order"], "cm3": cm3.to_dict(),
                "init": str(overrides["init"]) if "init" in overrides else None,
                "val_query_records": val_data[VAL_QUERY].num_items if VAL_QUERY in val_data else None}
@@ -185,6 +188,8 @@ def register(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--num-retrieved", type=int, default=None,
                    help="retrieved documents per sample (default 2 with neighbors.npy, else 0)")
+    p.add_argument("--retrieval-dropout", type=float, default=None,
+                   help="fraction of training samples shown without their retrieved documents (default 0)")
     p.add_argument("--order", choices=("text_first", "image_first", "random"), default=None,
                    help="pair order: text_first (text->image), image_first, random per sample")
     p.add_argument("--val-loss-on", choices=("all", "query", "both"), default=None,
@@ -215,7 +220,7 @@ def register(sub) -> None:
 
 
 FLAGS = ("data", "out", "preset", "init", "steps", "batch_tokens", "micro_batch_size", "seq_len", "lr",
-         "warmup_steps", "num_retrieved", "order", "val_loss_on", "peak_tflops", "parallel", "dtype",
+         "warmup_steps", "num_retrieved", "retrieval_dropout", "order", "val_loss_on", "peak_tflops", "parallel", "dtype",
          "activation_checkpointing", "compile", "num_workers", "seed", "override_config")
 
 

@@ -21,7 +21,7 @@ from cm3leon.errors import CM3LeonError
 
 TOP_LEVEL = {"preset": "str", "data": "str", "out": "str", "init": "str | None"}
 # The document layout options of `cm3leon.train.cli.pretrain` (not a dataclass).
-SEQUENCES = {"num_retrieved": "int | None", "order": "str", "image_first_prob": "float",
+SEQUENCES = {"num_retrieved": "int | None", "retrieval_dropout": "float", "order": "str", "image_first_prob": "float",
              "val_query_records": "int"}
 
 
@@ -254,6 +254,9 @@ def check_sequence_options(values: dict[str, Any]) -> None:
     p = values.get("image_first_prob")
     if p is not None and not 0.0 <= p <= 1.0:
         raise CM3LeonError(f"sequences.image_first_prob must be in [0, 1], got {p!r}")
+    d = values.get("retrieval_dropout")
+    if d is not None and not 0.0 <= d <= 1.0:
+        raise CM3LeonError(f"sequences.retrieval_dropout must be in [0, 1], got {d!r}")
     k = values.get("num_retrieved")
     if k is not None and k < 0:
         raise CM3LeonError(f"sequences.num_retrieved must be >= 0, got {k!r}")
