@@ -84,8 +84,8 @@ class PipelinePreset:
 #   retrieved documents). With k = 2 in every record the model can copy an object's shape from
 #   the retrieved images (73% share colour and shape with the query), and whether it also learns
 #   the shape word by the end of SFT was a coin toss: the two-thread seed-0 run above drew 72% of
-#   200 validation prompts right. The same run with retrieval dropout 0.5 drew 99.5% (edits 54%
-#   against 47% on test), and so did pretraining seeds 1, 2, 3 with it (two threads): 98%, 100%,
+#   200 validation prompts right. The same run with retrieval dropout 0.5 drew 99.5% (edits 54% on
+#   validation), and so did pretraining seeds 1, 2, 3 with it (two threads): 98%, 100%,
 #   100%; edits done 54 / 57 / 52.5 / 42.5%, captions 100%, VQA 85-88.5% over the four seeds.
 #   The paper presets keep every record's documents (0).
 _CPU_MODEL = dict(segment_positions=64, shared_segment_positions=True, image_embedding_init=0.05,
