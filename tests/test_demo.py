@@ -41,7 +41,9 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     config = json.loads((out / "pretrain" / "config.json").read_text())
     assert config["image_embedding_init"] > 0 and config["segment_positions"] and config["segment_numbers"]
     assert config["shared_segment_positions"]  # the CPU presets: one cell table for every segment
-    assert json.loads((out / "pretrain" / "train_summary.json").read_text())["dtype"] in ("bf16", "fp32")
+    summary = json.loads((out / "pretrain" / "train_summary.json").read_text())
+    assert summary["dtype"] in ("bf16", "fp32")
+    assert summary["retrieval_dropout"] == preset_retrieval_dropout() > 0  # the CPU presets' recipe
     gen = json.loads((out / "generate" / "summary.json").read_text())
     assert set(gen["methods"]) == {"topp", "cfg", "cdk", "best_of_n"}
     rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
@@ -104,6 +106,15 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
     assert json.loads((out / "text_tokenizer" / ".done").read_text())["result"]["num_extra_texts"] == 0
     rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
     assert rows and any(r["retrieved"] for r in rows) and all(len(r["retrieved"]) <= 1 for r in rows)
+
+
+def preset_retrieval_dropout() -> float:
+    from cm3leon.run.config import PIPELINE_PRESETS
+
+    # The CPU presets show half the pretraining records without their retrieved documents; the
+    # paper-size presets keep them in every record (the paper's k = 2 setting).
+    assert all(PIPELINE_PRESETS[p].pretrain.get("retrieval_dropout", 0.0) == 0.0 for p in ("350m", "760m", "7b"))
+    return PIPELINE_PRESETS["quick"].pretrain["retrieval_dropout"]
 
 
 def test_demo_presets_choose_their_built_in_data_and_refuse_a_mismatch(tmp_path, capsys):

@@ -310,10 +310,11 @@ def test_config_file_flags_and_set_merge_with_typed_values(tmp_path):
                    "sequences:\n  order: random\n")
     _, _, preset, over = load_pretrain_options(cfg, ["seed=3", "train.betas=0.9,0.95", "compile=true",
                                                      "model.d_ff=null", "cm3.loss_on=[-1, spans]"],
-                                               {"steps": 7, "seed": 2, "lr": None})
+                                               {"steps": 7, "seed": 2, "lr": None, "retrieval_dropout": 0.25})
     assert preset == "tiny"
     assert over == {"lr": 6e-4, "steps": 7, "seed": 3, "betas": (0.9, 0.95), "compile": True,
-                    "mask_segments": [-2, -1], "loss_on": [-1, "spans"], "order": "random", "model": {"d_ff": None}}
+                    "mask_segments": [-2, -1], "loss_on": [-1, "spans"], "order": "random", "model": {"d_ff": None},
+                    "retrieval_dropout": 0.25}
     (tmp_path / "run.json").write_text(json.dumps({"train": {"steps": 4}}))
     assert load_pretrain_options(tmp_path / "run.json")[3] == {"steps": 4}
     # Bad keys and values name the key and the file (or the --set).
