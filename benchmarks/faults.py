@@ -93,16 +93,25 @@ def count_logged_steps(out: Path) -> int:
     return len(logged_steps(out))
 
 
+def _count(folder: Path, pattern: str) -> int:
+    """Files matching `pattern` in `folder`, polled while a job writes there: the job may
+    remove the folder (its work is merged) between the existence check and the listing."""
+    try:
+        return len(list(folder.glob(pattern)))
+    except FileNotFoundError:
+        return 0
+
+
 def count_shards(out: Path) -> int:
-    return len(list(out.glob("shard-*")))
+    return _count(out, "shard-*")
 
 
 def count_chunks(out: Path) -> int:
-    return len(list((out / "embeddings").glob("chunk-*.npy")))
+    return _count(out / "embeddings", "chunk-*.npy")
 
 
 def count_neighbor_parts(out: Path) -> int:
-    return len(list((out / "neighbors.parts").glob("unit-*.npz")))
+    return _count(out / "neighbors.parts", "unit-*.npz")
 
 
 def unloadable_checkpoints(run: Path) -> list[str]:
