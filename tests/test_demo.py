@@ -43,7 +43,7 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     assert config["shared_segment_positions"]  # the CPU presets: one cell table for every segment
     summary = json.loads((out / "pretrain" / "train_summary.json").read_text())
     assert summary["dtype"] in ("bf16", "fp32")
-    assert summary["retrieval_dropout"] == preset_retrieval_dropout() > 0  # the CPU presets' recipe
+    assert summary["retrieval_dropout"] == PIPELINE_PRESETS["quick"].pretrain["retrieval_dropout"] > 0
     gen = json.loads((out / "generate" / "summary.json").read_text())
     assert set(gen["methods"]) == {"topp", "cfg", "cdk", "best_of_n"}
     rows = [json.loads(line) for line in (out / "generate" / "cfg" / "samples.jsonl").read_text().splitlines()]
@@ -108,13 +108,13 @@ def test_pipeline_runs_to_the_end_on_a_captions_only_folder(tmp_path, monkeypatc
     assert rows and any(r["retrieved"] for r in rows) and all(len(r["retrieved"]) <= 1 for r in rows)
 
 
-def preset_retrieval_dropout() -> float:
+def test_cpu_presets_drop_retrieved_documents_and_paper_presets_keep_them():
     from cm3leon.run.config import PIPELINE_PRESETS
 
     # The CPU presets show half the pretraining records without their retrieved documents; the
     # paper-size presets keep them in every record (the paper's k = 2 setting).
+    assert all(PIPELINE_PRESETS[p].pretrain["retrieval_dropout"] == 0.5 for p in ("quick", "demo", "long"))
     assert all(PIPELINE_PRESETS[p].pretrain.get("retrieval_dropout", 0.0) == 0.0 for p in ("350m", "760m", "7b"))
-    return PIPELINE_PRESETS["quick"].pretrain["retrieval_dropout"]
 
 
 def test_demo_presets_choose_their_built_in_data_and_refuse_a_mismatch(tmp_path, capsys):

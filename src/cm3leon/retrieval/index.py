@@ -558,6 +558,21 @@ def embed_unit(job: EmbedJob, unit: int, bar=None) -> dict:
     return info
 
 
+def _forgets_caches(stage):
+    """A stage that loads retrievers, key maps and banks through the caches below (once for all
+    the units of one call) forgets them when it returns: a long-lived process (a pipeline) then
+    sees a retriever retrained, or a bank rebuilt, at the same path."""
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            for cache in (_cached_bank, _cached_retriever, _cached_key_lookup):
+                cache.cache_clear()
+    return run
+
+
+@_forgets_caches
 def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
                 split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
                 chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
@@ -572,18 +587,6 @@ def build_index(data: str | Path, retriever: str | Path, out: str | Path, index_
     (one worker each), take whole units; the merge writes the documents in the dataset's
     order, so the index does not depend on their number. With `codes`, each document records
     its global index in that tokenized directory and its image codes are stored."""
-    try:
-        return _build_index(data, retriever, out, index_type, split, codes, batch_size, chunk_size, nlist, pq_m,
-                            pq_nbits, nprobe, refine, train_sample, device, workers)
-    finally:  # a long-lived process (a pipeline) keeps no retriever, and sees a retrained one next time
-        _clear_caches()
-
-
-def _build_index(data: str | Path, retriever: str | Path, out: str | Path, index_type: str = "flat",
-                 split: str = "train", codes: str | Path | None = None, batch_size: int = 256,
-                 chunk_size: int = 8192, nlist: int | None = None, pq_m: int | None = None, pq_nbits: int = 8,
-                 nprobe: int | None = None, refine: int = 16, train_sample: int | None = None,
-                 device: str | None = None, workers: int = 1) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -835,13 +838,7 @@ def load_neighbors_part(parts: Path, unit: int) -> dict:
         raise CM3LeonError(f"{path}: unreadable neighbours part ({str(e)[:120]}); delete {parts} to start over") from None
 
 
-def _clear_caches() -> None:
-    """Forget the retrievers, key maps and banks the build and neighbour stages loaded (they are
-    cached by path for the units of one call only)."""
-    for cache in (_cached_bank, _cached_retriever, _cached_key_lookup):
-        cache.cache_clear()
-
-
+@_forgets_caches
 def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, seed: int = 0,
                       policy: RetrievalPolicy | None = None, data: str | Path | None = None,
                       retriever: str | Path | None = None, batch_size: int = 256, device: str | None = None,
@@ -872,58 +869,55 @@ def compute_neighbors(index_dir: str | Path, codes_dir: str | Path, k: int = 2, 
     rank, world = torchrun()
     check_workers(workers, world)
     index_dir, codes_dir = Path(index_dir), Path(codes_dir)
+    bank = _cached_bank(str(index_dir))
+    retriever_dir = Path(retriever) if retriever else bank.retriever_path
+    if retriever_dir is None:
+        raise CM3LeonError(f"{index_dir / 'index.json'} records no retriever; pass --retriever DIR")
+    enc = _cached_retriever(str(retriever_dir), device)
+    bank.check_retriever(enc)
+    policy = (policy or RetrievalPolicy()).with_(num_docs=int(k))
+    data = data or bank.info.get("data")
+    if not data or not Path(data).exists():
+        raise CM3LeonError(f"dataset {data!r} recorded in {index_dir / 'index.json'} not found; pass --data DIR")
+    key_lookup = _cached_key_lookup(str(codes_dir))
+    parts = codes_dir / NEIGHBOR_PARTS
+    state = {"index": str(index_dir.resolve()), "index_sha256": file_digest(index_dir / "index.json"),
+             "codes_sha256": file_digest(codes_dir / "meta.json"), "data": str(Path(data).resolve()),
+             "retriever": str(retriever_dir.resolve()), "retriever_sha256": _retriever_digests(retriever_dir),
+             "seed": seed, "policy": policy.to_dict(), "batch_size": batch_size, "layout": NEIGHBOR_LAYOUT}
+    check_job(parts / "job.json", state, "run")
+    group = barrier_group(world)
     try:
-        bank = _cached_bank(str(index_dir))
-        retriever_dir = Path(retriever) if retriever else bank.retriever_path
-        if retriever_dir is None:
-            raise CM3LeonError(f"{index_dir / 'index.json'} records no retriever; pass --retriever DIR")
-        enc = _cached_retriever(str(retriever_dir), device)
-        bank.check_retriever(enc)
-        policy = (policy or RetrievalPolicy()).with_(num_docs=int(k))
-        data = data or bank.info.get("data")
-        if not data or not Path(data).exists():
-            raise CM3LeonError(f"dataset {data!r} recorded in {index_dir / 'index.json'} not found; pass --data DIR")
-        key_lookup = _cached_key_lookup(str(codes_dir))
-        parts = codes_dir / NEIGHBOR_PARTS
-        state = {"index": str(index_dir.resolve()), "index_sha256": file_digest(index_dir / "index.json"),
-                 "codes_sha256": file_digest(codes_dir / "meta.json"), "data": str(Path(data).resolve()),
-                 "retriever": str(retriever_dir.resolve()), "retriever_sha256": _retriever_digests(retriever_dir),
-                 "seed": seed, "policy": policy.to_dict(), "batch_size": batch_size, "layout": NEIGHBOR_LAYOUT}
-        check_job(parts / "job.json", state, "run")
-        group = barrier_group(world)
-        try:
-            if rank == 0:
-                remove_stale_temporaries(codes_dir)  # an output write or a removal of the parts cut short
-                remove_stale_temporaries(parts)  # ... or a part write
-                if not (parts / "job.json").is_file():
-                    shutil.rmtree(parts, ignore_errors=True)
-                    parts.mkdir()
-                    with atomic_path(parts / "documents.npy") as tmp:
-                        np.save(tmp, _document_records(bank, key_lookup))
-                    write_json(parts / "job.json", state)  # last: the folder is ready
-            if world > 1:
-                dist.barrier()
-            num_units = len(detect_format(data).units())
-            pending = [u for u in range(num_units) if not neighbors_part(parts, u).is_file()]
-            initial = sum(len(load_neighbors_part(parts, u)["records"]) for u in range(num_units) if u not in pending)
-            job = NeighborsJob(str(index_dir), str(codes_dir), str(data), str(retriever_dir), str(parts), policy,
-                               seed, batch_size, device, faiss.omp_get_max_threads())
-            with progress(total=key_lookup.num_records, desc="neighbours", unit="rec", initial=initial) as bar:
-                # every worker keeps this process's torch threads: the query vectors' last bits
-                # on a CPU depend on the thread count
-                run_units(functools.partial(neighbors_unit, job), pending[rank::world], workers, bar,
-                          count="num_queries", threads=torch.get_num_threads())
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                _merge_neighbors(job, num_units, key_lookup, len(bank))
-            if world > 1:
-                dist.barrier()
-        finally:
-            if group:
-                dist.destroy_process_group()
-    finally:  # a long-lived process (a pipeline) keeps no bank, and sees a rebuilt one next time
-        _clear_caches()
+        if rank == 0:
+            remove_stale_temporaries(codes_dir)  # an output write or a removal of the parts cut short
+            remove_stale_temporaries(parts)  # ... or a part write
+            if not (parts / "job.json").is_file():
+                shutil.rmtree(parts, ignore_errors=True)
+                parts.mkdir()
+                with atomic_path(parts / "documents.npy") as tmp:
+                    np.save(tmp, _document_records(bank, key_lookup))
+                write_json(parts / "job.json", state)  # last: the folder is ready
+        if world > 1:
+            dist.barrier()
+        num_units = len(detect_format(data).units())
+        pending = [u for u in range(num_units) if not neighbors_part(parts, u).is_file()]
+        initial = sum(len(load_neighbors_part(parts, u)["records"]) for u in range(num_units) if u not in pending)
+        job = NeighborsJob(str(index_dir), str(codes_dir), str(data), str(retriever_dir), str(parts), policy,
+                           seed, batch_size, device, faiss.omp_get_max_threads())
+        with progress(total=key_lookup.num_records, desc="neighbours", unit="rec", initial=initial) as bar:
+            # every worker keeps this process's torch threads: the query vectors' last bits
+            # on a CPU depend on the thread count
+            run_units(functools.partial(neighbors_unit, job), pending[rank::world], workers, bar,
+                      count="num_queries", threads=torch.get_num_threads())
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            _merge_neighbors(job, num_units, key_lookup, len(bank))
+        if world > 1:
+            dist.barrier()
+    finally:
+        if group:
+            dist.destroy_process_group()
     return read_json(codes_dir / "neighbors.json", "neighbours summary")
 
 

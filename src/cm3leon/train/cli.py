@@ -124,7 +124,7 @@ def pretrain(codes_dir: str | Path, out_dir: str | Path, preset: str = "demo", *
     if isinstance(model, ModelConfig) and model.image_embedding_init > 0:
         model = _fresh_model_with_codebook(model, cfg.seed, extra_files.get("image_tokenizer"), vocab)
     summary = {"codes_dir": str(codes_dir), "preset": preset, "num_retrieved": num_retrieved,
-               "retrieval_dropout": float(overrides.get("retrieval_dropout", 0.0)),
+               "retrieval_dropout": train_data.retrieval_dropout,
                "order": data_kw["order"], "cm3": cm3.to_dict(),
                "init": str(overrides["init"]) if "init" in overrides else None,
                "val_query_records": val_data[VAL_QUERY].num_items if VAL_QUERY in val_data else None}
