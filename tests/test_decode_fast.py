@@ -121,3 +121,26 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling(model):
     assert counters["stats"]["unique_graphs"] == graphs  # no recompile
     with pytest.raises(Exception, match="use_cache"):
         generate(model, PROMPTS, c, compile=True, use_cache=False, **kw)
+
+
+def test_decoding_attends_over_the_written_slots_only(model):
+    """A cached step given an attention mask over the first S slots (those written so far)
+    attends over them only: the same logits as over the whole cache, whose other slots the
+    causal mask hides anyway; eager decoding passes that shorter mask every step."""
+    from cm3leon.decode.generate import attention_mask, decode_one_token, left_pad, position_ids, prefill
+
+    tokens, pad = left_pad(PROMPTS, 0)
+    T, total = tokens.size(1), tokens.size(1) + 40
+    positions = position_ids(tokens, pad, model.config)
+    model.setup_caches(len(PROMPTS), total)
+    try:
+        prefill(model, tokens, pad, total, positions)
+        full = attention_mask(pad, 1, total)
+        nxt, pos = tokens[:, -1:], positions[:, -1:] + 1
+        whole = decode_one_token(model, nxt, torch.tensor([T]), pos, full)
+        written = decode_one_token(model, nxt, torch.tensor([T]), pos, full[..., : T + 1])
+        torch.testing.assert_close(written, whole, rtol=1e-5, atol=1e-5)
+        with pytest.raises(Exception, match="attn_mask must have shape"):
+            decode_one_token(model, nxt, torch.tensor([T]), pos, full[:, :, :, :, None])
+    finally:
+        model.reset_caches()

@@ -280,7 +280,10 @@ def generate(
             last_tok = row_tokens
             if use_cache:
                 head = rows_of(step + 1)
-                logits = full_logits(step_fn(model, row_tokens[:, None], input_pos, last_pos[:, None], step_mask,
+                # eager: attend over the T + step + 1 slots written so far, not the empty rest;
+                # compiled: the whole cache (one static shape for every step)
+                amask = step_mask if compile else step_mask[..., : T + step + 1]
+                logits = full_logits(step_fn(model, row_tokens[:, None], input_pos, last_pos[:, None], amask,
                                              head), head, V)
                 input_pos += 1
             else:

@@ -74,6 +74,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs)
+            if mask is not None and mask.size(-1) < k.size(2):  # attend over the first slots only
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
             k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None:  # plain causal self-attention: lets SDPA pick a fused kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -228,7 +230,8 @@ class CM3LeonTransformer(nn.Module):
             input_pos, else arange(T). Left-padded rows pass positions shifted by their pad count.
         attn_mask: (B, 1, T, S) bool, True = may attend; S = T uncached, the cache length
             cached. Combined with causality; a token always attends to itself, so pad rows
-            stay finite.
+            stay finite. Cached, S may also be shorter than the cache: attention then covers
+            slots [0, S) only (decoding passes the slots filled so far, not the empty rest).
         Logits of the padded vocabulary rows are sliced off (never returned, never sampled).
         head_rows: (lo, hi): only the output head's rows [lo, hi) are computed (a view of the
             weight, no copy): logits (B, T, hi - lo) for ids lo..hi-1, e.g. the image codes on
@@ -314,6 +317,8 @@ class CM3LeonTransformer(nn.Module):
             q_pos, S = torch.arange(T, device=device), T
         else:
             q_pos, S = input_pos, self.blocks[0].attn.kv_cache.k_cache.size(2)
+            if attn_mask is not None and attn_mask.dim() == 4 and 0 < attn_mask.size(-1) < S:
+                S = attn_mask.size(-1)  # the first S slots only (those written so far)
         slots = torch.arange(S, device=device)
         causal = slots[None, :] <= q_pos[:, None]  # (T, S)
         if attn_mask is None:
