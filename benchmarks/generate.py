@@ -188,6 +188,7 @@ def bench_case(args, vocab: Vocab, tokens_per_image: int, device, dtype, batch: 
     hf_s, ours_s = times.pop("hf"), times["ours"]
     generated = batch * tokens_per_image
     bound_s = _bound_seconds(config, 2 * batch, tokens_per_image, len(cond[0]), constraint, device, dtype)
+    floor_s = _matmul_floor_seconds(model, 2 * batch, tokens_per_image, constraint, device)
     return {
         "preset": args.preset, "params_m": round(model.num_parameters() / 1e6, 2), "max_seq_len": max_seq_len,
         "vocab_size": vocab.size, "tokens_per_image": tokens_per_image, "batch": batch,
@@ -202,6 +203,8 @@ def bench_case(args, vocab: Vocab, tokens_per_image: int, device, dtype, batch: 
         "compile_s": None if compile_s is None else round(compile_s, 1),
         "bf16_greedy_agreement_with_fp32": bf16_agreement,
         "bound_s": round(bound_s, 4), "bound_tokens_per_s": round(generated / bound_s, 1),
+        "matmul_floor_s": round(floor_s, 4), "matmul_floor_tokens_per_s": round(generated / floor_s, 1),
+        "matmul_floor_over_hf": round(hf_s / floor_s, 2),
         "hf_guidance": [p for p in probe["processors"] if "Guidance" in p],
         "hf_forwards_per_step": probe["forwards_per_step"], "hf_rows_per_forward": sorted(set(probe["forward_rows"])),
     }
@@ -249,6 +252,27 @@ def _bound_seconds(config: ModelConfig, rows: int, steps: int, prompt_len: int, 
     return max(flops / peak, steps * weight_bytes / bandwidth)
 
 
+@torch.no_grad()
+def _matmul_floor_seconds(model, rows: int, steps: int, constraint, device, repeats: int = 20) -> float:
+    """What one call's steps cost in their matrix products alone: every linear layer of the
+    model and the output head's allowed rows applied to `rows` vectors (what a decode step
+    cannot skip), with the model's own weight tensors, timed here (best of `repeats` passes
+    over all the weights, so they stream from memory as in decoding), times `steps`. No
+    decoder that reads these weights in this precision runs faster on this device; its ratio
+    to transformers' speed is the most any decoding speed-up of this model can reach here."""
+    head = model.tok_embeddings.weight if model.lm_head is None else model.lm_head.weight
+    span = constraint.span(constraint.mask(0, device))
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights.append(head[span[0]:span[1]] if span else head[: model.config.vocab_size])
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+
+    def one_step():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    return steps * _time(one_step, device, repeats)
+
+
 def bench_7b(args, device) -> dict:
     """Seconds per 1,024-token image with CFG for the paper's 7B size in bf16 (random weights)."""
     vocab = Vocab(56_320, 8_192)
@@ -269,9 +293,16 @@ def bench_7b(args, device) -> dict:
     return row
 
 
+def _floor_cell(r: dict) -> str:
+    if r.get("matmul_floor_tokens_per_s") is None:
+        return "-"
+    return f"{r['matmul_floor_tokens_per_s']:.0f} ({r['matmul_floor_over_hf']:.2f}x)"
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| preset | params (M) | image tokens | batch | ours | ours tok/s | transformers tok/s "
-            "| ours / transformers | bound tok/s | greedy agreement |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+            "| ours / transformers | matmul floor tok/s (its ratio) | bound tok/s | greedy agreement |\n"
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     lines = []
     for r in rows:
         agree = "-" if r["greedy_token_agreement"] is None else f"{100 * r['greedy_token_agreement']:.1f}%"
@@ -285,7 +316,7 @@ def markdown_table(rows: list[dict]) -> str:
                 note = "-" if b is None else f"{100 * b:.1f}% of fp32's tokens"
             lines.append(f"| {r['preset']} | {r['params_m']} | {r['tokens_per_image']} | {r['batch']} | {name} | "
                          f"{v['tokens_per_s']:.1f} | {r['hf_tokens_per_s']:.1f} | {v['speedup']:.2f}x | "
-                         f"{r.get('bound_tokens_per_s', float('nan')):.0f} | {note} |")
+                         f"{_floor_cell(r)} | {r.get('bound_tokens_per_s', float('nan')):.0f} | {note} |")
     return "\n".join([head, *lines])
 
 

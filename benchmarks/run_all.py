@@ -25,20 +25,22 @@ OTHERS = ("pretrain_tokens.py", "decode_speed.py", "vq_speed.py", "retrieval_ind
 
 def speed_table(gen: dict, train: dict) -> str:
     """One markdown table from generate.json and train_throughput.json."""
-    lines = ["| benchmark | case | ours | ours | transformers | ours / transformers | bound |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| benchmark | case | ours | ours | transformers | ours / transformers | matmul floor (its ratio) | bound |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in gen.get("results", []):
         case = f"{r['preset']}, {r['tokens_per_image']}-token images x {r['batch']}, CFG, {gen['dtype']}"
         for name, v in r["variants"].items():
             extra = f" (compile {r['compile_s']:.0f} s apart)" if name == "ours, compiled" and r.get("compile_s") else ""
+            floor = (f"{r['matmul_floor_tokens_per_s']:.0f} ({r['matmul_floor_over_hf']:.2f}x)"
+                     if r.get("matmul_floor_tokens_per_s") else "-")
             lines.append(f"| decoding (tok/s) | {case} | {name}{extra} | {v['tokens_per_s']:.0f} | "
-                         f"{r['hf_tokens_per_s']:.0f} | {v['speedup']:.2f}x | {r['bound_tokens_per_s']:.0f} |")
+                         f"{r['hf_tokens_per_s']:.0f} | {v['speedup']:.2f}x | {floor} | {r['bound_tokens_per_s']:.0f} |")
     rows = train.get("ours_vs_hf", [])
     for ours, hf in zip(rows[::2], rows[1::2]):
         case = f"{ours['preset']}, {ours['step']}, {ours['dtype']}, {ours['batch']}x{ours['seq_len']}"
         bound = ours["tokens_per_s"] / ours["mfu"] if ours.get("mfu") else float("nan")
         lines.append(f"| training step (tok/s) | {case} | trainer | {ours['tokens_per_s']:.0f} | "
-                     f"{hf['tokens_per_s']:.0f} | {ours['ours_over_hf']:.2f}x | {bound:.0f} |")
+                     f"{hf['tokens_per_s']:.0f} | {ours['ours_over_hf']:.2f}x | - | {bound:.0f} |")
     return "\n".join(lines)
 
 
@@ -62,7 +64,10 @@ def main(argv=None) -> int:
         note = (f"Ours vs transformers {gen['transformers']} (`OPTForCausalLM`, the same weights), side by side in "
                 f"one process each; torch {gen['torch']}, {gen['device']} ({platform.machine()}), "
                 f"{gen['threads']} thread(s); bound: the device's measured GEMM peak (decoding: or its copy "
-                f"bandwidth for the weights, whichever is slower), i.e. 100% MFU.")
+                f"bandwidth for the weights, whichever is slower), i.e. 100% MFU; matmul floor: one "
+                f"decode step's matrix products alone (every linear layer and the allowed rows of the output "
+                f"head, with the model's own weights) timed on this device, and its ratio to transformers: "
+                f"the most any decoder of these weights in this precision reaches here.")
         (RESULTS / "speed.md").write_text(f"{note}\n\n{table}\n")
         print(f"\n{table}\n\nwrote {RESULTS / 'speed.md'}")
     if failed:
