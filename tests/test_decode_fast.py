@@ -140,6 +140,8 @@ def test_decoding_attends_over_the_written_slots_only(model):
         whole = decode_one_token(model, nxt, torch.tensor([T]), pos, full)
         written = decode_one_token(model, nxt, torch.tensor([T]), pos, full[..., : T + 1])
         torch.testing.assert_close(written, whole, rtol=1e-5, atol=1e-5)
+        with pytest.raises(Exception, match="must cover every slot written so far"):
+            decode_one_token(model, nxt, torch.tensor([T]), pos, full[..., :T])
         with pytest.raises(Exception, match="attn_mask must have shape"):
             decode_one_token(model, nxt, torch.tensor([T]), pos, full[:, :, :, :, None])
     finally:

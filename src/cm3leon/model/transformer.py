@@ -319,6 +319,9 @@ class CM3LeonTransformer(nn.Module):
             q_pos, S = input_pos, self.blocks[0].attn.kv_cache.k_cache.size(2)
             if attn_mask is not None and attn_mask.dim() == 4 and 0 < attn_mask.size(-1) < S:
                 S = attn_mask.size(-1)  # the first S slots only (those written so far)
+                if q_pos.device.type == "cpu" and int(q_pos.max()) >= S:  # (no device sync on CPU)
+                    raise CM3LeonError(f"forward: attn_mask covers cache slots [0, {S}) but input_pos writes slot "
+                                       f"{int(q_pos.max())}: the mask must cover every slot written so far")
         slots = torch.arange(S, device=device)
         causal = slots[None, :] <= q_pos[:, None]  # (T, S)
         if attn_mask is None:
