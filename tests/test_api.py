@@ -260,11 +260,13 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     shutil.copytree(model_dir, d)
     plain = CM3Leon.from_pretrained(d)
     assert plain.decoding == DecodingConfig() and plain.decoding.model_defaults() == {
-        "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2, "cdk_k": 10,  # the paper's (CD-K's k: ours)
+        "method": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2,
+        "cdk_k": 10, "num_candidates": 8,  # the paper's (CD-K's k and best-of-N's N: ours)
         "image_guidance": 1.5, "text_guidance": 7.5}
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
-    assert tuned.decoding.model_defaults() == {"cfg_scale": 1.5, "temperature": 1.0, "num_retrieved": 0, "cdk_k": 1,
+    assert tuned.decoding.model_defaults() == {"method": "cfg", "cfg_scale": 1.5, "temperature": 1.0,
+                                               "num_retrieved": 0, "cdk_k": 1, "num_candidates": 8,
                                                "image_guidance": 1.5, "text_guidance": 7.5}
     # the sampling temperature the model draws best at is one of its defaults too
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5}))
@@ -286,6 +288,10 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     assert config.codes == default.codes  # a whole DecodingConfig in place of the model's
     given = tuned.sample_images("a blue square", method="cfg", cfg_scale=4.0, seed=3)[0]
     assert given.settings["guidance"]["cfg_scale"] == 4.0
+    # a model may recommend its text->image method and best-of-N's N too
+    (d / DECODING_FILE).write_text(json.dumps({"method": "best_of_n", "num_candidates": 2}))
+    ranked = CM3Leon.from_pretrained(d).sample_images("a blue square", seed=3)
+    assert len(ranked) == 1 and ranked[0].score is not None  # one image: the best of 2 candidates
 
 
 def test_decoding_json_sets_the_models_editing_guidance_and_temperature(model_dir, tmp_path, picture):

@@ -45,19 +45,26 @@ def test_the_decoder_gets_the_methods_guidance_and_sampler():
 
 def test_a_model_directory_keeps_its_model_keys(tmp_path):
     assert read_model_decoding(tmp_path) == {}
-    write_model_decoding(tmp_path, DecodingConfig(cfg_scale=1.5, num_retrieved=0, cdk_k=1, temperature=0.5,
-                                                  top_p=0.5, image_guidance=1.0, text_guidance=1.5))
+    write_model_decoding(tmp_path, DecodingConfig(method="best_of_n", num_candidates=4, cfg_scale=1.5,
+                                                  num_retrieved=0, cdk_k=1, temperature=0.5, top_p=0.5,
+                                                  image_guidance=1.0, text_guidance=1.5))
     assert (tmp_path / DECODING_FILE).is_file()
-    # the sampling temperature and editing's scales are the model's (chosen by its sweeps); top-p
-    # and the method are the call's
-    own = {"cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1, "image_guidance": 1.0,
-           "text_guidance": 1.5}
+    # the method and its N, the sampling temperature and editing's scales are the model's (chosen
+    # by its sweeps); top-p is the call's
+    own = {"method": "best_of_n", "cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1,
+           "num_candidates": 4, "image_guidance": 1.0, "text_guidance": 1.5}
     assert read_model_decoding(tmp_path) == own
     d = DecodingConfig.from_model_dir(tmp_path)
     assert d.model_defaults() == own and d.edit_guidance().to_dict() == {
         "method": "edit", "image_guidance": 1.0, "text_guidance": 1.5}
-    assert d.top_p == DecodingConfig.top_p and d.method == DecodingConfig.method
+    assert d.top_p == DecodingConfig.top_p and d.method == "best_of_n" and d.num_candidates == 4
     assert set(MODEL_KEYS) <= FIELDS
+    # a decoding.json written before the method was a model key still reads (the method stays the default's)
+    (tmp_path / DECODING_FILE).write_text('{"cfg_scale": 2.0}')
+    assert DecodingConfig.from_model_dir(tmp_path).method == DecodingConfig.method
+    (tmp_path / DECODING_FILE).write_text('{"method": "beam"}')
+    with pytest.raises(CM3LeonError, match="method must be one of"):
+        read_model_decoding(tmp_path)
 
 
 def test_cli_flags_are_made_from_the_fields_and_unset_flags_are_not_given():

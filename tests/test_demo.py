@@ -19,7 +19,8 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     # seeds after SFT with retrieval k compared, and the same settings before SFT
     monkeypatch.setitem(PIPELINE_PRESETS, "quick", replace(
         PIPELINE_PRESETS["quick"], eval_before_sft=True, sweep=True, sweep_num=2, sweep_seeds=2,
-        sweep_cfg_scales=(2.0,), sweep_best_of=(2,)))
+        sweep_cfg_scales=(2.0,), sweep_best_of=(2,),
+        decoding=PIPELINE_PRESETS["quick"].decoding.replace(method="best_of_n", num_candidates=2)))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     pipe = json.loads((out / "pipeline.json").read_text())
@@ -51,9 +52,13 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
     # ... which the tuned model directory recommends to every later user of it (API, CLI, serve)
     preset = PIPELINE_PRESETS["quick"]
     assert json.loads((out / "sft" / "decoding.json").read_text()) == {
-        "cfg_scale": preset.decoding.cfg_scale, "temperature": preset.decoding.temperature,
-        "num_retrieved": preset.decoding.num_retrieved, "cdk_k": preset.decoding.cdk_k,
+        "method": preset.decoding.method, "cfg_scale": preset.decoding.cfg_scale,
+        "temperature": preset.decoding.temperature, "num_retrieved": preset.decoding.num_retrieved,
+        "cdk_k": preset.decoding.cdk_k, "num_candidates": preset.decoding.num_candidates,
         "image_guidance": preset.decoding.image_guidance, "text_guidance": preset.decoding.text_guidance}
+    # ... and the final evaluation drew with that method
+    assert json.loads((out / "eval" / "sft" / "metrics.json").read_text())["decoding"]["method"] == \
+        preset.decoding.method
     assert all(0.0 <= m["accuracy_both"] <= 1.0 for m in gen["methods"].values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {c["criterion"] for c in metrics["quality_bar"]} and metrics["eval_sft"]["metrics"]["shapes"]["n"] > 0

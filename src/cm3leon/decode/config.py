@@ -32,7 +32,8 @@ DECODING_FILE = "decoding.json"
 # What a model directory's decoding.json may set: a small tuned model can draw best at another
 # CFG scale, without retrieved documents or with another CD-K k than the paper's settings, and
 # edit best at other guidance scales.
-MODEL_KEYS = ("cfg_scale", "temperature", "num_retrieved", "cdk_k", "image_guidance", "text_guidance")
+MODEL_KEYS = ("method", "cfg_scale", "temperature", "num_retrieved", "cdk_k", "num_candidates", "image_guidance",
+              "text_guidance")
 EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
@@ -132,7 +133,8 @@ def check_model_decoding(d: Any, where: str) -> dict:
         DecodingConfig().replace(**d)
     except CM3LeonError as e:
         raise CM3LeonError(f"{where}: {e}") from None
-    return {k: float(v) if k in ("cfg_scale", "temperature", *EDIT_KEYS) else int(v) for k, v in d.items()}
+    return {k: v if k == "method" else float(v) if k in ("cfg_scale", "temperature", *EDIT_KEYS) else int(v)
+            for k, v in d.items()}
 
 
 def read_model_decoding(model_dir: str | os.PathLike) -> dict:

@@ -160,7 +160,7 @@ def evaluate(ctx: PipelineContext, out: Path) -> dict:
     from cm3leon.eval.evaluate import evaluate_model
 
     p = _preset(ctx)
-    decoding = p.decoding.replace(method="cfg")
+    decoding = p.decoding  # the preset's own text->image method (what decoding.json recommends)
     results = {"sft": evaluate_model(ctx.stage_dir("sft"), ctx.data, out / "sft", num_prompts=p.eval_num,
                                      decoding=decoding, seed=ctx.seed)}
     if p.eval_before_sft:
