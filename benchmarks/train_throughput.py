@@ -200,7 +200,9 @@ def main() -> None:
                     "(empty: skip the preset table)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    ap.add_argument("--dtypes", default="fp32,bf16",
+                    help="fp32 and/or bf16 (autocast); auto: fp32, and bf16 too where its measured GEMM peak "
+                         "beats fp32's (what `dtype: auto` would train with; emulated bf16 is many times slower)")
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile per block")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (fewer if --max-seconds runs out)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
@@ -221,7 +223,7 @@ def main() -> None:
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [p for p in presets + [args.compare_preset] if p and p not in PRESETS]
-    bad += [d for d in dtypes if d not in DTYPES]
+    bad += [d for d in dtypes if d not in DTYPES and d != "auto"]
     if bad:
         ap.error(f"unknown preset(s) / dtype(s): {bad}")
     if args.threads:
@@ -233,6 +235,11 @@ def main() -> None:
     gemm_rows = [{"gemm": f"{size}x{size}x{size}", "dtype": d, "tflops": round(t, 4)} for d, t in gemm.items()]
     print(markdown_table(gemm_rows), flush=True)
     peaks = {d: args.peak_tflops or gemm[d] for d in DTYPES}
+    if "auto" in dtypes:
+        fast_bf16 = gemm["bf16"] > gemm["fp32"]
+        dtypes = ["fp32"] + (["bf16"] if fast_bf16 else [])
+        print(f"--dtypes auto: {', '.join(dtypes)} (bf16 GEMM {gemm['bf16']:.4f} vs fp32 {gemm['fp32']:.4f} TFLOP/s)",
+              flush=True)
 
     rows = []
     for preset in presets:
