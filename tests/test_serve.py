@@ -104,6 +104,17 @@ def test_model_card_shows_sizes_training_tokens_and_metrics(m, model_dir, tmp_pa
         assert text in card
 
 
+def test_the_text_to_image_tab_starts_with_the_models_recommended_method():
+    pytest.importorskip("gradio")
+    from cm3leon.decode.config import DecodingConfig
+    from cm3leon.serve.app import MAX_IMAGES, default_method
+
+    assert default_method(DecodingConfig()) == ("CFG", 1)  # no decoding.json: the paper's TopP + CFG
+    assert default_method(DecodingConfig(method="best_of_n", num_candidates=4)) == ("best-of-N", 4)
+    assert default_method(DecodingConfig(method="best_of_n", num_candidates=100)) == ("best-of-N", MAX_IMAGES)
+    assert default_method(DecodingConfig(method="cdk", num_candidates=4)) == ("CD-K", 1)
+
+
 def test_serve_cli_reports_a_bad_model_dir_without_a_traceback(tmp_path, capsys):
     pytest.importorskip("gradio")
     from cm3leon.cli import main

@@ -29,9 +29,9 @@ from cm3leon.errors import CM3LeonError
 IMAGE_METHODS = ("topp", "cfg", "cdk", "best_of_n")
 SCORERS = ("auto", "clip", "likelihood")  # how best-of-N ranks its candidates (CM3Leon.rerank)
 DECODING_FILE = "decoding.json"
-# What a model directory's decoding.json may set: a small tuned model can draw best at another
-# CFG scale, without retrieved documents or with another CD-K k than the paper's settings, and
-# edit best at other guidance scales.
+# What a model directory's decoding.json may set: a small tuned model can draw best with another
+# method (best-of-N and its N), at another CFG scale, without retrieved documents or with another
+# CD-K k than the paper's settings, and edit best at other guidance scales.
 MODEL_KEYS = ("method", "cfg_scale", "temperature", "num_retrieved", "cdk_k", "num_candidates", "image_guidance",
               "text_guidance")
 EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them

@@ -220,6 +220,13 @@ def _method_controls(method: str):
     return [gr.update(visible=name in used) for name in ("cfg_scale", "cdk_alpha", "cdk_k", "top_p")]
 
 
+def default_method(d: DecodingConfig) -> tuple[str, int]:
+    """The text->image tab's starting method (its label) and N: the model's decoding.json
+    method, and for best-of-N its number of candidates (at most MAX_IMAGES)."""
+    label = next(k for k, v in METHODS.items() if v == d.method)
+    return label, min(d.num_candidates, MAX_IMAGES) if d.method == "best_of_n" else 1
+
+
 def build_app(m: CM3Leon) -> "gr.Blocks":
     h = Handlers(m)
     model = dict(concurrency_id="model", concurrency_limit=1)  # one model: one request at a time
@@ -236,14 +243,19 @@ def build_app(m: CM3Leon) -> "gr.Blocks":
                 with gr.Column():
                     prompt = gr.Textbox(label="prompt", placeholder="a red circle", max_lines=3,
                                         max_length=MAX_TEXT_CHARS + 1, elem_id="t2i-prompt")
-                    method = gr.Radio(list(METHODS), value="CFG", label="decoding method")
-                    n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="N (images; best-of-N: candidates)")
-                    cfg_scale = gr.Slider(0, 10, value=m.decoding.cfg_scale, step=0.1, label="CFG scale α")
-                    cdk_alpha = gr.Slider(0.01, 1, value=m.decoding.cdk_alpha, step=0.01, label="CD-K α", visible=False)
-                    cdk_k = gr.Slider(1, 64, value=m.decoding.cdk_k, step=1, label="CD-K K", visible=False)
+                    start, start_n = default_method(m.decoding)  # what the model's decoding.json recommends
+                    used = CONTROLS[METHODS[start]]
+                    method = gr.Radio(list(METHODS), value=start, label="decoding method")
+                    n = gr.Slider(1, MAX_IMAGES, value=start_n, step=1, label="N (images; best-of-N: candidates)")
+                    cfg_scale = gr.Slider(0, 10, value=m.decoding.cfg_scale, step=0.1, label="CFG scale α",
+                                          visible="cfg_scale" in used)
+                    cdk_alpha = gr.Slider(0.01, 1, value=m.decoding.cdk_alpha, step=0.01, label="CD-K α",
+                                          visible="cdk_alpha" in used)
+                    cdk_k = gr.Slider(1, 64, value=m.decoding.cdk_k, step=1, label="CD-K K", visible="cdk_k" in used)
                     temperature = gr.Slider(0, 2, value=m.decoding.temperature, step=0.05,
                                             label="temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, value=m.decoding.top_p or 1.0, step=0.05, label="top-p")
+                    top_p = gr.Slider(0.05, 1, value=m.decoding.top_p or 1.0, step=0.05, label="top-p",
+                                      visible="top_p" in used)
                     t2i_seed = gr.Number(**seed)
                     go = gr.Button("Generate", variant="primary", elem_id="t2i-go")
                 with gr.Column():
