@@ -71,6 +71,50 @@ def test_text_tasks_return_strings(m, picture):
     assert isinstance(caption, str) and isinstance(answer, str)
 
 
+def test_captioning_with_candidates_keeps_the_best_scored_of_the_greedy_and_sampled_captions(m, picture,
+                                                                                           monkeypatch):
+    greedy = m.image_to_text([picture, picture.rotate(90)], max_new_tokens=6, seed=0)
+    seen = []
+    real = m.caption_scores
+
+    def scores(image, codes, captions, scorer):
+        seen.append((list(captions), scorer))
+        out = real(image, codes, captions, scorer)
+        assert len(out) == len(captions) and all(np.isfinite(out))
+        return [-len(c) for c in captions]  # prefer the shortest: a ranking the test can predict
+
+    monkeypatch.setattr(m, "caption_scores", scores)
+    best = m.image_to_text([picture, picture.rotate(90)], max_new_tokens=6, seed=0, num_candidates=4,
+                           scorer="likelihood")
+    assert len(seen) <= 2 and len(best) == 2
+    for (cands, scorer), g, b in zip(seen, greedy, best):
+        assert scorer == "likelihood" and cands[0] == g  # the greedy caption is the first candidate
+        assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands) and all(c.strip() for c in cands)
+        assert b == min(cands, key=len)
+    # one candidate: the greedy caption, nothing scored
+    seen.clear()
+    assert m.image_to_text(picture, max_new_tokens=6, seed=0, num_candidates=1) == greedy[0] and not seen
+    with pytest.raises(CM3LeonError, match="num_candidates"):
+        m.image_to_text(picture, num_candidates=0)
+    with pytest.raises(CM3LeonError, match="retriever"):
+        m.image_to_text(picture, num_candidates=2, scorer="clip")
+
+
+def test_decoding_json_sets_how_many_caption_candidates_the_model_ranks(model_dir, tmp_path, picture, monkeypatch):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    (d / DECODING_FILE).write_text(json.dumps({"caption_candidates": 3}))
+    tuned = CM3Leon.from_pretrained(d)
+    assert tuned.decoding.caption_candidates == 3
+    seen = []
+    monkeypatch.setattr(tuned, "caption_scores", lambda im, codes, caps, scorer: seen.append(caps) or [0.0] * len(caps))
+    tuned.image_to_text(picture, max_new_tokens=6, temperature=0.0, seed=1)
+    assert not seen or 2 <= len(seen[0]) <= 3  # scored unless all 3 candidates were the same text
+    (d / DECODING_FILE).write_text(json.dumps({"caption_candidates": 0}))
+    with pytest.raises(CM3LeonError, match="caption_candidates"):
+        CM3Leon.from_pretrained(d)
+
+
 def test_edit_and_infill_return_images_and_infill_keeps_codes_outside_the_span(m, picture, monkeypatch):
     assert isinstance(m.edit(picture, "make it blue", seed=0), Image.Image)
     original = m.encode_image(picture)
@@ -262,12 +306,13 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     assert plain.decoding == DecodingConfig() and plain.decoding.model_defaults() == {
         "method": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2,
         "cdk_k": 10, "num_candidates": 8,  # the paper's (CD-K's k and best-of-N's N: ours)
-        "image_guidance": 1.5, "text_guidance": 7.5}
+        "image_guidance": 1.5, "text_guidance": 7.5, "caption_candidates": 1}
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
     assert tuned.decoding.model_defaults() == {"method": "cfg", "cfg_scale": 1.5, "temperature": 1.0,
                                                "num_retrieved": 0, "cdk_k": 1, "num_candidates": 8,
-                                               "image_guidance": 1.5, "text_guidance": 7.5}
+                                               "image_guidance": 1.5, "text_guidance": 7.5,
+                                               "caption_candidates": 1}
     # the sampling temperature the model draws best at is one of its defaults too
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5}))
     cool = CM3Leon.from_pretrained(d)

@@ -113,6 +113,27 @@ def test_evaluate_model_writes_every_requested_metric_in_range(model_with_retrie
     assert "CIDEr-D" in (out / "metrics.md").read_text()
 
 
+def test_captions_are_written_with_the_runs_caption_candidates_and_scorer(model_dir, shapes_dir, tmp_path,
+                                                                         monkeypatch):
+    from cm3leon.api import CM3Leon
+
+    calls = []
+    real = CM3Leon.image_to_text
+
+    def spy(self, images, *args, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("num_candidates", "scorer")})
+        return real(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(CM3Leon, "image_to_text", spy)
+    evaluate_model(model_dir, shapes_dir, tmp_path / "eval", metrics="cider", split="train", num_prompts=2,
+                   decoding={"caption_candidates": 3, "scorer": "likelihood"})
+    assert calls and all(c == {"num_candidates": 3, "scorer": "likelihood"} for c in calls)
+    # a model whose image_to_text takes neither still captions (the ground-truth stand-in)
+    res = evaluate_model(Oracle(shapes_dir), shapes_dir, tmp_path / "oracle", split="train", num_prompts=2,
+                         metrics="cider", decoding={"caption_candidates": 3})
+    assert res["metrics"]["cider"]["shapes"]["correct"] == 1.0
+
+
 def test_metric_with_absent_input_is_skipped_with_a_note(model_dir, shapes_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)

@@ -46,13 +46,14 @@ def register(sub) -> None:
     t.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     t.add_argument("--prompts", help="a text file with one prompt per line")
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    decoding_config.add_arguments(t, skip=decoding_config.EDIT_KEYS)  # the model's decoding.json unless given
+    decoding_config.add_arguments(t, skip=(*decoding_config.EDIT_KEYS, "caption_candidates"))  # decoding.json unless given
     t.set_defaults(func=_image)
 
     c = gsub.add_parser("caption", help="image -> text (infilling)")
     common(c, False)
     c.add_argument("--image", action="append", required=True, help="an image file (repeatable)")
     c.add_argument("--max-new-tokens", type=int, default=32)
+    decoding_config.add_arguments(c, only=("caption_candidates", "scorer"))
     c.set_defaults(func=_caption)
 
     v = gsub.add_parser("vqa", help="answer a question about an image")
@@ -156,12 +157,15 @@ def _caption(args) -> int:
     m = _load(args)
     out = Path(args.out)
     rows = []
+    settings = {**_text_settings(args), "caption_candidates": args.caption_candidates or m.decoding.caption_candidates,
+                "scorer": args.scorer or m.decoding.scorer}
     for path in args.image:
         text = m.image_to_text(path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               num_candidates=args.caption_candidates, scorer=args.scorer)
         print(json.dumps({"image": path, "text": text}))
         rows.append({"task": "caption", "image": str(path), "text": text, "seed": args.seed,
-                     "settings": _text_settings(args), "score": None})
+                     "settings": settings, "score": None})
     out.mkdir(parents=True, exist_ok=True)
     append_samples(out, rows)
     return 0

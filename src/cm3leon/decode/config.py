@@ -31,12 +31,14 @@ SCORERS = ("auto", "clip", "likelihood")  # how best-of-N ranks its candidates (
 DECODING_FILE = "decoding.json"
 # What a model directory's decoding.json may set: a small tuned model can draw best with another
 # method (best-of-N and its N), at another CFG scale, without retrieved documents or with another
-# CD-K k than the paper's settings, and edit best at other guidance scales.
+# CD-K k than the paper's settings, edit best at other guidance scales, and caption best by
+# re-ranking several candidates.
 MODEL_KEYS = ("method", "cfg_scale", "temperature", "num_retrieved", "cdk_k", "num_candidates", "image_guidance",
-              "text_guidance")
+              "text_guidance", "caption_candidates")
 EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
+MAX_CAPTION_CANDIDATES = 256
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,15 @@ class DecodingConfig:
     cdk_k: int = Guidance.cdk_k  # CD-K's k-th best token (the paper gives no k)
     num_candidates: int = 8  # best-of-N: candidates drawn per prompt (half TopP+CFG, half CD-K)
     num_retrieved: int = 2  # documents retrieved into the prompt (paper Sec. 2: k = 2)
-    scorer: str = "auto"  # best-of-N ranking: auto | clip | likelihood
+    scorer: str = "auto"  # best-of-N's (and captioning's) ranking: auto | clip | likelihood
     # Editing (paper Sec. 5: two-scale guidance, source image 1.5, instruction 7.5); editing
     # samples with this config's temperature and top-p / top-k too.
     image_guidance: float = Guidance.image_scale
     text_guidance: float = Guidance.text_scale
+    # Captioning (`CM3Leon.image_to_text`): 1 writes the greedy caption; N > 1 adds N - 1
+    # sampled ones and keeps the best by `scorer` (the paper's CLIP re-ranking, Sec. 3, turned
+    # to text; the paper does not say how it decodes captions).
+    caption_candidates: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in IMAGE_METHODS:
@@ -66,8 +72,9 @@ class DecodingConfig:
         SamplerSettings(self.temperature, self.top_k, self.top_p)  # their checks, their messages
         Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)  # inf / NaN too
         self.edit_guidance()
-        for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED)):
-            v, lo = getattr(self, name), int(name == "num_candidates")
+        for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED),
+                         ("caption_candidates", MAX_CAPTION_CANDIDATES)):
+            v, lo = getattr(self, name), int(name != "num_retrieved")
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise CM3LeonError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
@@ -167,9 +174,10 @@ _HELP = {
     "cdk_k": "CD-K's k (its plausibility threshold is alpha x the k-th best probability)",
     "num_candidates": "best_of_n: candidates per prompt",
     "num_retrieved": "documents retrieved into the prompt",
-    "scorer": f"best_of_n ranking: {' | '.join(SCORERS)}",
+    "scorer": f"best_of_n's and captioning's ranking: {' | '.join(SCORERS)}",
     "image_guidance": "editing: source-image guidance scale (paper 1.5)",
     "text_guidance": "editing: instruction guidance scale (paper 7.5)",
+    "caption_candidates": "captioning: candidates per image, the best kept by --scorer (1 = greedy only)",
 }
 
 

@@ -49,6 +49,18 @@ def save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def with_options(fn: Callable, **options) -> Callable:
+    """`fn` with those of `options` its signature takes (every one when it takes **kwargs): a
+    model of another kind, or a stand-in, may not take a run's decoding options."""
+    import functools
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    return functools.partial(fn, **options) if options else fn
+
+
 def batched(fn: Callable, columns: Sequence[Sequence], batch_size: int, desc: str, seed: int) -> list:
     """`fn` (a task method taking lists) over the columns, `batch_size` rows per call; batch b uses seed + b."""
     from cm3leon.utils.logging import progress

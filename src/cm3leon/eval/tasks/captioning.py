@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
-from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png
+from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png, with_options
 
 
 def score_captions(captions: Sequence[str], references: Sequence[Sequence[str]],
@@ -41,7 +42,10 @@ def run(ctx: TaskContext) -> None:
     if "cider" in ctx.metrics:
         t0 = time.perf_counter()
         src = [c.image for c in ctx.data.images]
-        captions = batched(ctx.model.image_to_text, [src], ctx.batch_size, "captioning", ctx.seed)
+        fn = ctx.model.image_to_text
+        if isinstance(ctx.decoding, DecodingConfig):  # the run's caption candidates and their ranking
+            fn = with_options(fn, num_candidates=ctx.decoding.caption_candidates, scorer=ctx.decoding.scorer)
+        captions = batched(fn, [src], ctx.batch_size, "captioning", ctx.seed)
         truths = [c.objects for c in ctx.data.images] if ctx.data.is_shapes else None
         summary, per = score_captions(captions, [c.references for c in ctx.data.images], truths)
         ctx.results["cider"] = summary

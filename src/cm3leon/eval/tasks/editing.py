@@ -4,15 +4,13 @@ returning the input unedited scores."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from collections import defaultdict
 from typing import Any, Sequence
 
 from cm3leon.decode.config import DecodingConfig
 from cm3leon.errors import CM3LeonError
-from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png
+from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png, with_options
 
 
 def edit_target_objects(row: dict) -> list[dict] | None:
@@ -84,10 +82,8 @@ def run(ctx: TaskContext) -> None:
             fn = ctx.model.edit
             if isinstance(ctx.decoding, DecodingConfig):  # the run's editing scales and sampling,
                 d = ctx.decoding  # those of them the model's edit() takes
-                given = dict(image_guidance=d.image_guidance, text_guidance=d.text_guidance,
-                             temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
-                takes = inspect.signature(fn).parameters
-                fn = functools.partial(fn, **{k: v for k, v in given.items() if k in takes})
+                fn = with_options(fn, image_guidance=d.image_guidance, text_guidance=d.text_guidance,
+                                  temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
             edited = batched(fn, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
                              ctx.batch_size, "editing", ctx.seed)
             targets = [edit_target_objects(r) for r in rows]
