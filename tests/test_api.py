@@ -115,6 +115,46 @@ def test_decoding_json_sets_how_many_caption_candidates_the_model_ranks(model_di
         CM3Leon.from_pretrained(d)
 
 
+def test_edit_with_candidates_keeps_the_edit_the_model_finds_most_likely(m, picture):
+    from cm3leon.decode.rerank import sequence_logprob
+
+    samples = m.edit_samples(picture, "make it blue", seed=0, n=3)
+    ranked = m.rank_edits(m.encode_image(picture), "make it blue", samples)
+    cond = m.prompts.edit(m.encode_image(picture), "make it blue").cond
+    direct = sequence_logprob(m.model, [cond] * 3, [m.prompts.image(s.codes) for s in samples]).tolist()
+    assert sorted(s.score for s in ranked) == pytest.approx(sorted(direct), rel=1e-5)
+    assert [s.score for s in ranked] == sorted((s.score for s in ranked), reverse=True)
+    assert all(s.scorer == "likelihood" for s in ranked)
+    best = m.edit(picture, "make it blue", seed=0, num_candidates=3)
+    assert np.array_equal(np.asarray(best), np.asarray(ranked[0].image))
+    two = m.edit([picture, picture], ["make it blue", "make it blue"], seed=0, num_candidates=3)
+    assert len(two) == 2 and all(isinstance(i, Image.Image) for i in two)  # one best edit per pair
+    with pytest.raises(CM3LeonError, match="num_candidates"):
+        m.edit(picture, "make it blue", num_candidates=0)
+
+
+def test_decoding_json_sets_how_many_edits_the_model_ranks(model_dir, tmp_path, picture, monkeypatch):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    (d / DECODING_FILE).write_text(json.dumps({"edit_candidates": 2}))
+    tuned = CM3Leon.from_pretrained(d)
+    seen = []
+    real = tuned.rank_edits
+    monkeypatch.setattr(tuned, "rank_edits", lambda c, ins, ss: seen.append(len(ss)) or real(c, ins, ss))
+    assert isinstance(tuned.edit(picture, "make it blue", seed=0), Image.Image) and seen == [2]
+    out = tmp_path / "edits"
+    assert main(["generate", "edit", "--model", str(d), "--image", str(_save(picture, tmp_path)),
+                 "--instruction", "make it blue", "--seed", "0", "--edit-candidates", "3", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["scorer"] == "likelihood" and rows[0]["score"] is not None
+
+
+def _save(picture, folder):
+    path = folder / "picture.png"
+    picture.save(path)
+    return path
+
+
 def test_edit_and_infill_return_images_and_infill_keeps_codes_outside_the_span(m, picture, monkeypatch):
     assert isinstance(m.edit(picture, "make it blue", seed=0), Image.Image)
     original = m.encode_image(picture)
@@ -306,13 +346,14 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
     assert plain.decoding == DecodingConfig() and plain.decoding.model_defaults() == {
         "method": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2,
         "cdk_k": 10, "num_candidates": 8,  # the paper's (CD-K's k and best-of-N's N: ours)
-        "image_guidance": 1.5, "text_guidance": 7.5, "caption_candidates": 1}
+        "image_guidance": 1.5, "text_guidance": 7.5, "caption_candidates": 1, "edit_candidates": 1,
+        "scorer": "auto"}
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
     assert tuned.decoding.model_defaults() == {"method": "cfg", "cfg_scale": 1.5, "temperature": 1.0,
                                                "num_retrieved": 0, "cdk_k": 1, "num_candidates": 8,
                                                "image_guidance": 1.5, "text_guidance": 7.5,
-                                               "caption_candidates": 1}
+                                               "caption_candidates": 1, "edit_candidates": 1, "scorer": "auto"}
     # the sampling temperature the model draws best at is one of its defaults too
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5}))
     cool = CM3Leon.from_pretrained(d)
@@ -364,7 +405,8 @@ def test_decoding_json_sets_the_models_editing_guidance_and_temperature(model_di
     ({"cfg_scale": "high"}, "cfg_scale"), ({"num_retrieved": 1.5}, "num_retrieved"),
     ({"num_retrieved": -1}, "num_retrieved"), ({"cdk_k": 0}, "cdk_k"), ({"top_p": 0.5}, "unknown"),
     ({"temperature": -1}, "temperature"), ({"text_guidance": -2}, "text_guidance"),
-    ({"image_guidance": "x"}, "image_guidance"),
+    ({"image_guidance": "x"}, "image_guidance"), ({"scorer": "vibes"}, "scorer"),
+    ({"caption_candidates": 0}, "caption_candidates"), ({"edit_candidates": 1.5}, "edit_candidates"),
     ([1, 2], "JSON object"),
 ])
 def test_a_bad_decoding_json_names_the_file_and_field(model_dir, tmp_path, content, field):

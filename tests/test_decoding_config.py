@@ -5,8 +5,8 @@ import argparse
 
 import pytest
 
-from cm3leon.decode.config import (DECODING_FILE, EDIT_KEYS, FIELDS, MODEL_KEYS, DecodingConfig, add_arguments, given,
-                                   read_model_decoding, write_model_decoding)
+from cm3leon.decode.config import (DECODING_FILE, EDIT_KEYS, FIELDS, MODEL_KEYS, TASK_ONLY_KEYS, DecodingConfig,
+                                   add_arguments, given, read_model_decoding, write_model_decoding)
 from cm3leon.decode.guidance import Guidance
 from cm3leon.errors import CM3LeonError
 
@@ -47,12 +47,15 @@ def test_a_model_directory_keeps_its_model_keys(tmp_path):
     assert read_model_decoding(tmp_path) == {}
     write_model_decoding(tmp_path, DecodingConfig(method="best_of_n", num_candidates=4, cfg_scale=1.5,
                                                   num_retrieved=0, cdk_k=1, temperature=0.5, top_p=0.5,
-                                                  image_guidance=1.0, text_guidance=1.5, caption_candidates=8))
+                                                  image_guidance=1.0, text_guidance=1.5, caption_candidates=8,
+                                                  edit_candidates=4, scorer="likelihood"))
     assert (tmp_path / DECODING_FILE).is_file()
-    # the method and its N, the sampling temperature, editing's scales and captioning's candidates
-    # are the model's (chosen by its sweeps and validation runs); top-p is the call's
+    # the method and its N, the sampling temperature, editing's scales, captioning's and editing's
+    # candidates and how candidates are ranked are the model's (chosen by its sweeps and validation runs); top-p
+    # is the call's
     own = {"method": "best_of_n", "cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1,
-           "num_candidates": 4, "image_guidance": 1.0, "text_guidance": 1.5, "caption_candidates": 8}
+           "num_candidates": 4, "image_guidance": 1.0, "text_guidance": 1.5, "caption_candidates": 8,
+           "edit_candidates": 4, "scorer": "likelihood"}
     assert read_model_decoding(tmp_path) == own
     d = DecodingConfig.from_model_dir(tmp_path)
     assert d.model_defaults() == own and d.edit_guidance().to_dict() == {
@@ -80,22 +83,22 @@ def test_cli_flags_are_made_from_the_fields_and_unset_flags_are_not_given():
     assert {a.dest for a in q._actions} - {"help"} == FIELDS - {"method", "num_candidates"}
 
 
-@pytest.mark.parametrize("argv", [["generate", "image"], ["eval", "model"], ["eval", "sweep"], ["generate", "caption"]])
+@pytest.mark.parametrize("argv", [["generate", "image"], ["eval", "model"], ["eval", "sweep"], ["generate", "caption"],
+                                  ["generate", "edit"]])
 def test_every_decoding_command_offers_the_configs_flags(argv, capsys):
     from cm3leon.cli import main
 
     with pytest.raises(SystemExit):
         main([*argv, "-h"])
     text = capsys.readouterr().out
-    if argv[1] == "caption":  # captioning: its candidates and their ranking only
-        skip = FIELDS - {"caption_candidates", "scorer"}
-    else:
-        skip = {"method", "num_candidates", "caption_candidates"} if argv[1] == "sweep" else set()
-        if argv[1] != "model":  # editing's scales: where edits are drawn (eval model, generate edit)
-            skip |= set(EDIT_KEYS)
-        if argv[1] == "image":  # captioning's candidates: where captions are written (eval model, generate caption)
-            skip.add("caption_candidates")
+    task_only = {k for ks in TASK_ONLY_KEYS.values() for k in ks}
+    if argv[1] in ("caption", "edit"):  # a text or edit command: its own options only
+        skip = FIELDS - ({"caption_candidates", "scorer"} if argv[1] == "caption" else set(TASK_ONLY_KEYS["edit"]))
+    elif argv[1] == "model":  # the evaluation writes captions and edits too
+        skip = set()
+    else:  # text->image only
+        skip = task_only | ({"method", "num_candidates"} if argv[1] == "sweep" else set())
     for name in FIELDS - skip:
         assert "--" + name.replace("_", "-") in text, (argv, name)
-    for name in (set(EDIT_KEYS) | {"caption_candidates"}) & skip:
+    for name in task_only & skip:
         assert "--" + name.replace("_", "-") not in text, (argv, name)

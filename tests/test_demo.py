@@ -55,7 +55,9 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
         "method": preset.decoding.method, "cfg_scale": preset.decoding.cfg_scale,
         "temperature": preset.decoding.temperature, "num_retrieved": preset.decoding.num_retrieved,
         "cdk_k": preset.decoding.cdk_k, "num_candidates": preset.decoding.num_candidates,
-        "image_guidance": preset.decoding.image_guidance, "text_guidance": preset.decoding.text_guidance}
+        "image_guidance": preset.decoding.image_guidance, "text_guidance": preset.decoding.text_guidance,
+        "caption_candidates": preset.decoding.caption_candidates, "edit_candidates": preset.decoding.edit_candidates,
+        "scorer": preset.decoding.scorer}
     # ... and the final evaluation drew with that method
     assert json.loads((out / "eval" / "sft" / "metrics.json").read_text())["decoding"]["method"] == \
         preset.decoding.method

@@ -115,6 +115,19 @@ def test_the_text_to_image_tab_starts_with_the_models_recommended_method():
     assert default_method(DecodingConfig(method="cdk", num_candidates=4)) == ("CD-K", 1)
 
 
+def test_the_edit_tab_draws_and_ranks_the_models_edit_candidates(model_dir, picture, monkeypatch):
+    pytest.importorskip("gradio")
+    from cm3leon.serve.app import Handlers
+
+    tuned = CM3Leon.from_pretrained(model_dir)
+    tuned.decoding = tuned.decoding.replace(edit_candidates=3)
+    seen = []
+    real = tuned.rank_edits
+    monkeypatch.setattr(tuned, "rank_edits", lambda c, ins, ss: seen.append(len(ss)) or real(c, ins, ss))
+    *_, (before, after, status) = list(Handlers(tuned).edit(str(picture), "make it blue", 1.0, 1.5, 1.0, 0.9, 0))
+    assert seen == [3] and isinstance(after, Image.Image) and "ranked by likelihood" in status
+
+
 def test_serve_cli_reports_a_bad_model_dir_without_a_traceback(tmp_path, capsys):
     pytest.importorskip("gradio")
     from cm3leon.cli import main

@@ -46,7 +46,8 @@ def register(sub) -> None:
     t.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     t.add_argument("--prompts", help="a text file with one prompt per line")
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    decoding_config.add_arguments(t, skip=(*decoding_config.EDIT_KEYS, "caption_candidates"))  # decoding.json unless given
+    decoding_config.add_arguments(t, skip=tuple(k for ks in decoding_config.TASK_ONLY_KEYS.values() for k in ks))
+    # (every flag's default: the model's decoding.json, else the config's)
     t.set_defaults(func=_image)
 
     c = gsub.add_parser("caption", help="image -> text (infilling)")
@@ -72,6 +73,7 @@ def register(sub) -> None:
                    help="source-image guidance (default: the model's decoding.json, else the paper's 1.5)")
     e.add_argument("--text-guidance", type=float, default=None,
                    help="instruction guidance (default: the model's decoding.json, else the paper's 7.5)")
+    decoding_config.add_arguments(e, only=("edit_candidates",))
     e.set_defaults(func=_edit)
 
 
@@ -190,9 +192,12 @@ def _edit(args) -> int:
     m = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ranked = args.edit_candidates or m.decoding.edit_candidates  # > 1: draw that many, keep the best --n
     samples = m.edit_samples(args.image, args.instruction, image_guidance=args.image_guidance,
                              text_guidance=args.text_guidance, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed, n=args.n)
+                             top_k=args.top_k, seed=args.seed, n=max(args.n, ranked))
+    if ranked > 1:
+        samples = m.rank_edits(m.encode_image(args.image), args.instruction, samples)[: args.n]
     first = _next_index(out)
     rows = []
     for j, s in enumerate(samples):

@@ -31,14 +31,16 @@ SCORERS = ("auto", "clip", "likelihood")  # how best-of-N ranks its candidates (
 DECODING_FILE = "decoding.json"
 # What a model directory's decoding.json may set: a small tuned model can draw best with another
 # method (best-of-N and its N), at another CFG scale, without retrieved documents or with another
-# CD-K k than the paper's settings, edit best at other guidance scales, and caption best by
-# re-ranking several candidates.
+# CD-K k than the paper's settings, edit best at other guidance scales, caption best by
+# re-ranking several candidates, and rank candidates best with its own likelihood.
 MODEL_KEYS = ("method", "cfg_scale", "temperature", "num_retrieved", "cdk_k", "num_candidates", "image_guidance",
-              "text_guidance", "caption_candidates")
+              "text_guidance", "caption_candidates", "edit_candidates", "scorer")
 EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them
+# What one task's decoding alone uses, by task: the commands of the other tasks leave their flags out.
+TASK_ONLY_KEYS = {"caption": ("caption_candidates",), "edit": (*EDIT_KEYS, "edit_candidates")}
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
-MAX_CAPTION_CANDIDATES = 256
+MAX_CAPTION_CANDIDATES = 256  # captions / edits per input (each one decoded)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class DecodingConfig:
     # sampled ones and keeps the best by `scorer` (the paper's CLIP re-ranking, Sec. 3, turned
     # to text; the paper does not say how it decodes captions).
     caption_candidates: int = 1
+    # Editing (`CM3Leon.edit`): N > 1 draws N edits per pair and keeps the one the model finds
+    # most likely given the source image and instruction (`CM3Leon.rank_edits`).
+    edit_candidates: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in IMAGE_METHODS:
@@ -73,7 +78,7 @@ class DecodingConfig:
         Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)  # inf / NaN too
         self.edit_guidance()
         for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED),
-                         ("caption_candidates", MAX_CAPTION_CANDIDATES)):
+                         ("caption_candidates", MAX_CAPTION_CANDIDATES), ("edit_candidates", MAX_CAPTION_CANDIDATES)):
             v, lo = getattr(self, name), int(name != "num_retrieved")
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise CM3LeonError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
@@ -140,7 +145,7 @@ def check_model_decoding(d: Any, where: str) -> dict:
         DecodingConfig().replace(**d)
     except CM3LeonError as e:
         raise CM3LeonError(f"{where}: {e}") from None
-    return {k: v if k == "method" else float(v) if k in ("cfg_scale", "temperature", *EDIT_KEYS) else int(v)
+    return {k: v if k in ("method", "scorer") else float(v) if k in ("cfg_scale", "temperature", *EDIT_KEYS) else int(v)
             for k, v in d.items()}
 
 
@@ -178,6 +183,7 @@ _HELP = {
     "image_guidance": "editing: source-image guidance scale (paper 1.5)",
     "text_guidance": "editing: instruction guidance scale (paper 7.5)",
     "caption_candidates": "captioning: candidates per image, the best kept by --scorer (1 = greedy only)",
+    "edit_candidates": "editing: edits drawn per pair, the one the model finds most likely kept",
 }
 
 

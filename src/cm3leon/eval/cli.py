@@ -104,7 +104,8 @@ def register(sub) -> None:
                         "--cfg-scale (temperature vs the shared --temperature)")
     # what every setting starts from (the model's decoding.json unless given); --cfg-scale is
     # best-of-N's and the --retrieved settings' scale
-    decoding_config.add_arguments(w, skip=("method", "num_candidates", "caption_candidates", *decoding_config.EDIT_KEYS))
+    decoding_config.add_arguments(w, skip=("method", "num_candidates",
+                                           *(k for ks in decoding_config.TASK_ONLY_KEYS.values() for k in ks)))
     w.set_defaults(func=_sweep)
 
 

@@ -206,21 +206,33 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     # objects SFT adds to single-object prompts are ranked out), at 4x the sampling time.
     # 1,000 SFT steps instead of 1,500 (best-of-4, validation) did not spare the scenes: 97 / 63 /
     # 24%, captions 79%, VQA 62.5%, edits 33% (against 100 / 66 / 35%, 82.5%, 69%, 45%).
+    # Ranking by the model's own likelihood (decoding scorer "likelihood": the prompt's mean log
+    # p as the candidate's caption, by infilling) instead of the retriever's CLIP score: the
+    # retriever tells one object from another but not a scene of three from a scene that has two
+    # of them. Same tuned model, 200 validation prompts, whole scenes of 1 / 2 / 3 objects right:
+    # best-of-4 CLIP 100 / 67 / 30%, likelihood 100 / 76 / 50%; best-of-8 CLIP 100 / 70 / 30%,
+    # likelihood 100 / 87 / 59% (a right one among the 8 candidates: 100 / 87 / 67%); best-of-16
+    # likelihood 100 / 93 / 56%. So best-of-8 ranked by likelihood: on the test split 100 / 87 /
+    # 57%, on 100 prompts of another seed of the generator 96 / 91 / 50%.
     # Captions: 8 candidates (the greedy one and 7 sampled at temperature 0.7), the best kept by
-    # the run's retriever (decoding caption_candidates). The greedy caption of a 2-3-object scene
+    # the same scorer (decoding caption_candidates). The greedy caption of a 2-3-object scene
     # mostly fails by naming one object twice ("a red circle and a red circle"); among 8
-    # candidates a right one is there for 96% of 200 validation images. The same tuned model:
-    # captions naming every colour and shape 82.5% -> 96% (validation; the model's own
-    # log p(image | caption) as the ranker: 95.5%), 83.5% -> 95% (test), 81% -> 96% (200 images
-    # of another seed of the generator), for 40 s more per 200 images. Blocking repeated 3-grams
+    # candidates a right one is there for 96% of 200 validation images. Captions naming every
+    # colour and shape: 82.5% -> 95.5% (validation; CLIP as the ranker: 96%), 83.5% -> 95%
+    # (test), 81% -> 95% (another seed), for ~40 s more per 200 images. Blocking repeated 3-grams
     # in the greedy caption instead gave 85.5% (validation).
+    # Edits: 8 drawn per pair, the one the model finds most likely given the source image and the
+    # instruction kept (decoding edit_candidates): done 46.5% -> 58% (test), 38% -> 53% (another
+    # seed); 4 candidates: 56.5% / 47%. Ranking by the instruction's log ratio (conditional minus
+    # image-only stream) picked worse than the first candidate (36% vs 50% of 96 validation pairs).
     "long": PipelinePreset(
         image_tokenizer="patch48", model="demo",
         demo_data={"num": 12000, "size": 48, "max_objects": 3},
         pretrain=dict(_CPU_PRETRAIN, steps=2400, lr=1.5e-3, warmup_steps=60, eval_every=400, ckpt_every=400),
         sft=dict(_CPU_SFT, steps=1500, warmup_steps=50, eval_every=300, ckpt_every=300,
                  weights={"vqa": 3.0, "caption": 2.0, "t2i": 2.0, "edit": 3.0, "layout": 1.0}),
-        decoding=_CPU_DECODING.replace(method="best_of_n", num_candidates=4, caption_candidates=8),
+        decoding=_CPU_DECODING.replace(method="best_of_n", num_candidates=8, scorer="likelihood", caption_candidates=8,
+                                       edit_candidates=8),
         eval_num=200, sweep_num=48, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8),
         sweep_temperatures=(0.3, 0.7, 1.0),
     ),

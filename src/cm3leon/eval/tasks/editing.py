@@ -80,10 +80,11 @@ def run(ctx: TaskContext) -> None:
             t0 = time.perf_counter()
             rows = [r for r in rows if isinstance(r.get("instruction"), str)]
             fn = ctx.model.edit
-            if isinstance(ctx.decoding, DecodingConfig):  # the run's editing scales and sampling,
-                d = ctx.decoding  # those of them the model's edit() takes
+            if isinstance(ctx.decoding, DecodingConfig):  # the run's editing scales, sampling and
+                d = ctx.decoding  # candidates, those of them the model's edit() takes
                 fn = with_options(fn, image_guidance=d.image_guidance, text_guidance=d.text_guidance,
-                                  temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
+                                  temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
+                                  num_candidates=d.edit_candidates)
             edited = batched(fn, [[r["image_pil"] for r in rows], [r["instruction"] for r in rows]],
                              ctx.batch_size, "editing", ctx.seed)
             targets = [edit_target_objects(r) for r in rows]
