@@ -198,6 +198,11 @@ def test_sweep_writes_one_row_per_setting_and_plots_against_cfg_and_n(model_with
     assert [r["num_candidates"] for r in res["rows"] if r["method"] == "best_of_n"] == [1, 2]
     assert len(res["plots"]) == 6 and all((out / p).is_file() for p in res["plots"])
     assert "best-of-2" in (out / "sweep.md").read_text()
+    assert "optimistic by construction" in (out / "sweep.md").read_text()  # ranked by the CLIP scorer itself
+    liked = sweep_decoding(model_with_retriever, shapes_dir, tmp_path / "liked", cfg_scales=(1,), best_of=(2,),
+                           num_prompts=2, split="train", methods="best_of_n", decoding={"scorer": "likelihood"})
+    md = (tmp_path / "liked" / "sweep.md").read_text()
+    assert liked["rows"] and "model's own likelihood" in md and "optimistic" not in md
 
 
 def test_sweep_shares_its_decoding_options_with_every_setting(model_dir, shapes_dir, tmp_path, monkeypatch):

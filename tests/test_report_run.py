@@ -256,6 +256,15 @@ def test_quality_bar_text_to_image_figure_has_one_producer_the_evaluation(tmp_pa
     assert first["met"] is None and first["value"] is None
 
 
+def test_quality_bar_judges_text_to_image_with_the_runs_own_decoding_method(tmp_path):
+    _minimal_run(tmp_path, 0.98, 0.95, 70.0)
+    ev = _eval_metrics(0.98, 0.95, 70.0)
+    ev["decoding"] = {"method": "best_of_n", "num_candidates": 8}  # the long preset draws best-of-8
+    _write(tmp_path / "eval" / "sft" / "metrics.json", ev)
+    first = quality_bar_checks(tmp_path)[0]
+    assert first["met"] is True and first["value"] == 0.98 and first["source"].endswith("best_of_n")
+
+
 def test_quality_bar_thresholds_are_config(tmp_path):
     _minimal_run(tmp_path, 0.85, 0.85, 75.0)
     checks = quality_bar_checks(tmp_path, QualityBar(text_to_image_cfg=0.9, captions=0.8, vqa=0.8))

@@ -10,9 +10,9 @@ with its standard deviation and per-seed values beside it (`<metric>_std`, `<met
     cm3leon eval sweep --model runs/demo/sft/model --data data/shapes --out runs/demo/sweep
 
 Writes sweep.json (one row per setting), sweep.md and plots of each metric against α and
-against N (with the seeds' spread as error bars). Best-of-N re-ranks with the same retriever
-that computes the CLIP score, so its CLIP score is optimistic by construction: judge it by
-the checker and FD.
+against N (with the seeds' spread as error bars). Best-of-N re-ranks with the model's scorer:
+with the retriever that computes the CLIP score ("clip", or "auto" with a retriever) its CLIP
+score is optimistic by construction, so judge it by the checker and FD.
 """
 
 from __future__ import annotations
@@ -256,9 +256,13 @@ def sweep_decoding(
     md = [f"# Decoding comparison: {result['model']}", "",
           f"{len(prompts)} prompts from {data} (split {split}), {spread}; same prompts and seeds for every setting.",
           "", markdown_table(spread_rows(rows, [*metrics, "colour", "shape"]), cols), ""]
-    if retriever is not None:
-        md.append("Best-of-N is re-ranked by the same retriever that computes the CLIP score: its CLIP score is "
-                  "optimistic by construction.")
+    if any(r["method"] == "best_of_n" for r in rows):
+        if base.scorer == "likelihood" or getattr(model, "retriever", None) is None:
+            md.append("Best-of-N is re-ranked by the model's own likelihood of the prompt as each candidate's "
+                      "caption (scorer likelihood), not by the retriever that computes the CLIP score.")
+        elif retriever is not None:
+            md.append("Best-of-N is re-ranked by the same retriever that computes the CLIP score: its CLIP score is "
+                      "optimistic by construction.")
     md += [f"- {n}" for n in notes]
     md += [f"![{p}]({p})" for p in plots]
     write_text(out / "sweep.md", "\n".join(md) + "\n")
