@@ -525,7 +525,8 @@ class CM3Leon:
             samples = best
         return samples[0].image if isinstance(instructions, str) else [s.image for s in samples]
 
-    def rank_edits(self, source_codes: Sequence[int], instruction: str, samples: list[ImageSample]) -> list[ImageSample]:
+    def rank_edits(self, source_codes: Sequence[int], instruction: str,
+                   samples: list[ImageSample]) -> list[ImageSample]:
         """Edits of one (source, instruction) pair, best first, scored by the model's own mean
         log p(edited codes | source image, instruction) (scorer "likelihood"). On the long demo
         preset's model this ranker kept a done edit for 56% of 96 validation pairs out of 4

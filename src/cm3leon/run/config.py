@@ -190,7 +190,8 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     "demo": PipelinePreset(
         image_tokenizer="patch48", model="demo-small",
         pretrain=dict(_CPU_PRETRAIN, steps=600, eval_every=200, ckpt_every=200),
-        sft=dict(_CPU_SFT, steps=720, eval_every=240, ckpt_every=240), decoding=_CPU_DECODING.replace(edit_candidates=8),
+        sft=dict(_CPU_SFT, steps=720, eval_every=240, ckpt_every=240),
+        decoding=_CPU_DECODING.replace(edit_candidates=8),
         sweep_num=32, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 4, 8), sweep_temperatures=(0.3, 0.7, 1.0),
     ),
     # For those who can wait (`cm3leon demo --preset long`, sized for <= 60 min on a 2-core CPU
