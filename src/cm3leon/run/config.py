@@ -136,7 +136,14 @@ _CPU_PRETRAIN = dict(seq_len=448, batch_tokens=1024, micro_batch_size=2, lr=2e-3
 # the same way: existence 57.5%, recolour edits 34% vs 54%), nor a rationale before the answer
 # (existence answers trained as "a blue circle, so no": the model then describes the picture
 # right for 40 of 40 validation questions and still answers "yes" to every one; comparing two
-# words of the text is not learned either). SFT has no retrieved
+# words of the text is not learned either), nor a judgement right after each attribute ("orange
+# no triangle no, so no": at the token after a colour word the model need only say whether the
+# question has that word; it said "yes" to every attribute). Nor the embeddings of the words
+# pretraining never sees: after it 425 of the 456 text tokens share one direction (" yes" and
+# " no": cosine 1.00); drawn again from the seen tokens' mean and covariance before SFT they
+# separate (0.62) and existence stays at 57.5% (position questions 100% -> 75%). Untied input
+# and output embeddings (model.tie_embeddings false): text->image 1%, captions 18%, existence
+# 60%. SFT has no retrieved
 # documents, and the tuned model draws best prompted without them too (decoding
 # num_retrieved 0): colour+shape 78% with the right number of objects in 88% of images,
 # against 45% / 23% when prompted with two retrieved documents.
