@@ -98,6 +98,8 @@ def test_captioning_with_candidates_keeps_the_best_scored_of_the_greedy_and_samp
         m.image_to_text(picture, num_candidates=0)
     with pytest.raises(CM3LeonError, match="retriever"):
         m.image_to_text(picture, num_candidates=2, scorer="clip")
+    with pytest.raises(CM3LeonError, match="scorer"):
+        m.image_to_text(picture, scorer="vibes")  # a bad scorer is refused even for one caption
 
 
 def test_decoding_json_sets_how_many_caption_candidates_the_model_ranks(model_dir, tmp_path, picture, monkeypatch):

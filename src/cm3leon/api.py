@@ -414,7 +414,8 @@ class CM3Leon:
         self._check_max_new(max_new_tokens)
         n = self.decoding.caption_candidates if num_candidates is None else num_candidates
         _check_n(n, "num_candidates")
-        scorer = self._scorer(self.decoding.scorer if scorer is None else scorer)
+        if scorer is not None and scorer not in SCORERS:
+            raise CM3LeonError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         one, images = _as_batch(images, "images")
         images = [prepare_image(im, self.resolution) for im in images]
         codes = self.encode_images(images)
@@ -424,8 +425,10 @@ class CM3Leon:
         tps = [self.prompts.caption(c, max_new_tokens, ds) for c, ds in zip(codes, docs)]
         texts = self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed)
         if n > 1 and texts:
+            scorer = self._scorer(self.decoding.scorer if scorer is None else scorer)
             more = self._write_texts([tp for tp in tps for _ in range(n - 1)], max_new_tokens,
-                                     CAPTION_CANDIDATE_TEMPERATURE, 0.9, None, None if seed is None else seed + 1)
+                                     CAPTION_CANDIDATE_TEMPERATURE, 0.9, None,
+                                     None if seed is None else (seed + 1) % (MAX_SEED + 1))
             texts = [self._best_caption(im, c, [t] + more[i * (n - 1):(i + 1) * (n - 1)], scorer)
                      for i, (im, c, t) in enumerate(zip(images, codes, texts))]
         return texts[0] if one else texts

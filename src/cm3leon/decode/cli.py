@@ -159,8 +159,8 @@ def _caption(args) -> int:
     m = _load(args)
     out = Path(args.out)
     rows = []
-    settings = {**_text_settings(args), "caption_candidates": args.caption_candidates or m.decoding.caption_candidates,
-                "scorer": args.scorer or m.decoding.scorer}
+    d = m.decoding.replace(caption_candidates=args.caption_candidates, scorer=args.scorer)  # checked here
+    settings = {**_text_settings(args), "caption_candidates": d.caption_candidates, "scorer": d.scorer}
     for path in args.image:
         text = m.image_to_text(path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -192,7 +192,8 @@ def _edit(args) -> int:
     m = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ranked = args.edit_candidates or m.decoding.edit_candidates  # > 1: draw that many, keep the best --n
+    # > 1: draw that many, keep the best --n (replace() checks the value, naming the field)
+    ranked = m.decoding.replace(edit_candidates=args.edit_candidates).edit_candidates
     samples = m.edit_samples(args.image, args.instruction, image_guidance=args.image_guidance,
                              text_guidance=args.text_guidance, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, n=max(args.n, ranked))

@@ -40,7 +40,7 @@ EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ign
 TASK_ONLY_KEYS = {"caption": ("caption_candidates",), "edit": (*EDIT_KEYS, "edit_candidates")}
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
-MAX_CAPTION_CANDIDATES = 256  # captions / edits per input (each one decoded)
+MAX_RANKED_CANDIDATES = 256  # captions / edits per input (each one decoded)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class DecodingConfig:
         Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)  # inf / NaN too
         self.edit_guidance()
         for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED),
-                         ("caption_candidates", MAX_CAPTION_CANDIDATES), ("edit_candidates", MAX_CAPTION_CANDIDATES)):
+                         ("caption_candidates", MAX_RANKED_CANDIDATES), ("edit_candidates", MAX_RANKED_CANDIDATES)):
             v, lo = getattr(self, name), int(name != "num_retrieved")
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise CM3LeonError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
