@@ -86,7 +86,7 @@ def test_captioning_with_candidates_keeps_the_best_scored_of_the_greedy_and_samp
     monkeypatch.setattr(m, "caption_scores", scores)
     best = m.image_to_text([picture, picture.rotate(90)], max_new_tokens=6, seed=0, num_candidates=4,
                            scorer="likelihood")
-    assert len(seen) <= 2 and len(best) == 2
+    assert len(seen) == 2 and len(best) == 2  # both images had distinct candidates to rank
     for (cands, scorer), g, b in zip(seen, greedy, best):
         assert scorer == "likelihood" and cands[0] == g  # the greedy caption is the first candidate
         assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands) and all(c.strip() for c in cands)
@@ -108,9 +108,12 @@ def test_decoding_json_sets_how_many_caption_candidates_the_model_ranks(model_di
     (d / DECODING_FILE).write_text(json.dumps({"caption_candidates": 3}))
     tuned = CM3Leon.from_pretrained(d)
     assert tuned.decoding.caption_candidates == 3
-    seen = []
+    seen, rows = [], []
     monkeypatch.setattr(tuned, "caption_scores", lambda im, codes, caps, scorer: seen.append(caps) or [0.0] * len(caps))
+    real_write = tuned._write_texts
+    monkeypatch.setattr(tuned, "_write_texts", lambda tps, *a: rows.append(len(tps)) or real_write(tps, *a))
     tuned.image_to_text(picture, max_new_tokens=6, temperature=0.0, seed=1)
+    assert rows == [1, 2]  # the greedy caption, then the 2 sampled candidates
     assert not seen or 2 <= len(seen[0]) <= 3  # scored unless all 3 candidates were the same text
     (d / DECODING_FILE).write_text(json.dumps({"caption_candidates": 0}))
     with pytest.raises(CM3LeonError, match="caption_candidates"):
@@ -141,8 +144,8 @@ def test_decoding_json_sets_how_many_edits_the_model_ranks(model_dir, tmp_path, 
     (d / DECODING_FILE).write_text(json.dumps({"edit_candidates": 2}))
     tuned = CM3Leon.from_pretrained(d)
     seen = []
-    real = tuned.rank_edits
-    monkeypatch.setattr(tuned, "rank_edits", lambda c, ins, ss: seen.append(len(ss)) or real(c, ins, ss))
+    real = tuned._rank_edits
+    monkeypatch.setattr(tuned, "_rank_edits", lambda cond, ss: seen.append(len(ss)) or real(cond, ss))
     assert isinstance(tuned.edit(picture, "make it blue", seed=0), Image.Image) and seen == [2]
     out = tmp_path / "edits"
     assert main(["generate", "edit", "--model", str(d), "--image", str(_save(picture, tmp_path)),

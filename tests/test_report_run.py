@@ -267,7 +267,7 @@ def test_quality_bar_judges_text_to_image_with_the_runs_own_decoding_method(tmp_
 
 def test_quality_bar_thresholds_are_config(tmp_path):
     _minimal_run(tmp_path, 0.85, 0.85, 75.0)
-    checks = quality_bar_checks(tmp_path, QualityBar(text_to_image_cfg=0.9, captions=0.8, vqa=0.8))
+    checks = quality_bar_checks(tmp_path, QualityBar(text_to_image=0.9, captions=0.8, vqa=0.8))
     assert [c["met"] for c in checks] == [False, True, False]
 
 

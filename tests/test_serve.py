@@ -122,8 +122,8 @@ def test_the_edit_tab_draws_and_ranks_the_models_edit_candidates(model_dir, pict
     tuned = CM3Leon.from_pretrained(model_dir)
     tuned.decoding = tuned.decoding.replace(edit_candidates=3)
     seen = []
-    real = tuned.rank_edits
-    monkeypatch.setattr(tuned, "rank_edits", lambda c, ins, ss: seen.append(len(ss)) or real(c, ins, ss))
+    real = tuned._rank_edits
+    monkeypatch.setattr(tuned, "_rank_edits", lambda cond, ss: seen.append(len(ss)) or real(cond, ss))
     *_, (before, after, status) = list(Handlers(tuned).edit(str(picture), "make it blue", 1.0, 1.5, 1.0, 0.9, 0))
     assert seen == [3] and isinstance(after, Image.Image) and "ranked by likelihood" in status
 

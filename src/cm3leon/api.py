@@ -478,13 +478,18 @@ class CM3Leon:
     def edit_samples(self, images, instructions: str | Sequence[str], image_guidance: float | None = None,
                      text_guidance: float | None = None, temperature: float | None = None,
                      top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None, n: int = 1,
-                     on_step: Callable[[int, torch.Tensor], None] | None = None) -> list[ImageSample]:
+                     on_step: Callable[[int, torch.Tensor], None] | None = None,
+                     num_candidates: int | None = None) -> list[ImageSample]:
         """Edit images following instructions (paper Table 5 template), with two-scale
         guidance in one batch. Scales and temperature left None are `self.decoding`'s: the
         model directory's decoding.json, else the paper's image 1.5, text 7.5 (Sec. 5) at
         temperature 1. n samples per (image, instruction), all in one batch, pair by pair.
-        on_step: `generate`'s hook."""
+        num_candidates (default: the model's decoding.json `edit_candidates`, else 1): N > 1
+        draws max(n, N) edits per pair in the same batch and keeps the n the model itself finds
+        most likely, best first (`rank_edits`). on_step: `generate`'s hook."""
         _check_n(n)
+        ranked = self.decoding.edit_candidates if num_candidates is None else num_candidates
+        _check_n(ranked, "num_candidates")
         one, images = _as_batch(images, "images")
         one_i, instructions = _as_batch(instructions, "instructions")
         if one != one_i or len(images) != len(instructions):
@@ -496,7 +501,8 @@ class CM3Leon:
         guidance = d.edit_guidance()
         sampler = SamplerSettings(d.temperature, top_k, top_p)
         seed = _new_seed(seed)
-        tps = [tp for c, ins in zip(self.encode_images(images), instructions) for tp in [self.prompts.edit(c, ins)] * n]
+        k = max(n, ranked)  # drawn per pair
+        tps = [tp for c, ins in zip(self.encode_images(images), instructions) for tp in [self.prompts.edit(c, ins)] * k]
         per_row = [tp.guidance_streams("edit") for tp in tps]
         res = generate(
             self.model, [tp.cond for tp in tps],
@@ -505,27 +511,21 @@ class CM3Leon:
             seed=seed, on_step=on_step,
         )
         codes = [self.vocab.ids_to_codes(t[: self.tokens_per_image]).tolist() for t in res.tokens]
-        rows = [ins for ins in instructions for _ in range(n)]
-        return [ImageSample(im, c, ins, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)
-                for i, (im, c, ins, tp) in enumerate(zip(self.decode_images(codes), codes, rows, tps))]
+        rows = [ins for ins in instructions for _ in range(k)]
+        samples = [ImageSample(im, c, ins, "edit", seed, i, res.settings, truncated_tokens=tp.truncated_tokens)
+                   for i, (im, c, ins, tp) in enumerate(zip(self.decode_images(codes), codes, rows, tps))]
+        if ranked < 2:
+            return samples
+        return [s for i in range(0, len(samples), k) for s in self._rank_edits(tps[i].cond, samples[i:i + k])[:n]]
 
     def edit(self, images, instructions: str | Sequence[str], image_guidance: float | None = None,
              text_guidance: float | None = None, temperature: float | None = None, top_p: float | None = 0.9,
              top_k: int | None = None, seed: int | None = None, num_candidates: int | None = None):
-        """`edit_samples`' images: one image and one instruction -> a PIL image; lists -> a list.
-        num_candidates (default: the model's decoding.json `edit_candidates`, else 1): N > 1
-        draws N edits per pair in the same batch and keeps the one the model itself finds most
-        likely, mean log p(edited codes | source image, instruction) (`rank_edits`)."""
-        n = self.decoding.edit_candidates if num_candidates is None else num_candidates
-        _check_n(n, "num_candidates")
+        """`edit_samples`' images, one per pair (the likeliest of `num_candidates`, default the
+        model's decoding.json `edit_candidates`): one image and one instruction -> a PIL image;
+        lists -> a list."""
         samples = self.edit_samples(images, instructions, image_guidance, text_guidance, temperature, top_p, top_k,
-                                    seed, n=n)
-        if n > 1:
-            one, imgs = _as_batch(images, "images")
-            best = []
-            for i, (c, ins) in enumerate(zip(self.encode_images(imgs), [instructions] if one else instructions)):
-                best.append(self.rank_edits(c, ins, samples[i * n:(i + 1) * n])[0])
-            samples = best
+                                    seed, num_candidates=num_candidates)
         return samples[0].image if isinstance(instructions, str) else [s.image for s in samples]
 
     def rank_edits(self, source_codes: Sequence[int], instruction: str,
@@ -535,9 +535,11 @@ class CM3Leon:
         preset's model this ranker kept a done edit for 56% of 96 validation pairs out of 4
         candidates (a right one was among them for 58%; the first one alone: 50%), where the
         guidance streams' log ratios did worse (36-45%)."""
+        return self._rank_edits(self.prompts.edit(source_codes, instruction).cond, samples)
+
+    def _rank_edits(self, cond: Sequence[int], samples: list[ImageSample]) -> list[ImageSample]:
         if not samples:
             return []
-        cond = self.prompts.edit(source_codes, instruction).cond
         scores = sequence_logprob(self.model, [cond] * len(samples), [self.prompts.image(s.codes) for s in samples])
         return rank(samples, scores.tolist(), "likelihood")
 

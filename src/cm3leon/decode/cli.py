@@ -46,7 +46,7 @@ def register(sub) -> None:
     t.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     t.add_argument("--prompts", help="a text file with one prompt per line")
     t.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    decoding_config.add_arguments(t, skip=tuple(k for ks in decoding_config.TASK_ONLY_KEYS.values() for k in ks))
+    decoding_config.add_arguments(t, skip=decoding_config.TASK_ONLY)
     # (every flag's default: the model's decoding.json, else the config's)
     t.set_defaults(func=_image)
 
@@ -192,13 +192,11 @@ def _edit(args) -> int:
     m = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # > 1: draw that many, keep the best --n (replace() checks the value, naming the field)
+    # > 1: draw that many, keep the best --n (replace() checks the value, naming the flag's field)
     ranked = m.decoding.replace(edit_candidates=args.edit_candidates).edit_candidates
     samples = m.edit_samples(args.image, args.instruction, image_guidance=args.image_guidance,
                              text_guidance=args.text_guidance, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed, n=max(args.n, ranked))
-    if ranked > 1:
-        samples = m.rank_edits(m.encode_image(args.image), args.instruction, samples)[: args.n]
+                             top_k=args.top_k, seed=args.seed, n=args.n, num_candidates=ranked)
     first = _next_index(out)
     rows = []
     for j, s in enumerate(samples):

@@ -38,6 +38,7 @@ MODEL_KEYS = ("method", "cfg_scale", "temperature", "num_retrieved", "cdk_k", "n
 EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them
 # What one task's decoding alone uses, by task: the commands of the other tasks leave their flags out.
 TASK_ONLY_KEYS = {"caption": ("caption_candidates",), "edit": (*EDIT_KEYS, "edit_candidates")}
+TASK_ONLY = tuple(k for ks in TASK_ONLY_KEYS.values() for k in ks)  # what text->image commands leave out
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
 MAX_RANKED_CANDIDATES = 256  # captions / edits per input (each one decoded)

@@ -104,8 +104,7 @@ def register(sub) -> None:
                         "--cfg-scale (temperature vs the shared --temperature)")
     # what every setting starts from (the model's decoding.json unless given); --cfg-scale is
     # best-of-N's and the --retrieved settings' scale
-    decoding_config.add_arguments(w, skip=("method", "num_candidates",
-                                           *(k for ks in decoding_config.TASK_ONLY_KEYS.values() for k in ks)))
+    decoding_config.add_arguments(w, skip=("method", "num_candidates", *decoding_config.TASK_ONLY))
     w.set_defaults(func=_sweep)
 
 

@@ -17,7 +17,7 @@ from cm3leon.run.summaries import (
 class QualityBar:
     """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data."""
 
-    text_to_image_cfg: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
+    text_to_image: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
     captions: float = 0.90  # captions naming the right colour and shape
     vqa: float = 0.90  # VQAv2 accuracy
 
@@ -31,7 +31,7 @@ def or_unknown(v: Any) -> Any:
     return "?" if v is None else v
 
 
-def single_object_cfg(run: RunFolder) -> tuple[float | None, int | None, str]:
+def single_object(run: RunFolder) -> tuple[float | None, int | None, str]:
     """Share of single-object prompts (where the figures say so) drawn with colour and shape
     right by the run's decoding (TopP + CFG in the demo, best-of-N in the long preset; the
     source names it), from the final evaluation (its one producer: the generate stage's grid
@@ -62,8 +62,8 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
                      "met": met, "verdict": {None: "not measured", True: "met", False: "NOT met"}[met],
                      "value": value, "source": source})
 
-    v, n, src = single_object_cfg(run)
-    add("single-object prompts right (colour and shape)", v, bar.text_to_image_cfg, n, src)
+    v, n, src = single_object(run)
+    add("single-object prompts right (colour and shape)", v, bar.text_to_image, n, src)
     ev = final_evaluation(run)
     where = relative(run, ev.path) if ev is not None else "eval not run"
     caps = ev.captions if ev is not None else CaptionFigures()
@@ -88,7 +88,7 @@ def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None
     ceiling = number(vq.checker_recovered_colour_shape) if vq is not None else None
     if ceiling is not None:
         tail = ("below the text-to-image bar, which no language model can then reach with this tokenizer"
-                if ceiling < bar.text_to_image_cfg else "room enough for the text-to-image bar")
+                if ceiling < bar.text_to_image else "room enough for the text-to-image bar")
         found.append(f"Image tokenizer: the shapes checker finds colour and shape in {percent(ceiling)} of held-out "
                      f"objects after encode → decode alone ({or_unknown(vq.tokens_per_image)} codes per image): "
                      f"{tail}.")
@@ -98,7 +98,7 @@ def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None
         caps, kinds = ev.captions, ev.vqa.by_type
         pairs = []
         if number(one.colour) is not None and number(one.shape) is not None:
-            pairs.append(("text to image", one.colour, one.shape, bar.text_to_image_cfg))
+            pairs.append(("text to image", one.colour, one.shape, bar.text_to_image))
         if number(caps.colour) is not None and number(caps.shape) is not None:
             pairs.append(("captions", caps.colour, caps.shape, bar.captions))
         vc, vs = ((kinds[k].accuracy if k in kinds else None) for k in ("color", "shape"))  # VQA question kinds

@@ -205,17 +205,14 @@ class Handlers:
         """-> stream of (before, after, status)."""
         instruction = _text(instruction, "instruction")
         before = self._image(path)
-        n = self.m.decoding.edit_candidates  # the model's decoding.json: > 1 draws n, keeps the likeliest
+        # edit_samples draws the model's decoding.json edit_candidates and keeps the likeliest
         call = functools.partial(self.m.edit_samples, before, instruction, image_guidance=image_guidance,
                                  text_guidance=text_guidance, temperature=temperature, top_p=top_p,
-                                 seed=_int(seed, "seed", 0, SEED_LIMIT), n=n)
+                                 seed=_int(seed, "seed", 0, SEED_LIMIT))
         for image, samples, status in self._stream_images(call, "edit"):
             if samples is None:
                 yield before, image, status
             else:
-                if n > 1:
-                    with self.lock:
-                        samples = self.m.rank_edits(self.m.encode_image(before), instruction, samples)
                 yield before, samples[0].image, self._done(samples, status)
 
 
