@@ -120,6 +120,70 @@ def test_decoding_json_sets_how_many_caption_candidates_the_model_ranks(model_di
         CM3Leon.from_pretrained(d)
 
 
+def test_answering_with_candidates_keeps_the_answer_under_which_the_picture_is_likeliest(m, picture, monkeypatch):
+    from cm3leon.decode.rerank import sequence_logprob
+    from cm3leon.layout.templates import prompt
+
+    codes = m.encode_image(picture)
+    got = m.answer_scores(codes, "is there a circle?", ["yes", "no"])
+    conds = [prompt("vqa_image", {"question": "is there a circle?", "answer": a}, m.vocab, m.text_tokenizer)
+             for a in ("yes", "no")]
+    assert conds[0][-1] == m.vocab.break_id  # the picture follows the answer's text, as in training
+    direct = sequence_logprob(m.model, conds, [m.prompts.image(codes)] * 2).tolist()
+    assert got == pytest.approx(direct, rel=1e-5) and got[0] != got[1]
+
+    questions = ["what colour is it?", "where is it?"]
+    greedy = m.answer([picture, picture], questions, max_new_tokens=4, seed=0)
+    seen = []
+
+    def scores(c, question, answers):
+        seen.append((question, list(answers)))
+        return [-len(a) for a in answers]  # prefer the shortest: a ranking the test can predict
+
+    monkeypatch.setattr(m, "answer_scores", scores)
+    best = m.answer([picture, picture], questions, max_new_tokens=4, seed=0, num_candidates=6)
+    assert len(seen) == 2 and len(best) == 2  # both questions had distinct answers to rank
+    for (q, cands), question, g, b in zip(seen, questions, greedy, best):
+        assert q == question and cands[0] == g  # the greedy answer is the first candidate
+        assert 2 <= len(cands) <= 6 and len(set(cands)) == len(cands) and all(c.strip() for c in cands)
+        assert not any(c.endswith(".") for c in cands)  # ranked as answered, the template's '.' removed
+        assert b == min(cands, key=len)
+    seen.clear()
+    assert m.answer(picture, questions[0], max_new_tokens=4, seed=0, num_candidates=1) == greedy[0] and not seen
+    with pytest.raises(CM3LeonError, match="num_candidates"):
+        m.answer(picture, "where?", num_candidates=0)
+
+
+def test_an_answer_too_long_for_the_context_is_never_ranked_first(m, picture):
+    codes = m.encode_image(picture)
+    long = " ".join(["circle"] * 400)
+    assert m.answer_scores(codes, "what is it?", ["red", long])[1] == float("-inf")
+    assert m._best_answer(codes, "what is it?", [long, "red"]) == "red"
+    assert m._best_answer(codes, long, [long, long + " x"]) == long  # nothing fits: the greedy one stays
+
+
+def test_decoding_json_and_generate_vqa_set_how_many_answers_the_model_ranks(model_dir, tmp_path, picture,
+                                                                            monkeypatch):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    (d / DECODING_FILE).write_text(json.dumps({"answer_candidates": 3}))
+    tuned = CM3Leon.from_pretrained(d)
+    assert tuned.decoding.answer_candidates == 3
+    rows = []
+    real_write = tuned._write_texts
+    monkeypatch.setattr(tuned, "_write_texts", lambda tps, *a: rows.append(len(tps)) or real_write(tps, *a))
+    tuned.answer(picture, "where is it?", max_new_tokens=4, seed=1)
+    assert rows == [1, 2]  # the greedy answer, then the 2 sampled candidates
+    out = tmp_path / "answers"
+    assert main(["generate", "vqa", "--model", str(d), "--image", str(_save(picture, tmp_path)),
+                 "--question", "where is it?", "--seed", "0", "--answer-candidates", "2", "--out", str(out)]) == 0
+    got = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(got) == 1 and got[0]["settings"]["answer_candidates"] == 2
+    (d / DECODING_FILE).write_text(json.dumps({"answer_candidates": 0}))
+    with pytest.raises(CM3LeonError, match="answer_candidates"):
+        CM3Leon.from_pretrained(d)
+
+
 def test_edit_with_candidates_keeps_the_edit_the_model_finds_most_likely(m, picture):
     from cm3leon.decode.rerank import sequence_logprob
 
@@ -352,13 +416,14 @@ def test_decoding_json_sets_the_models_text_to_image_defaults_and_arguments_over
         "method": "cfg", "cfg_scale": 3.0, "temperature": 1.0, "num_retrieved": 2,
         "cdk_k": 10, "num_candidates": 8,  # the paper's (CD-K's k and best-of-N's N: ours)
         "image_guidance": 1.5, "text_guidance": 7.5, "caption_candidates": 1, "edit_candidates": 1,
-        "scorer": "auto"}
+        "answer_candidates": 1, "scorer": "auto"}
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "num_retrieved": 0, "cdk_k": 1}))
     tuned = CM3Leon.from_pretrained(d)
     assert tuned.decoding.model_defaults() == {"method": "cfg", "cfg_scale": 1.5, "temperature": 1.0,
                                                "num_retrieved": 0, "cdk_k": 1, "num_candidates": 8,
                                                "image_guidance": 1.5, "text_guidance": 7.5,
-                                               "caption_candidates": 1, "edit_candidates": 1, "scorer": "auto"}
+                                               "caption_candidates": 1, "edit_candidates": 1,
+                                               "answer_candidates": 1, "scorer": "auto"}
     # the sampling temperature the model draws best at is one of its defaults too
     (d / DECODING_FILE).write_text(json.dumps({"cfg_scale": 1.5, "temperature": 0.5}))
     cool = CM3Leon.from_pretrained(d)
@@ -412,7 +477,7 @@ def test_decoding_json_sets_the_models_editing_guidance_and_temperature(model_di
     ({"temperature": -1}, "temperature"), ({"text_guidance": -2}, "text_guidance"),
     ({"image_guidance": "x"}, "image_guidance"), ({"scorer": "vibes"}, "scorer"),
     ({"caption_candidates": 0}, "caption_candidates"), ({"edit_candidates": 1.5}, "edit_candidates"),
-    ([1, 2], "JSON object"),
+    ({"answer_candidates": 257}, "answer_candidates"), ([1, 2], "JSON object"),
 ])
 def test_a_bad_decoding_json_names_the_file_and_field(model_dir, tmp_path, content, field):
     d = tmp_path / "model"

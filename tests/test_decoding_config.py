@@ -48,14 +48,14 @@ def test_a_model_directory_keeps_its_model_keys(tmp_path):
     write_model_decoding(tmp_path, DecodingConfig(method="best_of_n", num_candidates=4, cfg_scale=1.5,
                                                   num_retrieved=0, cdk_k=1, temperature=0.5, top_p=0.5,
                                                   image_guidance=1.0, text_guidance=1.5, caption_candidates=8,
-                                                  edit_candidates=4, scorer="likelihood"))
+                                                  edit_candidates=4, answer_candidates=6, scorer="likelihood"))
     assert (tmp_path / DECODING_FILE).is_file()
     # the method and its N, the sampling temperature, editing's scales, captioning's and editing's
     # candidates and how candidates are ranked are the model's (chosen by its sweeps and validation runs); top-p
     # is the call's
     own = {"method": "best_of_n", "cfg_scale": 1.5, "temperature": 0.5, "num_retrieved": 0, "cdk_k": 1,
            "num_candidates": 4, "image_guidance": 1.0, "text_guidance": 1.5, "caption_candidates": 8,
-           "edit_candidates": 4, "scorer": "likelihood"}
+           "edit_candidates": 4, "answer_candidates": 6, "scorer": "likelihood"}
     assert read_model_decoding(tmp_path) == own
     d = DecodingConfig.from_model_dir(tmp_path)
     assert d.model_defaults() == own and d.edit_guidance().to_dict() == {
@@ -84,7 +84,7 @@ def test_cli_flags_are_made_from_the_fields_and_unset_flags_are_not_given():
 
 
 @pytest.mark.parametrize("argv", [["generate", "image"], ["eval", "model"], ["eval", "sweep"], ["generate", "caption"],
-                                  ["generate", "edit"]])
+                                  ["generate", "edit"], ["generate", "vqa"]])
 def test_every_decoding_command_offers_the_configs_flags(argv, capsys):
     from cm3leon.cli import main
 
@@ -92,9 +92,9 @@ def test_every_decoding_command_offers_the_configs_flags(argv, capsys):
         main([*argv, "-h"])
     text = capsys.readouterr().out
     task_only = {k for ks in TASK_ONLY_KEYS.values() for k in ks}
-    if argv[1] in ("caption", "edit"):  # a text or edit command: its own options only
-        skip = FIELDS - ({"caption_candidates", "scorer"} if argv[1] == "caption" else set(TASK_ONLY_KEYS["edit"]))
-    elif argv[1] == "model":  # the evaluation writes captions and edits too
+    if argv[1] in ("caption", "edit", "vqa"):  # a text or edit command: its own options only
+        skip = FIELDS - ({"caption_candidates", "scorer"} if argv[1] == "caption" else set(TASK_ONLY_KEYS[argv[1]]))
+    elif argv[1] == "model":  # the evaluation writes captions, answers and edits too
         skip = set()
     else:  # text->image only
         skip = task_only | ({"method", "num_candidates"} if argv[1] == "sweep" else set())

@@ -57,7 +57,7 @@ def test_quick_demo_runs_every_stage_and_writes_report_and_metrics(tmp_path, cap
         "cdk_k": preset.decoding.cdk_k, "num_candidates": preset.decoding.num_candidates,
         "image_guidance": preset.decoding.image_guidance, "text_guidance": preset.decoding.text_guidance,
         "caption_candidates": preset.decoding.caption_candidates, "edit_candidates": preset.decoding.edit_candidates,
-        "scorer": preset.decoding.scorer}
+        "answer_candidates": preset.decoding.answer_candidates, "scorer": preset.decoding.scorer}
     # ... and the final evaluation drew with that method
     assert json.loads((out / "eval" / "sft" / "metrics.json").read_text())["decoding"]["method"] == \
         preset.decoding.method

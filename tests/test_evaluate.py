@@ -134,6 +134,22 @@ def test_captions_are_written_with_the_runs_caption_candidates_and_scorer(model_
     assert res["metrics"]["cider"]["shapes"]["correct"] == 1.0
 
 
+def test_answers_are_written_with_the_runs_answer_candidates(model_dir, shapes_dir, tmp_path, monkeypatch):
+    from cm3leon.api import CM3Leon
+
+    calls = []
+    real = CM3Leon.answer
+
+    def spy(self, images, questions, *args, **kwargs):
+        calls.append(kwargs.get("num_candidates"))
+        return real(self, images, questions, *args, **kwargs)
+
+    monkeypatch.setattr(CM3Leon, "answer", spy)
+    res = evaluate_model(model_dir, shapes_dir, tmp_path / "eval", metrics="vqa", split="train", num_prompts=2,
+                         decoding={"answer_candidates": 3})
+    assert calls and all(c == 3 for c in calls) and res["metrics"]["vqa"]["n"] > 0
+
+
 def test_metric_with_absent_input_is_skipped_with_a_note(model_dir, shapes_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)

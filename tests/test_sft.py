@@ -166,6 +166,7 @@ def test_mixture_probabilities_follow_weights_and_clamp_ratios_to_0_3_and_3():
     assert "z" not in mixture_probabilities({"a": 5, "z": 5}, {"a": 1, "z": 0})
     with pytest.raises(CM3LeonError, match="no data"):
         mixture_probabilities({"a": 5}, {"b": 1})
+    assert mixture_probabilities({"a": 5}, {"a": 1, "b": 0}) == {"a": 1.0}  # a task left out needs no data
     # Largest remainders: 3.5, 1.75, 1.75 -> 3, 2, 2.
     assert stratified_counts({"a": 0.5, "b": 0.25, "c": 0.25}, 7) == {"a": 3, "b": 2, "c": 2}
 
@@ -361,6 +362,29 @@ def test_sft_reads_user_task_lines_and_skips_bad_ones(pretrained, tmp_path):
     assert [r.task for r in allowed] == ["vqa", "edge2img", "layout", "vqa", "vqa"]
     with pytest.raises(CM3LeonError, match="unknown SFT task"):  # checked before any file is read
         read_sources([data], tasks=["juggle"])
+
+
+def test_vqa_image_reads_the_vqa_records_the_other_way_only_when_asked(pretrained, tok, vocab, tmp_path):
+    from cm3leon.sft import run_sft
+    from cm3leon.sft.data import folder_tasks, read_sources
+
+    init, data = pretrained
+    default = collections.Counter(r.task for r in read_sources([data]))
+    assert "vqa_image" not in default and default["vqa"] > 0  # a run that does not ask is as before
+    asked = read_sources([data], opt_in=["vqa_image"])
+    mirrored = [r for r in asked if r.task == "vqa_image"]
+    vqa = [r for r in asked if r.task == "vqa"]
+    assert [(r.text, r.images, r.split) for r in mirrored] == [(r.text, r.images, r.split) for r in vqa]
+    assert {r.task for r in read_sources([data], tasks=["vqa_image"])} == {"vqa_image"}
+    assert "vqa_image" in folder_tasks(data)  # so the pipeline keeps its weight where vqa.jsonl is
+    doc = T.render("vqa_image", {"question": "is it red?", "answer": "yes", "image": CODES}, vocab, tok)
+    assert doc.response_last and doc.response[1] - doc.response[0] == CODES.size  # the picture is the response
+    assert T.prompt("vqa_image", {"question": "is it red?", "answer": "yes"}, vocab, tok) == \
+        doc.tokens[:doc.response[0]].tolist()
+    # a mixture weight asks for it
+    summary = run_sft(init, data, tmp_path / "sft", preset="tiny", steps=2, log_every=1,
+                      weights={"vqa": 1.0, "vqa_image": 1.0})
+    assert set(summary["tasks"]) >= {"vqa", "vqa_image"}
 
 
 def test_cli_weights_option_parses_task_shares():

@@ -459,20 +459,68 @@ class CM3Leon:
         return uniq[max(range(len(uniq)), key=scores.__getitem__)]
 
     def answer(self, images, questions: str | Sequence[str], max_new_tokens: int = 16, temperature: float = 0.0,
-               top_p: float | None = None, top_k: int | None = None, seed: int | None = None) -> str | list[str]:
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               num_candidates: int | None = None) -> str | list[str]:
         """Answer questions about images by infilling the answer span of the VQA template (see
         `cm3leon.layout.prompts`; the template's closing '.' is removed): one image and one
-        question -> str; lists of equal length -> a list, decoded in one batch."""
+        question -> str; lists of equal length -> a list, decoded in one batch.
+
+        num_candidates (default: the model's decoding.json `answer_candidates`, else 1): N > 1
+        adds N - 1 answers sampled at temperature `CAPTION_CANDIDATE_TEMPERATURE` (top-p 0.9)
+        to the one above and keeps, of the distinct ones, the answer under which the model finds
+        the picture most likely (`answer_scores`). Reading the question the other way round
+        helps where the model cannot yet say what it can draw: a demo model that answers "yes"
+        to every "Is there a ...?" (chance) picks the right one of "yes" and "no" for ~90%."""
         self._check_max_new(max_new_tokens)
+        n = self.decoding.answer_candidates if num_candidates is None else num_candidates
+        _check_n(n, "num_candidates")
         one, images = _as_batch(images, "images")
         one_q, questions = _as_batch(questions, "questions")
         if one != one_q or len(images) != len(questions):
             raise CM3LeonError(f"answer: give one image and one question, or lists of equal length "
                                f"(got {len(images)} image(s), {len(questions)} question(s))")
-        tps = [self.prompts.vqa(c, q, max_new_tokens) for c, q in zip(self.encode_images(images), questions)]
-        texts = [t[:-1].rstrip() if t.endswith(".") else t
-                 for t in self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed)]
+        codes = self.encode_images(images)
+        tps = [self.prompts.vqa(c, q, max_new_tokens) for c, q in zip(codes, questions)]
+
+        def strip(ts: list[str]) -> list[str]:
+            return [t[:-1].rstrip() if t.endswith(".") else t for t in ts]
+
+        texts = strip(self._write_texts(tps, max_new_tokens, temperature, top_p, top_k, seed))
+        if n > 1 and texts:
+            more = strip(self._write_texts([tp for tp in tps for _ in range(n - 1)], max_new_tokens,
+                                           CAPTION_CANDIDATE_TEMPERATURE, 0.9, None,
+                                           None if seed is None else (seed + 1) % (MAX_SEED + 1)))
+            texts = [self._best_answer(c, q, [t] + more[i * (n - 1):(i + 1) * (n - 1)])
+                     for i, (c, q, t) in enumerate(zip(codes, questions, texts))]
         return texts[0] if one else texts
+
+    def answer_scores(self, codes: Sequence[int], question: str, answers: Sequence[str]) -> list[float]:
+        """How likely the picture is given the question and each answer (higher is better): mean
+        log p(image codes | `Question: {question} Answer: {answer}.`), the VQA template read
+        left to right (SFT task `vqa_image`). An answer whose prompt and picture do not fit the
+        context scores -inf."""
+        from cm3leon.layout.templates import prompt
+
+        img = self.prompts.image(codes)
+        conds = [prompt("vqa_image", {"question": question, "answer": a}, self.vocab, self.text_tokenizer)
+                 for a in answers]
+        fits = [i for i, c in enumerate(conds) if len(c) + len(img) <= self.model.config.max_seq_len]
+        scores = [float("-inf")] * len(answers)
+        if fits:
+            got = sequence_logprob(self.model, [conds[i] for i in fits], [img] * len(fits)).tolist()
+            for i, v in zip(fits, got):
+                scores[i] = v
+        return scores
+
+    def _best_answer(self, codes: Sequence[int], question: str, candidates: Sequence[str]) -> str:
+        """The best of the distinct non-empty candidates (the first when they are all one, or
+        when no candidate fits the context)."""
+        uniq = list(dict.fromkeys(c for c in candidates if c.strip()))
+        if len(uniq) < 2:
+            return uniq[0] if uniq else candidates[0]
+        scores = self.answer_scores(codes, question, uniq)
+        best = max(range(len(uniq)), key=scores.__getitem__)
+        return uniq[best] if scores[best] > float("-inf") else candidates[0]
 
     # --- image -> image --------------------------------------------------------------------
     def edit_samples(self, images, instructions: str | Sequence[str], image_guidance: float | None = None,

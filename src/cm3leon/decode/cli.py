@@ -62,6 +62,7 @@ def register(sub) -> None:
     v.add_argument("--image", required=True, help="an image file")
     v.add_argument("--question", action="append", required=True, help="a question (repeatable)")
     v.add_argument("--max-new-tokens", type=int, default=16)
+    decoding_config.add_arguments(v, only=("answer_candidates",))
     v.set_defaults(func=_vqa)
 
     e = gsub.add_parser("edit", help="edit an image following an instruction")
@@ -177,12 +178,14 @@ def _vqa(args) -> int:
     m = _load(args)
     out = Path(args.out)
     rows = []
+    d = m.decoding.replace(answer_candidates=args.answer_candidates)  # checked here
+    settings = {**_text_settings(args), "answer_candidates": d.answer_candidates}
     for q in args.question:
         a = m.answer(args.image, q, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, num_candidates=args.answer_candidates)
         print(json.dumps({"question": q, "answer": a}))
         rows.append({"task": "vqa", "image": str(args.image), "question": q, "text": a, "seed": args.seed,
-                     "settings": _text_settings(args), "score": None})
+                     "settings": settings, "score": None})
     out.mkdir(parents=True, exist_ok=True)
     append_samples(out, rows)
     return 0

@@ -32,16 +32,18 @@ DECODING_FILE = "decoding.json"
 # What a model directory's decoding.json may set: a small tuned model can draw best with another
 # method (best-of-N and its N), at another CFG scale, without retrieved documents or with another
 # CD-K k than the paper's settings, edit best at other guidance scales, caption best by
-# re-ranking several candidates, and rank candidates best with its own likelihood.
+# re-ranking several candidates, answer best by ranking several answers, and rank candidates best
+# with its own likelihood.
 MODEL_KEYS = ("method", "cfg_scale", "temperature", "num_retrieved", "cdk_k", "num_candidates", "image_guidance",
-              "text_guidance", "caption_candidates", "edit_candidates", "scorer")
+              "text_guidance", "caption_candidates", "edit_candidates", "answer_candidates", "scorer")
 EDIT_KEYS = ("image_guidance", "text_guidance")  # editing only; text->image ignores them
 # What one task's decoding alone uses, by task: the commands of the other tasks leave their flags out.
-TASK_ONLY_KEYS = {"caption": ("caption_candidates",), "edit": (*EDIT_KEYS, "edit_candidates")}
+TASK_ONLY_KEYS = {"caption": ("caption_candidates",), "edit": (*EDIT_KEYS, "edit_candidates"),
+                  "vqa": ("answer_candidates",)}
 TASK_ONLY = tuple(k for ks in TASK_ONLY_KEYS.values() for k in ks)  # what text->image commands leave out
 MAX_RETRIEVED = 64
 MAX_CANDIDATES = 1024
-MAX_RANKED_CANDIDATES = 256  # captions / edits per input (each one decoded)
+MAX_RANKED_CANDIDATES = 256  # captions / edits / answers per input (each one decoded)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class DecodingConfig:
     # Editing (`CM3Leon.edit`): N > 1 draws N edits per pair and keeps the one the model finds
     # most likely given the source image and instruction (`CM3Leon.rank_edits`).
     edit_candidates: int = 1
+    # Question answering (`CM3Leon.answer`): N > 1 adds N - 1 sampled answers to the greedy one
+    # and keeps the one under which the model finds the picture most likely (`CM3Leon.answer_scores`:
+    # the VQA template read left to right, which SFT trains as the task `vqa_image`).
+    answer_candidates: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in IMAGE_METHODS:
@@ -79,7 +85,8 @@ class DecodingConfig:
         Guidance("cfg", cfg_scale=self.cfg_scale, cdk_alpha=self.cdk_alpha, cdk_k=self.cdk_k)  # inf / NaN too
         self.edit_guidance()
         for name, hi in (("num_candidates", MAX_CANDIDATES), ("num_retrieved", MAX_RETRIEVED),
-                         ("caption_candidates", MAX_RANKED_CANDIDATES), ("edit_candidates", MAX_RANKED_CANDIDATES)):
+                         ("caption_candidates", MAX_RANKED_CANDIDATES), ("edit_candidates", MAX_RANKED_CANDIDATES),
+                         ("answer_candidates", MAX_RANKED_CANDIDATES)):
             v, lo = getattr(self, name), int(name != "num_retrieved")
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise CM3LeonError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
@@ -185,6 +192,8 @@ _HELP = {
     "text_guidance": "editing: instruction guidance scale (paper 7.5)",
     "caption_candidates": "captioning: candidates per image, the best kept by --scorer (1 = greedy only)",
     "edit_candidates": "editing: edits drawn per pair, the one the model finds most likely kept",
+    "answer_candidates": "VQA: answers per question, the one under which the picture is most likely kept "
+                         "(1 = greedy only)",
 }
 
 

@@ -75,6 +75,12 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "images": ("image",),
         "doc": "visual question answering, answer infilled (paper Table 5)",
     },
+    "vqa_image": {
+        "template": "Question: {question} Answer: {answer}. <break> [[{image}]]",
+        "images": ("image",),
+        "doc": "the VQA template read left to right: the image given the question and its answer (paper "
+               "Table 5); what `CM3Leon.answer` ranks candidate answers by",
+    },
     "edit": {
         "template": "Edit first image following the instruction <break> {image} <break> {instruction} "
                     "<break> [[{target_image}]]",

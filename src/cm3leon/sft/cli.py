@@ -139,7 +139,7 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
     import torch
 
     from cm3leon.objectives.cm3 import CM3Config
-    from cm3leon.sft.data import SFTData, build_sft_cache
+    from cm3leon.sft.data import OPT_IN_TASKS, SFTData, build_sft_cache
     from cm3leon.sft.mixture import MixtureConfig, SFTStream
     from cm3leon.tokenizers.text import TextTokenizer
     from cm3leon.tokenizers.vocab import Vocab
@@ -177,8 +177,9 @@ def run_sft(init_dir: str | Path, data: str | Path | Sequence[str | Path], out_d
     tok = TextTokenizer.load(init / "text_tokenizer")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("RANK", "0")) == 0:
+        opt_in = [t for t, w in (mix.weights or {}).items() if t in OPT_IN_TASKS and w > 0]
         cache = build_sft_cache(sources, out_dir, init / "image_tokenizer", tasks,
-                                batch_size=int(overrides.get("encode_batch_size", 64)), device=device)
+                                batch_size=int(overrides.get("encode_batch_size", 64)), device=device, opt_in=opt_in)
     else:
         cache = _wait_for_cache(out_dir)
     sft = SFTData(cache, vocab, tok)

@@ -4,7 +4,7 @@ Sources (`--data`, any number):
 - a dataset folder. Every file of the built-in "shapes" layout that is present is read
   (`cm3leon.data.shapes`), plus `sft.jsonl` when present:
       captions.jsonl  {"image", "text" (or "caption")}          -> tasks caption and t2i
-      vqa.jsonl       {"image", "question", "answer"}           -> vqa
+      vqa.jsonl       {"image", "question", "answer"}           -> vqa (and vqa_image when asked for)
       edits.jsonl     {"image", "instruction", "target_image"}  -> edit
       layouts.jsonl   {"image", "caption", "objects": [{"name", "bbox": [x0, y0, x1, y1] px}]} -> layout
 - a `.jsonl` file of task lines, one task per line type; every field of the task's template
@@ -53,9 +53,12 @@ from cm3leon.utils.logging import progress
 CACHE_DIR = "sft_data"
 USER_FILE = "sft.jsonl"
 # Built-in files of a dataset folder and the tasks each feeds.
-FOLDER_FILES = {CAPTIONS_FILE: ("caption", "t2i"), "vqa.jsonl": ("vqa",), "edits.jsonl": ("edit",),
+FOLDER_FILES = {CAPTIONS_FILE: ("caption", "t2i"), "vqa.jsonl": ("vqa", "vqa_image"), "edits.jsonl": ("edit",),
                 "layouts.jsonl": ("layout",)}
 DEFAULT_TASKS = ("caption", "vqa", "edit", "t2i", "layout")
+# Tasks that read another task's records of a folder the other way round: read only when asked
+# for (`tasks`, or `opt_in` from a mixture weight), so a run that does not name them is as before.
+OPT_IN_TASKS = ("vqa_image",)
 
 
 @dataclass
@@ -138,6 +141,7 @@ def _folder_rows(name: str, row: dict) -> Iterator[tuple[str, dict]]:
         yield "t2i", {**row, "caption": caption}
     elif name == "vqa.jsonl":
         yield "vqa", row
+        yield "vqa_image", row
     elif name == "edits.jsonl":
         yield "edit", row
     elif name == "layouts.jsonl":
@@ -169,9 +173,11 @@ def _task_lines(path: Path, tasks: set[str] | None, stats: collections.Counter, 
 
 
 def read_sources(sources: Sequence[str | Path], tasks: Iterable[str] | None = None,
-                 stats: collections.Counter | None = None) -> list[RawExample]:
-    """All SFT records of the given folders / JSONL files (see the module docstring)."""
+                 stats: collections.Counter | None = None, opt_in: Iterable[str] = ()) -> list[RawExample]:
+    """All SFT records of the given folders / JSONL files (see the module docstring). A
+    folder's `OPT_IN_TASKS` rows are read only when `tasks` or `opt_in` names them."""
     wanted = set(tasks) if tasks is not None else None
+    folder_skip = set(OPT_IN_TASKS) - set(opt_in) - (wanted or set())
     if wanted is not None:
         unknown = sorted(wanted - set(TEMPLATES))
         if unknown:
@@ -196,7 +202,7 @@ def read_sources(sources: Sequence[str | Path], tasks: Iterable[str] | None = No
                     continue
                 for row in _jsonl(src / name, stats):
                     for task, r in _folder_rows(name, row):
-                        if wanted is not None and task not in wanted:
+                        if (wanted is not None and task not in wanted) or task in folder_skip:
                             continue
                         try:
                             out.append(_record(task, r, src, sizes))
@@ -233,11 +239,13 @@ def instruction_texts(data: str | Path, split: str = "train") -> list[str]:
         return []
     if present is None and not (data.is_dir() or (data.is_file() and data.suffix == ".jsonl")):
         return []
-    examples = read_sources([data], tasks=[t for t in TEMPLATES if t not in caption_tasks])
+    # The opt-in tasks' words are those of the tasks they mirror.
+    examples = read_sources([data], tasks=[t for t in TEMPLATES if t not in caption_tasks and t not in OPT_IN_TASKS])
     return [t for ex in examples if ex.split == split for t in text_strings(ex.task, ex.text)]
 
 
-def _fingerprint(sources: Sequence[str | Path], tasks: Iterable[str] | None, image_tokenizer_dir: Path) -> str:
+def _fingerprint(sources: Sequence[str | Path], tasks: Iterable[str] | None, image_tokenizer_dir: Path,
+                 opt_in: Sequence[str] = ()) -> str:
     h = hashlib.sha256()
     files: list[Path] = []
     for src in sources:
@@ -248,13 +256,16 @@ def _fingerprint(sources: Sequence[str | Path], tasks: Iterable[str] | None, ima
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(json.dumps(sorted(tasks) if tasks is not None else None).encode())
+    if opt_in:
+        h.update(json.dumps(sorted(opt_in)).encode())
     return h.hexdigest()
 
 
 def build_sft_cache(sources: Sequence[str | Path], out_dir: str | Path, image_tokenizer_dir: str | Path,
-                    tasks: Iterable[str] | None = None, batch_size: int = 64, device: str = "cpu") -> Path:
+                    tasks: Iterable[str] | None = None, batch_size: int = 64, device: str = "cpu",
+                    opt_in: Iterable[str] = ()) -> Path:
     """Read the records, encode every distinct image once, write `<out_dir>/sft_data/`;
-    returns its path (reused as is when its fingerprint matches)."""
+    returns its path (reused as is when its fingerprint matches). `opt_in`: as `read_sources`."""
     import torch
 
     from cm3leon.data.readers import SkipRecord, load_image
@@ -263,12 +274,13 @@ def build_sft_cache(sources: Sequence[str | Path], out_dir: str | Path, image_to
     out = Path(out_dir) / CACHE_DIR
     image_tokenizer_dir = Path(image_tokenizer_dir)
     tasks = sorted(set(tasks)) if tasks is not None else None
-    fp = _fingerprint(sources, tasks, image_tokenizer_dir)
+    opt_in = sorted(set(opt_in))
+    fp = _fingerprint(sources, tasks, image_tokenizer_dir, opt_in)
     if (out / "meta.json").is_file() and read_json(out / "meta.json").get("fingerprint") == fp:
         return out
 
     stats: collections.Counter = collections.Counter()
-    raw = read_sources(sources, tasks, stats)
+    raw = read_sources(sources, tasks, stats, opt_in)
     if not raw:
         raise CM3LeonError(f"no usable SFT record in {[str(s) for s in sources]} "
                            f"(tasks {tasks or 'all'}; skipped: {dict(stats)})")

@@ -92,7 +92,7 @@ def mixture_probabilities(sizes: Mapping[str, int], weights: Mapping[str, float]
     """Sampling probability per task (see the module docstring); tasks with no examples or
     weight 0 get none."""
     if weights is not None:
-        unknown = sorted(set(weights) - set(sizes))
+        unknown = sorted(t for t in set(weights) - set(sizes) if weights[t] != 0)
         if unknown:
             raise CM3LeonError(f"mixture weights name task(s) {unknown} with no data; tasks: {sorted(sizes)}")
     tasks = [t for t, n in sizes.items() if n > 0 and (weights is None or weights.get(t, 1.0) > 0)]

@@ -7,7 +7,8 @@ import time
 from collections import defaultdict
 from typing import Sequence
 
-from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png
+from cm3leon.decode.config import DecodingConfig
+from cm3leon.eval.tasks import GRID_MAX, TaskContext, batched, save_png, with_options
 
 
 def score_vqa(answers: Sequence[str], references: Sequence[Sequence[str]],
@@ -45,7 +46,10 @@ def run(ctx: TaskContext) -> None:
                 refs.append([x for x in a if isinstance(x, str)])
             keep = [i for i, a in enumerate(refs) if a and isinstance(rows[i].get("question"), str)]
             rows, refs = [rows[i] for i in keep], [refs[i] for i in keep]
-            answers = batched(ctx.model.answer, [[r["image_pil"] for r in rows], [r["question"] for r in rows]],
+            fn = ctx.model.answer
+            if isinstance(ctx.decoding, DecodingConfig):  # the run's answer candidates
+                fn = with_options(fn, num_candidates=ctx.decoding.answer_candidates)
+            answers = batched(fn, [[r["image_pil"] for r in rows], [r["question"] for r in rows]],
                               ctx.batch_size, "vqa", ctx.seed)
             types = [r.get("type", r.get("question_type")) for r in rows]
             ctx.results["vqa"], per = score_vqa(answers, refs, types)
