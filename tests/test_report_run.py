@@ -235,7 +235,7 @@ def test_retrieval_examples_show_neighbours_decoded_with_the_run_vq(full_run):
 ])
 def test_quality_bar_verdicts(tmp_path, t2i, captions, vqa, met):
     _minimal_run(tmp_path, t2i, captions, vqa)
-    checks = quality_bar_checks(tmp_path)
+    checks = quality_bar_checks(tmp_path)[:3]  # the fourth, the weakest VQA kind, has its own test
     assert [c["met"] for c in checks] == [met] * 3
     assert checks[2]["value"] == pytest.approx(vqa / 100)  # VQA accuracy is stored in percent
     assert checks[0]["source"].startswith("eval/sft/metrics.json")  # the evaluation, not the report's grid
@@ -265,10 +265,25 @@ def test_quality_bar_judges_text_to_image_with_the_runs_own_decoding_method(tmp_
     assert first["met"] is True and first["value"] == 0.98 and first["source"].endswith("best_of_n")
 
 
+@pytest.mark.parametrize("existence,met", [(80.0, True), (40.0, False)])
+def test_quality_bar_judges_the_weakest_vqa_question_kind_where_the_data_names_kinds(tmp_path, existence, met):
+    _minimal_run(tmp_path, 0.98, 0.95, 91.0)
+    ev = _eval_metrics(0.98, 0.95, 91.0)
+    del ev["metrics"]["vqa"]["by_type"]
+    _write(tmp_path / "eval" / "sft" / "metrics.json", ev)
+    assert len(quality_bar_checks(tmp_path)) == 3  # questions without kinds: no such row
+    ev["metrics"]["vqa"]["by_type"] = {"color": {"vqa_accuracy": 100.0, "n": 20},
+                                       "existence": {"vqa_accuracy": existence, "n": 20}}
+    _write(tmp_path / "eval" / "sft" / "metrics.json", ev)
+    last = quality_bar_checks(tmp_path)[-1]
+    assert last["criterion"] == "VQA accuracy of every question kind" and last["met"] is met
+    assert last["value"] == pytest.approx(existence / 100) and last["n"] == 20 and last["source"].endswith("existence")
+
+
 def test_quality_bar_thresholds_are_config(tmp_path):
     _minimal_run(tmp_path, 0.85, 0.85, 75.0)
     checks = quality_bar_checks(tmp_path, QualityBar(text_to_image=0.9, captions=0.8, vqa=0.8))
-    assert [c["met"] for c in checks] == [False, True, False]
+    assert [c["met"] for c in checks] == [False, True, False, True]  # the only kind: colour, 80%
 
 
 @pytest.mark.parametrize("ceiling,reachable", [(0.70, False), (0.92, True)])

@@ -20,6 +20,7 @@ class QualityBar:
     text_to_image: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
     captions: float = 0.90  # captions naming the right colour and shape
     vqa: float = 0.90  # VQAv2 accuracy
+    vqa_kind: float = 0.80  # VQAv2 accuracy of the weakest question kind (where the data names kinds)
 
 
 def percent(v: float | None) -> str:
@@ -73,6 +74,11 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
     acc = number(vqa.accuracy)
     add("VQA accuracy", None if acc is None else acc / 100.0, bar.vqa, vqa.n,  # VQAv2 accuracy is in percent
         f"{where}: vqa.vqa_accuracy" if acc is not None else f"{where}: no VQA figures")
+    kinds = {t: number(k.accuracy) for t, k in vqa.by_type.items() if number(k.accuracy) is not None}
+    if kinds:  # only where the questions come with their kinds (the built-in data's do)
+        weakest = min(kinds, key=kinds.__getitem__)
+        add("VQA accuracy of every question kind", kinds[weakest] / 100.0, bar.vqa_kind,
+            or_unknown(vqa.by_type[weakest].n), f"{where}: vqa.by_type, the weakest: {weakest}")
     return rows
 
 

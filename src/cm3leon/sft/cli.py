@@ -257,7 +257,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 5e-5)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (paper: 150)")
-    p.add_argument("--tasks", default=None, help="comma-separated tasks, e.g. caption,vqa,edit,t2i,layout (default: all found)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks, e.g. caption,vqa,edit,t2i,layout (default: all found; vqa_image, "
+                        "the VQA records read the other way, only when named here or in --weights)")
     p.add_argument("--weights", default=None, help="target share per task, e.g. vqa=2,caption=1 (default: equal)")
     p.add_argument("--response-only", action="store_true", default=None, help="loss on the response tokens only")
     p.add_argument("--response-mask-prob", type=float, default=None,
