@@ -129,14 +129,20 @@ def test_answering_with_candidates_keeps_the_answer_under_which_the_picture_is_l
     conds = [prompt("vqa_image", {"question": "is there a circle?", "answer": a}, m.vocab, m.text_tokenizer)
              for a in ("yes", "no")]
     assert conds[0][-1] == m.vocab.break_id  # the picture follows the answer's text, as in training
-    direct = sequence_logprob(m.model, conds, [m.prompts.image(codes)] * 2).tolist()
-    assert got == pytest.approx(direct, rel=1e-5) and got[0] != got[1]
+    drawn = sequence_logprob(m.model, conds, [m.prompts.image(codes)] * 2, reduction="sum")
+    infill = m.prompts.vqa(codes, "is there a circle?", 4).cond
+    assert infill[-1] == m.vocab.mask_id(0)  # the answer is written where `answer` writes it
+    said = sequence_logprob(m.model, [infill] * 2, [m.prompts.text(f" {a}.") + [m.vocab.eoss_id] for a in ("yes", "no")],
+                            reduction="sum")
+    assert got == pytest.approx((drawn + said).tolist(), rel=1e-5) and got[0] != got[1]
+    mean = sequence_logprob(m.model, conds, [m.prompts.image(codes)] * 2)
+    assert torch.allclose(mean * len(m.prompts.image(codes)), drawn, rtol=1e-5)  # sum = mean x length
 
     questions = ["what colour is it?", "where is it?"]
     greedy = m.answer([picture, picture], questions, max_new_tokens=4, seed=0)
     seen = []
 
-    def scores(c, question, answers):
+    def scores(c, question, answers, max_new_tokens):
         seen.append((question, list(answers)))
         return [-len(a) for a in answers]  # prefer the shortest: a ranking the test can predict
 
@@ -159,7 +165,7 @@ def test_an_answer_too_long_for_the_context_is_never_ranked_first(m, picture):
     long = " ".join(["circle"] * 400)
     assert m.answer_scores(codes, "what is it?", ["red", long])[1] == float("-inf")
     assert m._best_answer(codes, "what is it?", [long, "red"]) == "red"
-    assert m._best_answer(codes, long, [long, long + " x"]) == long  # nothing fits: the greedy one stays
+    assert m._best_answer(codes, "what is it?", [long, long + " x"]) == long  # nothing fits: the greedy one stays
 
 
 def test_decoding_json_and_generate_vqa_set_how_many_answers_the_model_ranks(model_dir, tmp_path, picture,

@@ -190,6 +190,10 @@ def test_sequence_logprob_matches_a_direct_computation_and_ignores_padding(model
             logp = torch.log_softmax(model(x)[0][0].float(), -1)
         want = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)) / len(c)
         assert abs(float(got[i]) - float(want)) < 1e-4
+    total = sequence_logprob(model, pre, cont, reduction="sum")
+    assert torch.allclose(total, got * torch.tensor([3.0, 2.0]), atol=1e-4)  # the sum over each continuation
+    with pytest.raises(CM3LeonError, match="reduction"):
+        sequence_logprob(model, pre, cont, reduction="max")
 
 
 class _Tok:

@@ -467,10 +467,11 @@ class CM3Leon:
 
         num_candidates (default: the model's decoding.json `answer_candidates`, else 1): N > 1
         adds N - 1 answers sampled at temperature `CAPTION_CANDIDATE_TEMPERATURE` (top-p 0.9)
-        to the one above and keeps, of the distinct ones, the answer under which the model finds
-        the picture most likely (`answer_scores`). Reading the question the other way round
-        helps where the model cannot yet say what it can draw: a demo model that answers "yes"
-        to every "Is there a ...?" (chance) picks the right one of "yes" and "no" for ~90%."""
+        to the one above and keeps, of the distinct ones, the answer that agrees best with the
+        picture read both ways (`answer_scores`: the answer given the picture, and the picture
+        given the question and answer). Reading the question the other way round helps where the
+        model cannot yet say what it can draw: a demo model that answers "yes" to every "Is
+        there a ...?" (chance) picks the right one of "yes" and "no" for ~95%."""
         self._check_max_new(max_new_tokens)
         n = self.decoding.answer_candidates if num_candidates is None else num_candidates
         _check_n(n, "num_candidates")
@@ -490,35 +491,42 @@ class CM3Leon:
             more = strip(self._write_texts([tp for tp in tps for _ in range(n - 1)], max_new_tokens,
                                            CAPTION_CANDIDATE_TEMPERATURE, 0.9, None,
                                            None if seed is None else (seed + 1) % (MAX_SEED + 1)))
-            texts = [self._best_answer(c, q, [t] + more[i * (n - 1):(i + 1) * (n - 1)])
+            texts = [self._best_answer(c, q, [t] + more[i * (n - 1):(i + 1) * (n - 1)], max_new_tokens)
                      for i, (c, q, t) in enumerate(zip(codes, questions, texts))]
         return texts[0] if one else texts
 
-    def answer_scores(self, codes: Sequence[int], question: str, answers: Sequence[str]) -> list[float]:
-        """How likely the picture is given the question and each answer (higher is better): mean
-        log p(image codes | `Question: {question} Answer: {answer}.`), the VQA template read
-        left to right (SFT task `vqa_image`). An answer whose prompt and picture do not fit the
-        context scores -inf."""
+    def answer_scores(self, codes: Sequence[int], question: str, answers: Sequence[str],
+                      max_new_tokens: int = 16) -> list[float]:
+        """How well each answer and the picture agree, read both ways (higher is better): log
+        p(answer | picture, question), the answer written by infilling as `answer` writes it,
+        plus log p(picture codes | `Question: {question} Answer: {answer}.`), the VQA template
+        read left to right (SFT task `vqa_image`), each summed over its tokens. The infilling
+        prompt is `answer`'s with `max_new_tokens`; an answer that does not fit either reading
+        in the context scores -inf."""
         from cm3leon.layout.templates import prompt
 
         img = self.prompts.image(codes)
-        conds = [prompt("vqa_image", {"question": question, "answer": a}, self.vocab, self.text_tokenizer)
-                 for a in answers]
-        fits = [i for i, c in enumerate(conds) if len(c) + len(img) <= self.model.config.max_seq_len]
+        v, limit = self.vocab, self.model.config.max_seq_len
+        conds = [prompt("vqa_image", {"question": question, "answer": a}, v, self.text_tokenizer) for a in answers]
+        written = [self.prompts.text(f" {a}.") + [v.eoss_id] for a in answers]  # the VQA template's response
+        infill = self.prompts.vqa(codes, question, max_new_tokens).cond
+        fits = [i for i, c in enumerate(conds) if len(c) + len(img) <= limit and len(infill) + len(written[i]) <= limit]
         scores = [float("-inf")] * len(answers)
         if fits:
-            got = sequence_logprob(self.model, [conds[i] for i in fits], [img] * len(fits)).tolist()
-            for i, v in zip(fits, got):
-                scores[i] = v
+            drawn = sequence_logprob(self.model, [conds[i] for i in fits], [img] * len(fits), reduction="sum")
+            said = sequence_logprob(self.model, [infill] * len(fits), [written[i] for i in fits], reduction="sum")
+            for i, a, b in zip(fits, drawn.tolist(), said.tolist()):
+                scores[i] = a + b
         return scores
 
-    def _best_answer(self, codes: Sequence[int], question: str, candidates: Sequence[str]) -> str:
+    def _best_answer(self, codes: Sequence[int], question: str, candidates: Sequence[str],
+                     max_new_tokens: int = 16) -> str:
         """The best of the distinct non-empty candidates (the first when they are all one, or
         when no candidate fits the context)."""
         uniq = list(dict.fromkeys(c for c in candidates if c.strip()))
         if len(uniq) < 2:
             return uniq[0] if uniq else candidates[0]
-        scores = self.answer_scores(codes, question, uniq)
+        scores = self.answer_scores(codes, question, uniq, max_new_tokens)
         best = max(range(len(uniq)), key=scores.__getitem__)
         return uniq[best] if scores[best] > float("-inf") else candidates[0]
 

@@ -27,10 +27,12 @@ def split_methods(n: int) -> tuple[int, int]:
 @torch.no_grad()
 def sequence_logprob(
     model, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 16, reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean log p(continuation | prefix) per pair, (N,) float32 on CPU (one uncached forward
-    per batch; rows are left-padded like generation)."""
+    """Mean (`reduction` "mean") or total ("sum") log p(continuation | prefix) per pair, (N,)
+    float32 on CPU (one uncached forward per batch; rows are left-padded like generation)."""
+    if reduction not in ("mean", "sum"):
+        raise CM3LeonError(f"sequence_logprob: reduction must be 'mean' or 'sum', got {reduction!r}")
     if len(prefixes) != len(continuations):
         raise CM3LeonError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
     device = next(model.parameters()).device
@@ -49,7 +51,8 @@ def sequence_logprob(
         tok_logp = logp.gather(-1, tokens[:, 1:, None])[..., 0]  # (b, T-1)
         lens = torch.tensor([len(c) for c in cont], device=device)
         is_cont = q[None, 1:] >= (T - lens)[:, None]  # the last len(c) positions
-        out.append(((tok_logp * is_cont).sum(-1) / lens).cpu())
+        total = (tok_logp * is_cont).sum(-1)
+        out.append((total / lens if reduction == "mean" else total).cpu())
     return torch.cat(out)
 
 
