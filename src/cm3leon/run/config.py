@@ -269,6 +269,11 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     # instruction kept (decoding edit_candidates): done 46.5% -> 58% (test), 38% -> 53% (another
     # seed); 4 candidates: 56.5% / 47%. Ranking by the instruction's log ratio (conditional minus
     # image-only stream) picked worse than the first candidate (36% vs 50% of 96 validation pairs).
+    # Best-of-8 ranked both ways (log p(prompt | image) + log p(image | prompt), summed, as VQA's
+    # answers are) instead of by the prompt as caption alone: 3-object scenes 63.6% -> 68.2% of 200
+    # validation prompts and 60.5% -> 65.8% of another seed's, but 60.3% either way on the test
+    # split and best-of-2 / 4 / 8 72 / 82 / 91% vs 76 / 83 / 94% in its sweep: left out. Captions
+    # ranked both ways: 95.0% -> 95.5% (validation), 97% -> 96% (the other seed): left out too.
     # VQA by answer ranking (SFT task vqa_image weighted 2, 8 answers, as the demo preset) on this
     # preset's pretrained model, 200 test items: VQA 66% -> 77% (existence 57.5% -> 95%, position
     # 42.5% -> 57.5%), but whole scenes of 1 / 2 / 3 objects 100 / 94 / 60% -> 96 / 92.5 / 64%,
