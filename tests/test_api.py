@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3leon.api import REQUIRED_FILES, CM3Leon, prepare_image
+from cm3leon.api import REQUIRED_FILES, CM3Leon, _best_text, prepare_image
 from cm3leon.cli import main
 from cm3leon.decode.config import DECODING_FILE, DecodingConfig
 from cm3leon.errors import CM3LeonError
@@ -164,8 +164,11 @@ def test_an_answer_too_long_for_the_context_is_never_ranked_first(m, picture):
     codes = m.encode_image(picture)
     long = " ".join(["circle"] * 400)
     assert m.answer_scores(codes, "what is it?", ["red", long])[1] == float("-inf")
-    assert m._best_answer(codes, "what is it?", [long, "red"]) == "red"
-    assert m._best_answer(codes, "what is it?", [long, long + " x"]) == long  # nothing fits: the greedy one stays
+    def score(uniq):
+        return m.answer_scores(codes, "what is it?", uniq)
+
+    assert _best_text([long, "red"], score) == "red"
+    assert _best_text([long, long + " x"], score) == long  # nothing fits: the greedy one stays
 
 
 def test_decoding_json_and_generate_vqa_set_how_many_answers_the_model_ranks(model_dir, tmp_path, picture,

@@ -72,8 +72,9 @@ class DecodingConfig:
     # most likely given the source image and instruction (`CM3Leon.rank_edits`).
     edit_candidates: int = 1
     # Question answering (`CM3Leon.answer`): N > 1 adds N - 1 sampled answers to the greedy one
-    # and keeps the one under which the model finds the picture most likely (`CM3Leon.answer_scores`:
-    # the VQA template read left to right, which SFT trains as the task `vqa_image`).
+    # and keeps the one that agrees best with the picture read both ways (`CM3Leon.answer_scores`:
+    # the answer given the picture, and the picture given the question and answer, the VQA
+    # template read left to right, which SFT trains as the task `vqa_image`).
     answer_candidates: int = 1
 
     def __post_init__(self) -> None:
@@ -192,7 +193,7 @@ _HELP = {
     "text_guidance": "editing: instruction guidance scale (paper 7.5)",
     "caption_candidates": "captioning: candidates per image, the best kept by --scorer (1 = greedy only)",
     "edit_candidates": "editing: edits drawn per pair, the one the model finds most likely kept",
-    "answer_candidates": "VQA: answers per question, the one under which the picture is most likely kept "
+    "answer_candidates": "VQA: answers per question, the one agreeing best with the picture kept "
                          "(1 = greedy only)",
 }
 

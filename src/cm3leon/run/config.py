@@ -205,8 +205,8 @@ _CPU_EDIT_GUIDANCE = dict(image_guidance=1.0, text_guidance=1.5)
 # model (fp32 CPU run), done 43% / 48.5% / 50.5% of 200 validation edits with 1 / 4 / 8
 # candidates, and 46.5% / 53% / 55.5% of 200 edits of another seed of the generator, for ~15 s
 # more in the demo's evaluation. The demo preset draws 8.
-# Answers per question, the one under which the picture is likeliest kept (see the SFT notes above):
-# ~10 s more per 100 questions in the demo's evaluation.
+# Answers per question, the one agreeing best with the picture kept (see the SFT notes above):
+# ~15 s more per 100 questions in the demo's evaluation.
 _CPU_ANSWER_CANDIDATES = 8
 _CPU_DECODING = DecodingConfig(cfg_scale=_CPU_CFG_SCALE, num_retrieved=0, cdk_k=_CPU_CDK_K,
                                temperature=_CPU_TEMPERATURE, **_CPU_EDIT_GUIDANCE)
