@@ -359,19 +359,10 @@ def make_vqa(objects: list[ShapeObject], rng: random.Random) -> list[dict]:
         q = f"What shape is {POSITION_PHRASES[o.position]}?"
     qa.append({"question": q, "answer": o.shape, "type": "shape"})
 
-    u = rng.random()
-    if u < 0.5:
+    if rng.random() < 0.5:
         qa.append({"question": "How many shapes are there?", "answer": _COUNT_WORDS[len(objects)], "type": "count"})
     else:
-        rng.choice(tuple(COLORS))  # the draw this question once used: the stream (and every later image) is kept
-        # Half the colour counts ask for a colour the picture has, half for one it has not, as the
-        # existence questions are balanced (and VQAv2 balances answers, Goyal et al. 2017): with a
-        # colour drawn at random most answers were "zero", which a model can say without looking.
-        v = 2 * u - 1  # uniform in [0, 1), independent of the branch taken
-        present = sorted({p.color for p in objects})
-        absent = [c for c in COLORS if c not in present]
-        pool, w = (present, 2 * v) if v < 0.5 or not absent else (absent, 2 * v - 1)
-        color = pool[min(int(w * len(pool)), len(pool) - 1)]
+        color = rng.choice(tuple(COLORS))
         n = sum(p.color == color for p in objects)
         qa.append({"question": f"How many {color} shapes are there?", "answer": _COUNT_WORDS[n], "type": "count"})
 
