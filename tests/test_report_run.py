@@ -286,6 +286,33 @@ def test_quality_bar_thresholds_are_config(tmp_path):
     assert [c["met"] for c in checks] == [False, True, False, True]  # the only kind: colour, 80%
 
 
+@pytest.mark.parametrize("scenes,edits,met", [((0.9, 0.4), 0.6, True), ((0.6, 0.4), 0.45, False)])
+def test_a_long_preset_run_is_judged_by_the_long_bar(tmp_path, scenes, edits, met):
+    """A run made with `--preset long` is judged by that preset's bar: single-object prompts
+    97%, captions 95%, scenes of 2-3 objects (exact scenes, pooled) 60%, edits 50%, and no VQA
+    row (VQA 40% here would miss the demo's bar)."""
+    _minimal_run(tmp_path, 0.98, 0.96, 40.0)
+    _write(tmp_path / "pipeline.json", {"stages": {}, "seconds": 1.0, "preset": "long", "quick": False})
+    ev = _eval_metrics(0.98, 0.96, 40.0, done_rate=edits)
+    ev["metrics"]["shapes"]["scene"] = {"by_num_objects": {"1": {"exact_scene": 0.2, "n": 50},
+                                                           "2": {"exact_scene": scenes[0], "n": 30},
+                                                           "3": {"exact_scene": scenes[1], "n": 10}}}
+    _write(tmp_path / "eval" / "sft" / "metrics.json", ev)
+    checks = {c["criterion"].split(" (")[0]: c for c in quality_bar_checks(tmp_path)}
+    assert list(checks) == ["single-object prompts right", "captions naming the right colour and shape",
+                            "prompts of 2-3 objects right", "edits done"]
+    assert [c["bar"] for c in checks.values()] == ["≥ 97%", "≥ 95%", "≥ 60%", "≥ 50%"]
+    pooled = (30 * scenes[0] + 10 * scenes[1]) / 40  # one-object scenes left out
+    assert checks["prompts of 2-3 objects right"]["value"] == pytest.approx(pooled)
+    assert checks["prompts of 2-3 objects right"]["n"] == 40 and checks["edits done"]["n"] == 10
+    assert (checks["prompts of 2-3 objects right"]["met"] and checks["edits done"]["met"]) is met
+    summary = _sections(build_run_report(tmp_path).read_text(encoding="utf-8"))["Summary"]
+    assert ("Quality bar met on every criterion" in summary) is met and "VQA accuracy" not in summary
+    _write(tmp_path / "pipeline.json", {"stages": {}, "seconds": 1.0, "preset": "demo", "quick": False})
+    assert [c["criterion"] for c in quality_bar_checks(tmp_path)][2:] == ["VQA accuracy",
+                                                                         "VQA accuracy of every question kind"]
+
+
 @pytest.mark.parametrize("ceiling,reachable", [(0.70, False), (0.92, True)])
 def test_a_missed_bar_comes_with_what_bounds_it_measured_in_the_run(tmp_path, ceiling, reachable):
     _minimal_run(tmp_path, 0.05, 0.40, 76.0)

@@ -1,6 +1,7 @@
-"""The demo's quality bar, judged on a run folder's own figures (`quality_bar_checks`), and
-what those figures say bounds it (`quality_bar_limits`). The pipeline writes both into
-RUN/metrics.json; the run report shows them in its summary."""
+"""The demo's quality bar (and the long preset's: `quality_bar_for`), judged on a run folder's
+own figures (`quality_bar_checks`), and what those figures say bounds it
+(`quality_bar_limits`). The pipeline writes both into RUN/metrics.json; the run report shows
+them in its summary."""
 
 from __future__ import annotations
 
@@ -15,12 +16,26 @@ from cm3leon.run.summaries import (
 
 @dataclass
 class QualityBar:
-    """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data."""
+    """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data
+    (None: not part of this bar)."""
 
     text_to_image: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
     captions: float = 0.90  # captions naming the right colour and shape
-    vqa: float = 0.90  # VQAv2 accuracy
-    vqa_kind: float = 0.80  # VQAv2 accuracy of the weakest question kind (where the data names kinds)
+    vqa: float | None = 0.90  # VQAv2 accuracy
+    vqa_kind: float | None = 0.80  # VQAv2 accuracy of the weakest question kind (where the data names kinds)
+    scenes: float | None = None  # prompts of 2-3 objects drawn with every object right and nothing more
+    edits: float | None = None  # edits the checker finds done
+
+
+# `cm3leon demo --preset long`: scenes of 1-3 objects and edits have bars, VQA has none.
+LONG_QUALITY_BAR = QualityBar(text_to_image=0.97, captions=0.95, vqa=None, vqa_kind=None, scenes=0.60, edits=0.50)
+
+
+def quality_bar_for(run_dir: str | os.PathLike) -> QualityBar:
+    """The bar of the preset a run folder was made with: the long preset's, else the demo's."""
+    from cm3leon.run.folder import run_preset_name
+
+    return LONG_QUALITY_BAR if run_preset_name(run_dir) == "long" else QualityBar()
 
 
 def percent(v: float | None) -> str:
@@ -52,8 +67,9 @@ def single_object(run: RunFolder) -> tuple[float | None, int | None, str]:
 
 def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[dict]:
     """The quality bar judged on a run folder: one row per criterion {"criterion", "figure",
-    "bar", "n", "met" (True / False / None when not measured), "verdict", "source"}."""
-    bar = bar or QualityBar()
+    "bar", "n", "met" (True / False / None when not measured), "verdict", "source"}. The bar
+    defaults to the run's preset's (`quality_bar_for`)."""
+    bar = bar or quality_bar_for(run_dir)
     run = RunFolder(run_dir)
     rows = []
 
@@ -70,16 +86,41 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
     caps = ev.captions if ev is not None else CaptionFigures()
     add("captions naming the right colour and shape", number(caps.correct), bar.captions, caps.checked,
         f"{where}: cider.shapes.correct" if caps.correct is not None else f"{where}: no caption figures")
+    if bar.scenes is not None:
+        v, n = several_objects(ev)
+        add("prompts of 2-3 objects right (every object's colour and shape, nothing more)", v, bar.scenes, n,
+            f"{where}: shapes.scene, exact scenes of 2-3 objects" if v is not None else f"{where}: no scene figures")
+    if bar.edits is not None:
+        done = number(ev.edit.done_rate) if ev is not None else None
+        n_edits = (ev.metrics.get("edit") or {}).get("n") if ev is not None else None
+        add("edits done (checker)", done, bar.edits, n_edits,
+            f"{where}: edit.done_rate" if done is not None else f"{where}: no edit figures")
+    if bar.vqa is None:
+        return rows
     vqa = ev.vqa if ev is not None else VQAFigures()
     acc = number(vqa.accuracy)
     add("VQA accuracy", None if acc is None else acc / 100.0, bar.vqa, vqa.n,  # VQAv2 accuracy is in percent
         f"{where}: vqa.vqa_accuracy" if acc is not None else f"{where}: no VQA figures")
     kinds = {t: number(k.accuracy) for t, k in vqa.by_type.items() if number(k.accuracy) is not None}
-    if kinds:  # only where the questions come with their kinds (the built-in data's do)
+    if kinds and bar.vqa_kind is not None:  # only where the questions come with their kinds (the built-in data's do)
         weakest = min(kinds, key=kinds.__getitem__)
         add("VQA accuracy of every question kind", kinds[weakest] / 100.0, bar.vqa_kind,
             or_unknown(vqa.by_type[weakest].n), f"{where}: vqa.by_type, the weakest: {weakest}")
     return rows
+
+
+def several_objects(ev) -> tuple[float | None, int | None]:
+    """Share of the prompts of 2 or more objects drawn as an exact scene (every object's colour
+    and shape, nothing more), and how many there were, from an evaluation's shapes figures."""
+    if ev is None:
+        return None, None
+    groups = (((ev.metrics.get("shapes") or {}).get("scene") or {}).get("by_num_objects") or {})
+    right = total = 0
+    for k, g in groups.items():
+        if str(k).isdigit() and int(k) >= 2 and number(g.get("exact_scene")) is not None and number(g.get("n")):
+            right += g["exact_scene"] * g["n"]
+            total += g["n"]
+    return (right / total, int(total)) if total else (None, None)
 
 
 def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[str]:
@@ -87,7 +128,7 @@ def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None
     image tokenizer's ceiling on text->image, colour against shape in each task, the VQA
     question kinds below the bar, and the language model's training budget. Empty when
     nothing the bar needs was measured."""
-    bar = bar or QualityBar()
+    bar = bar or quality_bar_for(run_dir)
     run = RunFolder(run_dir)
     found: list[str] = []
     vq = ImageTokenizerSummary.read(run)
@@ -108,7 +149,7 @@ def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None
         if number(caps.colour) is not None and number(caps.shape) is not None:
             pairs.append(("captions", caps.colour, caps.shape, bar.captions))
         vc, vs = ((kinds[k].accuracy if k in kinds else None) for k in ("color", "shape"))  # VQA question kinds
-        if number(vc) is not None and number(vs) is not None:
+        if number(vc) is not None and number(vs) is not None and bar.vqa is not None:
             pairs.append(("VQA", vc / 100.0, vs / 100.0, bar.vqa))
         pairs = [(name, c, s) for name, c, s, b in pairs if min(c, s) < b]  # only where an attribute falls short
         if pairs:
@@ -118,7 +159,7 @@ def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None
             found.append(lead + "; ".join(f"{name} colour {percent(c)}, shape {percent(s)}" for name, c, s in pairs)
                          + ".")
         low = sorted((v.accuracy, k, v.n) for k, v in kinds.items()
-                     if number(v.accuracy) is not None and v.accuracy / 100.0 < bar.vqa)
+                     if bar.vqa is not None and number(v.accuracy) is not None and v.accuracy / 100.0 < bar.vqa)
         if low:
             found.append("VQA question kinds below the VQA bar: "
                          + ", ".join(f"{k} {percent(a / 100.0)}" + (f" (n={n})" if n else "") for a, k, n in low) + ".")

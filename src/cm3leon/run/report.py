@@ -23,7 +23,9 @@ from typing import Any, Callable
 from cm3leon.errors import CM3LeonError
 from cm3leon.eval.report import Grid, Image, Section, Table, Text, build_report
 from cm3leon.run.pipeline import STAGES
-from cm3leon.run.quality_bar import QualityBar, or_unknown, percent, quality_bar_checks, quality_bar_limits
+from cm3leon.run.quality_bar import (
+    QualityBar, or_unknown, percent, quality_bar_checks, quality_bar_for, quality_bar_limits,
+)
 from cm3leon.run.summaries import (
     DONE, AblationResults, BaselinesSummary, DatasetSummary, Evaluation, GenerateSummary, ImageTokenizerSummary,
     NeighborsSummary, PipelineSummary, RetrieverSummary, RunFolder, RunMetrics, SFTSummary, StageDone, StageRecord,
@@ -638,7 +640,7 @@ def run_report_sections(run_dir: str | os.PathLike, bar: QualityBar | None = Non
     """The report's sections (`SECTIONS`, in order). A section whose files cannot be
     read carries a note saying why instead of failing the whole report."""
     run = RunFolder(run_dir)
-    bar = bar or QualityBar()
+    bar = bar or quality_bar_for(run_dir)
     sections = []
     for title, build in SECTIONS:
         try:
