@@ -286,7 +286,8 @@ def test_quality_bar_thresholds_are_config(tmp_path):
     assert [c["met"] for c in checks] == [False, True, False, True]  # the only kind: colour, 80%
 
 
-@pytest.mark.parametrize("scenes,edits,met", [((0.9, 0.4), 0.6, True), ((0.6, 0.4), 0.45, False)])
+@pytest.mark.parametrize("scenes,edits,met", [((0.9, 0.4), 0.6, True), ((0.6, 0.4), 0.45, False),
+                                               ((0.6, 0.4), 0.6, False), ((0.9, 0.4), 0.45, False)])
 def test_a_long_preset_run_is_judged_by_the_long_bar(tmp_path, scenes, edits, met):
     """A run made with `--preset long` is judged by that preset's bar: single-object prompts
     97%, captions 95%, scenes of 2-3 objects (exact scenes, pooled) 60%, edits 50%, and no VQA
@@ -306,6 +307,8 @@ def test_a_long_preset_run_is_judged_by_the_long_bar(tmp_path, scenes, edits, me
     assert checks["prompts of 2-3 objects right"]["value"] == pytest.approx(pooled)
     assert checks["prompts of 2-3 objects right"]["n"] == 40 and checks["edits done"]["n"] == 10
     assert (checks["prompts of 2-3 objects right"]["met"] and checks["edits done"]["met"]) is met
+    assert checks["prompts of 2-3 objects right"]["met"] is (pooled >= 0.60)  # each row on its own figure
+    assert checks["edits done"]["met"] is (edits >= 0.50)
     summary = _sections(build_run_report(tmp_path).read_text(encoding="utf-8"))["Summary"]
     assert ("Quality bar met on every criterion" in summary) is met and "VQA accuracy" not in summary
     _write(tmp_path / "pipeline.json", {"stages": {}, "seconds": 1.0, "preset": "demo", "quick": False})

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from cm3leon.decode.config import DecodingConfig
+from cm3leon.run.quality_bar import QualityBar
 from cm3leon.utils.presets import lookup
 
 
@@ -41,6 +42,8 @@ class PipelinePreset:
     sweep_cfg_scales: tuple[float, ...] | None = None  # None: eval.sweep.DEFAULT_CFG_SCALES (+ decoding's)
     sweep_best_of: tuple[int, ...] = (1, 2, 4, 8)
     sweep_temperatures: tuple[float, ...] = ()  # extra TopP+CFG rows at these sampling temperatures
+    # what the run report and RUN/metrics.json judge the run by (`cm3leon.run.quality_bar`)
+    quality_bar: QualityBar = QualityBar()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -292,8 +295,8 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
     # 47.1%, 100 / 97.7 / 52.9%, 100 / 98.5 / 62.9% (70.6 / 74.6 / 80.1%). Best-of-N keeps
     # improving, so the preset draws 32 (16 TopP + CFG, 16 CD-K), for ~3x the text->image sampling
     # time. On the test split: 100 / 94 / 60.3% (78.4%), 100 / 97 / 70.7% (84.8%), 100 / 97 / 65.5%
-    # (82.4%). 32 caption candidates instead of 16: 96.3% vs 96.7%
-    # of 300 validation images, so captions stay at 16.
+    # (82.4%). 32 caption candidates instead of 16: 96.3% vs 96.7% of 300 validation images, so
+    # captions stay at 16.
     "long": PipelinePreset(
         image_tokenizer="patch48", model="demo",
         demo_data={"num": 12000, "size": 48, "max_objects": 3},
@@ -304,6 +307,8 @@ PIPELINE_PRESETS: dict[str, PipelinePreset] = {
                                        caption_candidates=16, edit_candidates=8),
         eval_num=200, sweep_num=48, sweep_cfg_scales=(2.0, 3.0, 5.0), sweep_best_of=(2, 8, 32),
         sweep_temperatures=(0.3, 0.7, 1.0),
+        # scenes of 1-3 objects and edits have bars; VQA has none
+        quality_bar=QualityBar(text_to_image=0.97, captions=0.95, vqa=None, vqa_kind=None, scenes=0.60, edits=0.50),
     ),
     "350m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="350m", eval_num=1000, sweep_num=500),
     "760m": PipelinePreset(text_vocab="paper", image_tokenizer="cm3leon", model="760m", eval_num=1000, sweep_num=500),

@@ -1,5 +1,5 @@
-"""The demo's quality bar (and the long preset's: `quality_bar_for`), judged on a run folder's
-own figures (`quality_bar_checks`), and what those figures say bounds it
+"""The quality bar of a run's preset (`PipelinePreset.quality_bar`, found by `quality_bar_for`),
+judged on a run folder's own figures (`quality_bar_checks`), and what those figures say bounds it
 (`quality_bar_limits`). The pipeline writes both into RUN/metrics.json; the run report shows
 them in its summary."""
 
@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cm3leon.run.summaries import (
-    CaptionFigures, ImageTokenizerSummary, RunFolder, TrainSummary, VQAFigures, final_evaluation, number, relative,
+    CaptionFigures, EditFigures, Evaluation, ImageTokenizerSummary, RunFolder, TrainSummary, VQAFigures, final_evaluation, number, relative,
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class QualityBar:
-    """The demo's quality bar: fractions in [0, 1] a run should reach on the shapes data
-    (None: not part of this bar)."""
+    """A quality bar (the demo's by default): fractions in [0, 1] a run should reach on the
+    shapes data (None: not part of this bar)."""
 
     text_to_image: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
     captions: float = 0.90  # captions naming the right colour and shape
@@ -27,15 +27,14 @@ class QualityBar:
     edits: float | None = None  # edits the checker finds done
 
 
-# `cm3leon demo --preset long`: scenes of 1-3 objects and edits have bars, VQA has none.
-LONG_QUALITY_BAR = QualityBar(text_to_image=0.97, captions=0.95, vqa=None, vqa_kind=None, scenes=0.60, edits=0.50)
-
-
 def quality_bar_for(run_dir: str | os.PathLike) -> QualityBar:
-    """The bar of the preset a run folder was made with: the long preset's, else the demo's."""
+    """The bar of the pipeline preset a run folder was made with (the demo's for a name that is
+    not a preset)."""
+    from cm3leon.run.config import PIPELINE_PRESETS
     from cm3leon.run.folder import run_preset_name
 
-    return LONG_QUALITY_BAR if run_preset_name(run_dir) == "long" else QualityBar()
+    preset = PIPELINE_PRESETS.get(run_preset_name(run_dir))
+    return preset.quality_bar if preset is not None else QualityBar()
 
 
 def percent(v: float | None) -> str:
@@ -91,9 +90,9 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
         add("prompts of 2-3 objects right (every object's colour and shape, nothing more)", v, bar.scenes, n,
             f"{where}: shapes.scene, exact scenes of 2-3 objects" if v is not None else f"{where}: no scene figures")
     if bar.edits is not None:
-        done = number(ev.edit.done_rate) if ev is not None else None
-        n_edits = (ev.metrics.get("edit") or {}).get("n") if ev is not None else None
-        add("edits done (checker)", done, bar.edits, n_edits,
+        edit = ev.edit if ev is not None else EditFigures()
+        done = number(edit.done_rate)
+        add("edits done (checker)", done, bar.edits, edit.n,
             f"{where}: edit.done_rate" if done is not None else f"{where}: no edit figures")
     if bar.vqa is None:
         return rows
@@ -109,18 +108,12 @@ def quality_bar_checks(run_dir: str | os.PathLike, bar: QualityBar | None = None
     return rows
 
 
-def several_objects(ev) -> tuple[float | None, int | None]:
+def several_objects(ev: Evaluation | None) -> tuple[float | None, int | None]:
     """Share of the prompts of 2 or more objects drawn as an exact scene (every object's colour
-    and shape, nothing more), and how many there were, from an evaluation's shapes figures."""
-    if ev is None:
-        return None, None
-    groups = (((ev.metrics.get("shapes") or {}).get("scene") or {}).get("by_num_objects") or {})
-    right = total = 0
-    for k, g in groups.items():
-        if str(k).isdigit() and int(k) >= 2 and number(g.get("exact_scene")) is not None and number(g.get("n")):
-            right += g["exact_scene"] * g["n"]
-            total += g["n"]
-    return (right / total, int(total)) if total else (None, None)
+    and shape, nothing more), and how many there were (None, None where not measured)."""
+    groups = [g for k, g in (ev.exact_scenes if ev is not None else {}).items() if k >= 2]
+    total = sum(n for _, n in groups)
+    return (sum(share * n for share, n in groups) / total, total) if total else (None, None)
 
 
 def quality_bar_limits(run_dir: str | os.PathLike, bar: QualityBar | None = None) -> list[str]:

@@ -474,10 +474,12 @@ class EditFigures:
     done_rate: float | None = None  # edits the checker finds done
     do_nothing_baseline: float | None = None  # the same rate for the unedited source image
     skipped: str | None = None
+    n: int | None = None  # edits judged
 
     @classmethod
     def of(cls, f: _Fields | None) -> EditFigures:
-        return cls() if f is None else cls(f.number("done_rate"), f.number("do_nothing_baseline"), f.text("skipped"))
+        return cls() if f is None else cls(f.number("done_rate"), f.number("do_nothing_baseline"), f.text("skipped"),
+                                           f.number("n"))
 
 
 @dataclass(frozen=True)
@@ -495,6 +497,9 @@ class Evaluation:
     captions: CaptionFigures
     vqa: VQAFigures
     edit: EditFigures
+    # prompts drawn as an exact scene (every object's colour and shape, nothing more), by number
+    # of objects in the prompt: {k: (share, n)}, where the figures say so
+    exact_scenes: dict[int, tuple[float, int]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -509,9 +514,15 @@ class Evaluation:
         shapes = m.obj("shapes")
         one = shapes.obj("by_num_objects") if shapes is not None else None
         one = one.obj("1") if one is not None else None
+        scene = shapes.obj("scene") if shapes is not None else None
+        exact = {}
+        for k, g in (scene.objs("by_num_objects") if scene is not None else {}).items():
+            share, n = g.number("exact_scene"), g.number("n")
+            if k.isdigit() and share is not None and n:
+                exact[int(k)] = (share, int(n))
         return cls(d, (f.obj("decoding") or _EMPTY).text("method"), f.raw_obj("metrics") or {},
                    ShapesFigures.of(shapes), ShapesFigures.of(one) if one else None, CaptionFigures.of(m.obj("cider")),
-                   VQAFigures.of(m.obj("vqa")), EditFigures.of(m.obj("edit")))
+                   VQAFigures.of(m.obj("vqa")), EditFigures.of(m.obj("edit")), exact)
 
 
 def pretrained_evaluation(run: RunFolder) -> Evaluation | None:
