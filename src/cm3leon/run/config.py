@@ -9,8 +9,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from cm3leon.decode.config import DecodingConfig
-from cm3leon.run.quality_bar import QualityBar
 from cm3leon.utils.presets import lookup
+
+
+@dataclass(frozen=True)
+class QualityBar:
+    """A run's quality bar (the demo's by default; `cm3leon.run.quality_bar` judges it): fractions
+    in [0, 1] a run should reach on the shapes data (None: not part of this bar)."""
+
+    text_to_image: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
+    captions: float = 0.90  # captions naming the right colour and shape
+    vqa: float | None = 0.90  # VQAv2 accuracy
+    vqa_kind: float | None = 0.80  # VQAv2 accuracy of the weakest question kind (where the data names kinds)
+    scenes: float | None = None  # prompts of 2-3 objects drawn with every object right and nothing more
+    edits: float | None = None  # edits the checker finds done
 
 
 @dataclass(frozen=True)

@@ -6,33 +6,19 @@ them in its summary."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
+from cm3leon.run.config import PIPELINE_PRESETS, QualityBar
+from cm3leon.run.folder import run_preset_name
 from cm3leon.run.summaries import (
-    CaptionFigures, EditFigures, Evaluation, ImageTokenizerSummary, RunFolder, TrainSummary, VQAFigures, final_evaluation, number, relative,
+    CaptionFigures, EditFigures, Evaluation, ImageTokenizerSummary, RunFolder, TrainSummary, VQAFigures,
+    final_evaluation, number, relative,
 )
-
-
-@dataclass(frozen=True)
-class QualityBar:
-    """A quality bar (the demo's by default): fractions in [0, 1] a run should reach on the
-    shapes data (None: not part of this bar)."""
-
-    text_to_image: float = 0.90  # single-object prompts with colour and shape right, the run's decoding
-    captions: float = 0.90  # captions naming the right colour and shape
-    vqa: float | None = 0.90  # VQAv2 accuracy
-    vqa_kind: float | None = 0.80  # VQAv2 accuracy of the weakest question kind (where the data names kinds)
-    scenes: float | None = None  # prompts of 2-3 objects drawn with every object right and nothing more
-    edits: float | None = None  # edits the checker finds done
 
 
 def quality_bar_for(run_dir: str | os.PathLike) -> QualityBar:
     """The bar of the pipeline preset a run folder was made with (the demo's for a name that is
     not a preset)."""
-    from cm3leon.run.config import PIPELINE_PRESETS
-    from cm3leon.run.folder import run_preset_name
-
     preset = PIPELINE_PRESETS.get(run_preset_name(run_dir))
     return preset.quality_bar if preset is not None else QualityBar()
 
